@@ -1,0 +1,52 @@
+//! Command-line pieces shared by the connecting roles (flatten them into a clap `Parser`).
+
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::heartbeat::Heartbeat;
+use crate::link::Reconnect;
+
+/// Heartbeat timing flags.
+#[derive(Debug, Clone, Args)]
+pub struct HeartbeatArgs {
+    /// Milliseconds between heartbeats.
+    #[arg(long, env = "HEARTBEAT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub heartbeat_ms: u64,
+    /// A peer silent for this many heartbeat intervals is taken for dead.
+    #[arg(long, env = "LIVENESS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub liveness: u32,
+}
+
+impl HeartbeatArgs {
+    pub fn heartbeat(&self) -> Heartbeat {
+        Heartbeat {
+            interval: Duration::from_millis(self.heartbeat_ms),
+            liveness: self.liveness,
+        }
+    }
+}
+
+/// Reconnection flags.
+#[derive(Debug, Clone, Args)]
+pub struct ReconnectArgs {
+    /// First pause in milliseconds before reconnecting; it doubles on each failure.
+    #[arg(long, env = "RECONNECT_MIN_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub reconnect_min_ms: u64,
+    /// Longest pause in milliseconds between reconnection attempts.
+    #[arg(long, env = "RECONNECT_MAX_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub reconnect_max_ms: u64,
+    /// Milliseconds one connection attempt (TCP and ZMTP handshake) may take.
+    #[arg(long, env = "CONNECT_TIMEOUT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub connect_timeout_ms: u64,
+}
+
+impl ReconnectArgs {
+    pub fn reconnect(&self) -> Reconnect {
+        Reconnect {
+            min: Duration::from_millis(self.reconnect_min_ms),
+            max: Duration::from_millis(self.reconnect_max_ms.max(self.reconnect_min_ms)),
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! Endpoints: validation of user input and the bound side of every socket.
+//!
+//! Servers bind through [`bind_keepalive`] so that a peer that vanished behind a partition is
+//! dropped by the kernel after a few seconds instead of holding queued messages for minutes.
+
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
+
+/// Why an endpoint given by a user cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("endpoint {0:?} must look like tcp://HOST:PORT")]
+    Syntax(String),
+    #[error("endpoint {0:?} names no address")]
+    Unresolved(String),
+    #[error("cannot bind {endpoint}")]
+    Bind {
+        endpoint: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Checks that `text` is a `tcp://host:port` endpoint (host may be `*`), for clap.
+pub fn parse_tcp(text: &str) -> Result<String, EndpointError> {
+    split_tcp(text)?;
+    Ok(text.to_string())
+}
+
+fn split_tcp(text: &str) -> Result<(&str, u16), EndpointError> {
+    let rest = text
+        .strip_prefix("tcp://")
+        .ok_or_else(|| EndpointError::Syntax(text.to_string()))?;
+    let (host, port) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| EndpointError::Syntax(text.to_string()))?;
+    let port = port
+        .parse::<u16>()
+        .map_err(|_| EndpointError::Syntax(text.to_string()))?;
+    if host.is_empty() {
+        return Err(EndpointError::Syntax(text.to_string()));
+    }
+    Ok((host, port))
+}
+
+/// Resolves `tcp://host:port` to a socket address (`*` means all interfaces).
+pub fn resolve(text: &str) -> Result<SocketAddr, EndpointError> {
+    let (host, port) = split_tcp(text)?;
+    let host = match host {
+        "*" => "0.0.0.0",
+        h => h.trim_start_matches('[').trim_end_matches(']'),
+    };
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|_| EndpointError::Unresolved(text.to_string()))?
+        .next()
+        .ok_or_else(|| EndpointError::Unresolved(text.to_string()))
+}
+
+/// Binds a TCP listener whose accepted connections carry TCP keepalive (`idle` before the first
+/// probe, then one probe per `idle`, three probes), ready for `Socket::bind_listener`.
+pub fn bind_keepalive(text: &str, idle: Duration) -> Result<TcpListener, EndpointError> {
+    let addr = resolve(text)?;
+    let bind_err = |source| EndpointError::Bind {
+        endpoint: text.to_string(),
+        source,
+    };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(bind_err)?;
+    socket.set_reuse_address(true).map_err(bind_err)?;
+    let keepalive = TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(idle)
+        .with_retries(3);
+    // Accepted sockets inherit keepalive settings from the listener on Linux.
+    socket.set_tcp_keepalive(&keepalive).map_err(bind_err)?;
+    socket.bind(&addr.into()).map_err(bind_err)?;
+    socket.listen(1024).map_err(bind_err)?;
+    Ok(socket.into())
+}
+
+/// Renders a bound endpoint for users: `tcp://127.0.0.1:5559`.
+pub fn display(endpoint: &zeromq::Endpoint) -> String {
+    endpoint.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_tcp_endpoints() {
+        assert!(parse_tcp("tcp://127.0.0.1:5559").is_ok());
+        assert!(parse_tcp("tcp://*:0").is_ok());
+        assert!(parse_tcp("tcp://localhost:1").is_ok());
+    }
+
+    #[test]
+    fn rejects_malformed_endpoints() {
+        for bad in [
+            "127.0.0.1:5",
+            "tcp://:5",
+            "tcp://host",
+            "tcp://h:99999",
+            "ipc://x",
+        ] {
+            assert!(parse_tcp(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn keepalive_listener_binds_port_zero() {
+        let listener = bind_keepalive("tcp://127.0.0.1:0", Duration::from_secs(1)).expect("bind");
+        assert_ne!(listener.local_addr().expect("addr").port(), 0);
+    }
+}

@@ -1,0 +1,18 @@
+//! What every role of the workspace shares, and nothing role-specific.
+//!
+//! - [`endpoint`]: endpoint validation and bound listeners with TCP keepalive.
+//! - [`link`]: the reconnection machinery (`zeromq` 0.7 only reconnects SUB/XSUB sockets).
+//! - [`heartbeat`]: liveness bookkeeping for application-level heartbeats.
+//! - [`ready`]: the one `ready k=v ...` line a server prints on stdout, and its parser.
+//! - [`logging`], [`shutdown`], [`cli`]: process plumbing every binary needs.
+
+pub mod cli;
+pub mod endpoint;
+pub mod frames;
+pub mod heartbeat;
+pub mod link;
+pub mod logging;
+pub mod ready;
+pub mod shutdown;
+
+pub use tokio_util::sync::CancellationToken;
