@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::channel::mpsc;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -78,12 +79,12 @@ impl Monitor {
         Self(receiver)
     }
 
-    /// Resolves when the peer is gone. Cancel-safe. If the socket stops reporting (dropped
-    /// monitor) this never resolves, and heartbeats are left to notice.
-    pub async fn disconnected(&mut self) {
+    /// Resolves with the identity of the next peer that is gone. Cancel-safe. If the socket
+    /// stops reporting (dropped monitor) this never resolves, and heartbeats are left to notice.
+    pub async fn disconnected(&mut self) -> Bytes {
         loop {
             match self.0.next().await {
-                Some(SocketEvent::Disconnected(_)) => return,
+                Some(SocketEvent::Disconnected(peer)) => return peer.into(),
                 Some(_) => continue,
                 None => std::future::pending::<()>().await,
             }

@@ -2,6 +2,8 @@
 //!
 //! stdout is reserved for the `ready` line and JSON summaries that scripts parse.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber. `default_filter` (e.g. `"broker=info,common=info"`) applies
@@ -13,5 +15,6 @@ pub fn init(default_filter: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }

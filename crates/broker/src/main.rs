@@ -1,0 +1,68 @@
+//! `broker`: the shared queue. Binds the frontend (clients) and backend (workers) ROUTERs,
+//! prints `ready frontend=... backend=...` on stdout, serves until Ctrl-C or SIGTERM.
+
+use std::time::Duration;
+
+use broker::config::{DEFAULT_BACKEND, DEFAULT_FRONTEND};
+use broker::{Broker, BrokerConfig};
+use clap::Parser;
+use common::cli::HeartbeatArgs;
+
+/// Shared-queue broker: ROUTER frontend for clients, ROUTER backend for RFC 6 workers.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Endpoint clients connect to (port 0 picks a free port).
+    #[arg(long, env = "BROKER_FRONTEND", default_value = DEFAULT_FRONTEND, value_parser = common::endpoint::parse_tcp)]
+    frontend: String,
+    /// Endpoint workers connect to (port 0 picks a free port).
+    #[arg(long, env = "BROKER_BACKEND", default_value = DEFAULT_BACKEND, value_parser = common::endpoint::parse_tcp)]
+    backend: String,
+    #[command(flatten)]
+    heartbeat: HeartbeatArgs,
+    /// Requests waiting for a worker beyond this many are dropped (clients retry).
+    #[arg(long, env = "BROKER_MAX_QUEUED", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_queued: u64,
+    /// Milliseconds a send may wait for a slow peer before the message is dropped.
+    #[arg(long, env = "BROKER_SEND_TIMEOUT_MS", default_value_t = 200)]
+    send_timeout_ms: u64,
+    /// Milliseconds to keep forwarding replies in flight after Ctrl-C/SIGTERM.
+    #[arg(long, env = "BROKER_DRAIN_MS", default_value_t = 2000)]
+    drain_ms: u64,
+    /// Seconds between stats log lines.
+    #[arg(long, env = "BROKER_STATS_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    stats_secs: u64,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    common::logging::init("broker=info,common=info");
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let shutdown = common::shutdown::on_signals();
+    let config = BrokerConfig {
+        frontend: args.frontend,
+        backend: args.backend,
+        heartbeat: args.heartbeat.heartbeat(),
+        max_queued: args.max_queued as usize,
+        send_timeout: Duration::from_millis(args.send_timeout_ms),
+        drain: Duration::from_millis(args.drain_ms),
+        stats_every: Duration::from_secs(args.stats_secs),
+    };
+    let broker = Broker::bind(config).await?;
+    common::ready::announce(&[
+        ("frontend", &broker.frontend_endpoint),
+        ("backend", &broker.backend_endpoint),
+    ]);
+    broker.run(shutdown).await;
+    Ok(())
+}

@@ -1,0 +1,26 @@
+//! Counters the broker logs periodically and on exit.
+
+use serde::{Deserialize, Serialize};
+
+/// Broker counters since start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerStats {
+    /// Valid requests received from clients.
+    pub requests_in: u64,
+    /// Replies handed to clients' queues.
+    pub replies_out: u64,
+    /// Requests handed to workers (re-dispatches after a purge count again).
+    pub dispatched: u64,
+    /// Workers forgotten (silent, disconnected or unreachable).
+    pub purged: u64,
+    /// Requests given back to the queue because their worker was purged.
+    pub requeued: u64,
+    /// Requests dropped because the queue was full.
+    pub rejected: u64,
+    /// Replies whose client was gone or not reading.
+    pub undeliverable: u64,
+    /// Malformed messages from clients.
+    pub bad_frontend: u64,
+    /// Malformed messages from workers.
+    pub bad_backend: u64,
+}

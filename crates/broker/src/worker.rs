@@ -1,0 +1,161 @@
+//! The echo worker: a DEALER connected to the broker's backend, speaking RFC 6.
+//!
+//! It announces `capacity` READY credits, heartbeats every interval, and takes the broker for
+//! dead after `interval x liveness` of silence or a closed connection; then it builds a new
+//! socket, reconnects with backoff and announces itself again. Requests in hand when the link
+//! drops are still answered, on the new link.
+
+use bytes::Bytes;
+use common::frames;
+use common::heartbeat::Liveness;
+use common::link::{self, Backoff};
+use tokio::task::JoinSet;
+use tokio::time::{interval, Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+
+use crate::config::WorkerConfig;
+use crate::protocol::{HEARTBEAT, READY};
+
+/// Counters a worker reports when it stops.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WorkerStats {
+    pub served: u64,
+    pub reconnects: u64,
+}
+
+enum LinkEnd {
+    Lost(&'static str),
+    Shutdown,
+}
+
+/// Serves until `shutdown` fires, then finishes the requests in hand (bounded by `drain`).
+pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> WorkerStats {
+    let mut stats = WorkerStats::default();
+    let mut jobs: JoinSet<Vec<Bytes>> = JoinSet::new();
+    let mut backoff = Backoff::new(config.reconnect.min, config.reconnect.max);
+    loop {
+        let Some(connected) = link::connect(
+            &config.connect,
+            &config.reconnect,
+            &mut backoff,
+            &shutdown,
+            DealerSocket::with_options,
+        )
+        .await
+        else {
+            break;
+        };
+        let mut socket = connected.socket;
+        let mut monitor = connected.monitor;
+        tracing::info!(worker = %config.name, broker = %config.connect, capacity = config.capacity, "worker ready");
+        match serve(
+            &config,
+            &mut socket,
+            &mut monitor,
+            &mut jobs,
+            &mut stats,
+            &shutdown,
+        )
+        .await
+        {
+            LinkEnd::Shutdown => {
+                finish(&config, &mut socket, &mut jobs, &mut stats).await;
+                break;
+            }
+            LinkEnd::Lost(why) => {
+                stats.reconnects += 1;
+                tracing::warn!(worker = %config.name, why, "broker lost, reconnecting");
+                drop(socket);
+                let pause = backoff.next_delay();
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+    tracing::info!(worker = %config.name, served = stats.served, reconnects = stats.reconnects, "worker stopped");
+    stats
+}
+
+async fn serve(
+    config: &WorkerConfig,
+    socket: &mut DealerSocket,
+    monitor: &mut link::Monitor,
+    jobs: &mut JoinSet<Vec<Bytes>>,
+    stats: &mut WorkerStats,
+    shutdown: &CancellationToken,
+) -> LinkEnd {
+    for _ in 0..config.capacity {
+        if socket
+            .send(ZmqMessage::from(Bytes::from_static(READY)))
+            .await
+            .is_err()
+        {
+            return LinkEnd::Lost("cannot send READY");
+        }
+    }
+    let mut liveness = Liveness::new(config.heartbeat);
+    let mut tick = interval(config.heartbeat.interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return LinkEnd::Shutdown,
+            _ = monitor.disconnected() => return LinkEnd::Lost("connection closed"),
+            msg = socket.recv() => {
+                let Ok(msg) = msg else { return LinkEnd::Lost("receive failed") };
+                liveness.heard();
+                let frames = msg.into_vec();
+                if frames.len() == 1 && frames[0].as_ref() == HEARTBEAT {
+                    continue;
+                }
+                if frames.len() < 3 || !frames[1].is_empty() {
+                    tracing::warn!(first = %frames.first().map(|f| frames::show(f)).unwrap_or_default(), "unexpected message from broker dropped");
+                    continue;
+                }
+                let work = config.work;
+                let name = Bytes::from(config.name.clone());
+                jobs.spawn(async move {
+                    tokio::time::sleep(work).await;
+                    let mut reply = frames;
+                    reply.push(name);
+                    reply
+                });
+            }
+            Some(done) = jobs.join_next() => {
+                let Ok(reply) = done else { continue };
+                if socket.send(frames::message_of(reply)).await.is_err() {
+                    return LinkEnd::Lost("cannot send reply");
+                }
+                stats.served += 1;
+            }
+            _ = tick.tick() => {
+                if liveness.is_expired() {
+                    return LinkEnd::Lost("broker silent");
+                }
+                if socket.send(ZmqMessage::from(Bytes::from_static(HEARTBEAT))).await.is_err() {
+                    return LinkEnd::Lost("cannot send heartbeat");
+                }
+            }
+        }
+    }
+}
+
+/// Answers the requests in hand, for at most `drain`.
+async fn finish(
+    config: &WorkerConfig,
+    socket: &mut DealerSocket,
+    jobs: &mut JoinSet<Vec<Bytes>>,
+    stats: &mut WorkerStats,
+) {
+    let until = Instant::now() + config.drain;
+    while !jobs.is_empty() {
+        let next = tokio::time::timeout_at(until, jobs.join_next()).await;
+        let Ok(Some(Ok(reply))) = next else { break };
+        if socket.send(frames::message_of(reply)).await.is_ok() {
+            stats.served += 1;
+        }
+    }
+    jobs.abort_all();
+}
