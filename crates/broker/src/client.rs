@@ -55,7 +55,10 @@ struct State {
     answered: HashSet<u64>,
     latencies: Vec<u64>,
     summary: ClientSummary,
+    /// When the last reply arrived (for `longest_gap_ms`).
     last_reply: Instant,
+    /// Since when the current link has been silent: the last reply or the link's start.
+    quiet_since: Instant,
 }
 
 enum LinkEnd {
@@ -121,6 +124,7 @@ impl State {
         let gap = now.duration_since(self.last_reply).as_millis() as u64;
         self.summary.longest_gap_ms = self.summary.longest_gap_ms.max(gap);
         self.last_reply = now;
+        self.quiet_since = now;
         match self.pending.remove(&reply.id) {
             Some(p) => {
                 if p.payload != reply.payload {
@@ -151,7 +155,7 @@ impl State {
         if overdue.is_empty() {
             return Ok(());
         }
-        if now.duration_since(self.last_reply) >= timeout {
+        if now.duration_since(self.quiet_since) >= timeout {
             return Err("no reply within the timeout");
         }
         for id in overdue {
@@ -180,10 +184,8 @@ impl State {
         if self.resend_all(socket).await.is_err() || self.fill(socket).await.is_err() {
             return LinkEnd::Lost("send failed");
         }
-        // Waiting for a first reply after a reconnect starts now, not at the outage.
-        self.last_reply = self
-            .last_reply
-            .max(Instant::now() - self.config.timeout / 2);
+        // Waiting for a first reply on a new link starts now, not at the outage.
+        self.quiet_since = Instant::now();
         let mut tick = interval((self.config.timeout / 4).max(Duration::from_millis(5)));
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
@@ -252,6 +254,7 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> ClientSum
         latencies: Vec::with_capacity(config.requests.min(1 << 20) as usize),
         summary: ClientSummary::default(),
         last_reply: started,
+        quiet_since: started,
         config,
     };
     let endpoint = state.config.connect.clone();

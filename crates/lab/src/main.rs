@@ -1,0 +1,129 @@
+//! `lab`: runs the seed's experiments against the real binaries and prints a verdict for each.
+//! With no scenario named, it runs them all.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use lab::process::Bins;
+use lab::scenarios::{self, Lab, PartitionMode};
+
+/// Scenario runner: starts brokers, workers and clients, kills and partitions them, and judges
+/// the outcome from the clients' own counts.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Scenarios to run (default: all). `lab --list` names them.
+    scenarios: Vec<String>,
+    /// List the scenarios and exit.
+    #[arg(long)]
+    list: bool,
+    /// How to emulate partitions.
+    #[arg(long, env = "LAB_PARTITION", value_enum, default_value_t = PartitionMode::Auto)]
+    partition: PartitionMode,
+    /// Directory for the children's logs.
+    #[arg(long, env = "LAB_LOG_DIR", default_value = "target/lab-logs")]
+    log_dir: PathBuf,
+    /// Print verdicts as JSON lines instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Do not build the role binaries first (they must be next to `lab`, or in LAB_BIN_DIR).
+    #[arg(long, env = "LAB_NO_BUILD")]
+    no_build: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    common::logging::init("lab=info");
+    match run(args).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<bool> {
+    let all = scenarios::all();
+    if args.list {
+        for s in &all {
+            println!("{:<16} {}", s.name, s.about);
+        }
+        return Ok(true);
+    }
+    let chosen = if args.scenarios.is_empty() {
+        all
+    } else {
+        args.scenarios
+            .iter()
+            .map(|name| {
+                scenarios::find(name)
+                    .with_context(|| format!("unknown scenario {name:?} (see lab --list)"))
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
+    if !args.no_build {
+        build_roles()?;
+    }
+    let lab = Lab {
+        bins: Bins::locate()?,
+        log_dir: args.log_dir,
+        partition: args.partition,
+    };
+    lab.bins.check(&["broker", "worker", "client"])?;
+    let mut passed = 0;
+    for scenario in &chosen {
+        eprintln!("running {} ...", scenario.name);
+        let verdict = match (scenario.run)(&lab).await {
+            Ok(v) => v,
+            Err(e) => {
+                let mut v = lab::verdict::Verdict::new(scenario.name, "error");
+                v.expect(false, format!("{e:#}"));
+                v
+            }
+        };
+        if verdict.passed {
+            passed += 1;
+        }
+        if args.json {
+            println!("{}", serde_json::to_string(&verdict)?);
+        } else {
+            print!("{}", verdict.render());
+        }
+    }
+    let failed = chosen.len() - passed;
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 {
+        eprintln!("logs of the children: {}", lab.log_dir.display());
+    }
+    Ok(failed == 0)
+}
+
+/// When run through cargo (`cargo run -p lab`), build the role binaries with the same profile
+/// first: cargo builds only the package it runs.
+fn build_roles() -> Result<()> {
+    let Some(cargo) = option_env!("CARGO") else {
+        return Ok(());
+    };
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    if !root.join("Cargo.toml").exists() {
+        return Ok(());
+    }
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.current_dir(&root)
+        .args(["build", "--quiet", "--workspace", "--bins"]);
+    if !cfg!(debug_assertions) {
+        cmd.arg("--release");
+    }
+    let status = cmd
+        .status()
+        .context("cannot run cargo to build the role binaries")?;
+    if !status.success() {
+        bail!("building the role binaries failed");
+    }
+    Ok(())
+}

@@ -1,0 +1,216 @@
+//! Real child processes: spawn, read the `ready` line and JSON summaries from stdout, signal,
+//! wait with deadlines, and kill on drop. Each child's stderr goes to a log file that is
+//! printed when a scenario fails.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+/// Where the role binaries are.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    pub dir: PathBuf,
+}
+
+impl Bins {
+    /// `LAB_BIN_DIR`, else the directory of the running executable, else its parent (test
+    /// executables live in `target/<profile>/deps`).
+    pub fn locate() -> Result<Self> {
+        if let Some(dir) = std::env::var_os("LAB_BIN_DIR") {
+            return Ok(Self { dir: dir.into() });
+        }
+        let exe = std::env::current_exe().context("cannot find the running executable")?;
+        let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+        if !dir.join("broker").exists() {
+            if let Some(parent) = dir.parent() {
+                if parent.join("broker").exists() {
+                    dir = parent.to_path_buf();
+                }
+            }
+        }
+        Ok(Self { dir })
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Fails with a hint when a binary is missing.
+    pub fn check(&self, names: &[&str]) -> Result<()> {
+        for name in names {
+            if !self.path(name).exists() {
+                bail!(
+                    "{} not found: build the workspace first (cargo build --workspace)",
+                    self.path(name).display()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A running child. Killed (SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pid: i32,
+    lines: watch::Receiver<Vec<String>>,
+    log: PathBuf,
+    exit: Option<ExitStatus>,
+}
+
+impl Proc {
+    /// Starts `program args...`, named `name` in logs; stderr goes to `<log_dir>/<name>.log`.
+    pub fn spawn(name: &str, program: &Path, args: &[String], log_dir: &Path) -> Result<Self> {
+        Self::spawn_with(name, Command::new(program).args(args), log_dir)
+    }
+
+    /// Starts a prepared command (e.g. wrapped in `ip netns exec`).
+    pub fn spawn_with(name: &str, command: &mut Command, log_dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(log_dir)
+            .with_context(|| format!("cannot create {}", log_dir.display()))?;
+        let log = log_dir.join(format!("{name}.log"));
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("cannot open {}", log.display()))?;
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        let pid = child
+            .id()
+            .map(|p| p as i32)
+            .ok_or_else(|| anyhow!("{name} exited at once"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("{name}: no stdout"))?;
+        let (tx, lines) = watch::channel(Vec::new());
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                tx.send_modify(|v| v.push(line));
+            }
+        });
+        Ok(Self {
+            name: name.to_string(),
+            child,
+            pid,
+            lines,
+            log,
+            exit: None,
+        })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Waits for the `ready k=v ...` line and returns its fields.
+    pub async fn ready(&mut self, within: Duration) -> Result<BTreeMap<String, String>> {
+        let fields = {
+            let found = tokio::time::timeout(
+                within,
+                self.lines
+                    .wait_for(|lines| lines.iter().any(|l| common::ready::parse(l).is_some())),
+            )
+            .await;
+            match found {
+                Ok(Ok(lines)) => lines.iter().find_map(|l| common::ready::parse(l)),
+                _ => None,
+            }
+        };
+        fields.ok_or_else(|| {
+            anyhow!(
+                "{} printed no ready line within {within:?}\n{}",
+                self.name,
+                self.log_tail()
+            )
+        })
+    }
+
+    /// Lines printed on stdout so far.
+    pub fn stdout(&self) -> Vec<String> {
+        self.lines.borrow().clone()
+    }
+
+    /// The last stdout line parsed as JSON.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        let lines = self.stdout();
+        let last = lines.last().ok_or_else(|| {
+            anyhow!(
+                "{} printed nothing on stdout\n{}",
+                self.name,
+                self.log_tail()
+            )
+        })?;
+        serde_json::from_str(last).with_context(|| {
+            format!(
+                "{}: last stdout line is not the expected JSON: {last}",
+                self.name
+            )
+        })
+    }
+
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        if self.exit.is_some() {
+            return Ok(());
+        }
+        kill(Pid::from_raw(self.pid), signal)
+            .with_context(|| format!("cannot signal {} (pid {})", self.name, self.pid))
+    }
+
+    /// Waits for the child to exit.
+    pub async fn wait(&mut self, within: Duration) -> Result<ExitStatus> {
+        if let Some(status) = self.exit {
+            return Ok(status);
+        }
+        let status = tokio::time::timeout(within, self.child.wait())
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "{} still running after {within:?}\n{}",
+                    self.name,
+                    self.log_tail()
+                )
+            })??;
+        // Let the stdout reader take the last lines.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.lines.wait_for(|_| true)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.exit = Some(status);
+        Ok(status)
+    }
+
+    /// SIGKILL and reap.
+    pub async fn kill(&mut self) -> Result<()> {
+        self.signal(Signal::SIGKILL)?;
+        self.wait(Duration::from_secs(10)).await.map(|_| ())
+    }
+
+    /// The last lines of the child's stderr log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let start = lines.len().saturating_sub(30);
+        format!(
+            "--- {} stderr ({}) ---\n{}",
+            self.name,
+            self.log.display(),
+            lines[start..].join("\n")
+        )
+    }
+}
