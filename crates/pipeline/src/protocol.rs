@@ -1,0 +1,202 @@
+//! The pipeline's messages and their frames. Pure: no sockets, unit-tested by round trips.
+//!
+//! - tasks (master PUSH -> worker PULL): frame 0 JSON [`Task`]; frame 1 the image bytes when
+//!   the task is inline (`input` is `null`).
+//! - reports (worker PUSH -> master PULL): frame 0 JSON [`Report`]; frame 1 the output image
+//!   when a `done` answers an inline task (`output` was `null`).
+//! - control (master PUB -> worker SUB): one JSON frame [`Control`].
+//!
+//! JSON keeps every message readable and writable from a stock libzmq binding (pyzmq).
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use zeromq::ZmqMessage;
+
+/// Why a received message is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("malformed {kind} message: {source}")]
+    Json {
+        kind: &'static str,
+        source: serde_json::Error,
+    },
+    #[error("{0} message has no frames")]
+    Empty(&'static str),
+}
+
+/// One image to process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    /// Identifies the master's run; reports for another batch are ignored.
+    pub batch: String,
+    /// Index of the task in its batch.
+    pub id: u64,
+    /// Path relative to the input and output directories (for logs and inline output naming).
+    pub path: String,
+    /// Filter chain specification, validated by the master.
+    pub filter: String,
+    /// Absolute input path on a shared filesystem, or `null`: the bytes are in frame 1.
+    pub input: Option<String>,
+    /// Absolute output path on a shared filesystem, or `null`: return the bytes in frame 1.
+    pub output: Option<String>,
+}
+
+/// What a worker tells the master. Every report carries the worker's capacity so that a master
+/// that (re)starts learns a worker from any message, not only from `hello`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub worker: String,
+    /// Tasks the worker holds at most (running and queued).
+    pub slots: u32,
+    /// Tasks it can take now.
+    pub free: u32,
+    /// The worker's heartbeat interval: the master expires it after `liveness` of these.
+    pub heartbeat_ms: u64,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// The event a report announces.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// Connected (or reconnected).
+    Hello,
+    /// Still alive; sent every `heartbeat_ms`.
+    Heartbeat,
+    /// The task was received and will be processed here.
+    Accept { batch: String, id: u64 },
+    /// The task arrived while the worker was full (PUSH round robin does not know who has free
+    /// slots): send it again, elsewhere.
+    Defer { batch: String, id: u64 },
+    /// Output written (or, inline, carried in frame 1).
+    Done { batch: String, id: u64 },
+    /// The image cannot be processed; `reason` is shown to the user.
+    Failed {
+        batch: String,
+        id: u64,
+        reason: String,
+    },
+    /// Leaving: tasks accepted and not done must go elsewhere.
+    Bye,
+}
+
+/// What the master broadcasts to every worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Control {
+    /// The master is alive; workers expire it after `liveness` of `heartbeat_ms`.
+    Heartbeat { batch: String, heartbeat_ms: u64 },
+    /// Exit after finishing what you hold (`--stop-workers`).
+    Stop,
+}
+
+fn to_frame<T: Serialize>(value: &T) -> Bytes {
+    Bytes::from(serde_json::to_vec(value).expect("plain structs always serialize"))
+}
+
+fn from_frame<T: for<'de> Deserialize<'de>>(
+    kind: &'static str,
+    msg: &ZmqMessage,
+) -> Result<(T, Option<Bytes>), ProtocolError> {
+    let head = msg.get(0).ok_or(ProtocolError::Empty(kind))?;
+    let value =
+        serde_json::from_slice(head).map_err(|source| ProtocolError::Json { kind, source })?;
+    Ok((value, msg.get(1).cloned()))
+}
+
+impl Task {
+    pub fn to_message(&self, image: Option<Bytes>) -> ZmqMessage {
+        let mut frames = vec![to_frame(self)];
+        frames.extend(image);
+        common::frames::message_of(frames)
+    }
+
+    /// The task and, when inline, its image bytes.
+    pub fn from_message(msg: &ZmqMessage) -> Result<(Self, Option<Bytes>), ProtocolError> {
+        from_frame("task", msg)
+    }
+}
+
+impl Report {
+    pub fn to_message(&self, image: Option<Bytes>) -> ZmqMessage {
+        let mut frames = vec![to_frame(self)];
+        frames.extend(image);
+        common::frames::message_of(frames)
+    }
+
+    pub fn from_message(msg: &ZmqMessage) -> Result<(Self, Option<Bytes>), ProtocolError> {
+        from_frame("report", msg)
+    }
+}
+
+impl Control {
+    pub fn to_message(&self) -> ZmqMessage {
+        common::frames::message_of(vec![to_frame(self)])
+    }
+
+    pub fn from_message(msg: &ZmqMessage) -> Result<Self, ProtocolError> {
+        from_frame("control", msg).map(|(c, _)| c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_round_trips_with_and_without_bytes() {
+        let task = Task {
+            batch: "b1".into(),
+            id: 7,
+            path: "sub/a.png".into(),
+            filter: "grayscale".into(),
+            input: None,
+            output: Some("/out/sub/a.png".into()),
+        };
+        let (back, bytes) = Task::from_message(&task.to_message(Some(Bytes::from_static(b"img"))))
+            .expect("decodes");
+        assert_eq!(back, task);
+        assert_eq!(bytes.as_deref(), Some(&b"img"[..]));
+        let (_, none) = Task::from_message(&task.to_message(None)).expect("decodes");
+        assert!(none.is_none());
+    }
+
+    #[test]
+    fn report_wire_form_is_flat_json() {
+        let r = Report {
+            worker: "w1".into(),
+            slots: 2,
+            free: 1,
+            heartbeat_ms: 1000,
+            event: Event::Failed {
+                batch: "b".into(),
+                id: 3,
+                reason: "bad".into(),
+            },
+        };
+        let msg = r.to_message(None);
+        let json: serde_json::Value =
+            serde_json::from_slice(&msg.get(0).expect("frame")[..]).expect("json");
+        assert_eq!(json["type"], "failed");
+        assert_eq!(json["worker"], "w1");
+        assert_eq!(json["id"], 3);
+        assert_eq!(Report::from_message(&msg).expect("decodes").0, r);
+        let hello: Report = serde_json::from_str(
+            r#"{"type":"hello","worker":"py","slots":1,"free":1,"heartbeat_ms":500}"#,
+        )
+        .expect("hand-written hello");
+        assert_eq!(hello.event, Event::Hello);
+    }
+
+    #[test]
+    fn control_round_trips_and_garbage_is_an_error() {
+        let stop = Control::Stop;
+        assert_eq!(
+            Control::from_message(&stop.to_message()).expect("decodes"),
+            stop
+        );
+        let junk = common::frames::message_of(vec![Bytes::from_static(b"KILL")]);
+        assert!(Control::from_message(&junk).is_err());
+    }
+}

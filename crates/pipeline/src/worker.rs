@@ -1,0 +1,427 @@
+//! The worker (zguide `taskwork2`): PULLs tasks from the master's PUSH, processes them on blocking
+//! threads, PUSHes reports to the master's PULL, and SUBscribes to the master's control PUB.
+//!
+//! Flow control: the worker holds at most `threads + prefetch` tasks. PUSH deals tasks round
+//! robin without knowing who is free, so a task that arrives while the worker is full is answered
+//! with `defer` and the master sends it again (to the next worker in the rotation). Every report
+//! carries `free`, from which the master computes how many tasks it may have in flight.
+//!
+//! Reconnection: `zeromq` 0.7 PUSH/PULL never reconnect. The report PUSH is rebuilt on loss; the
+//! task PULL is connected again in place (dropping a `PullSocket` leaves its connections open and
+//! the master would keep dealing tasks into them). The control SUB reconnects by itself.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::heartbeat::{Heartbeat, Liveness};
+use common::link::{self, Backoff, Monitor, Reconnect};
+use common::CancellationToken;
+use tokio::task::JoinSet;
+use zeromq::{PullSocket, PushSocket, Socket, SocketOptions, SocketRecv, SocketSend, SubSocket};
+
+use crate::files;
+use crate::filter::Chain;
+use crate::protocol::{Control, Event, Report, Task};
+
+/// Validated worker settings.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Master's task endpoint (its PUSH).
+    pub tasks: String,
+    /// Master's report endpoint (its PULL).
+    pub results: String,
+    /// Master's control endpoint (its PUB); without it the worker never hears `stop` and relies
+    /// on socket events alone to notice a lost master.
+    pub control: Option<String>,
+    /// Name in reports and in the master's per-worker counts.
+    pub id: String,
+    /// Images processed at the same time.
+    pub threads: u32,
+    /// Tasks held waiting beyond `threads`, to hide the round trip between two tasks.
+    pub prefetch: u32,
+    /// Memory the image decoder may allocate for one image.
+    pub max_decode_bytes: u64,
+    pub heartbeat: Heartbeat,
+    pub reconnect: Reconnect,
+    /// How long running images may take to finish on shutdown.
+    pub drain: Duration,
+    /// Answer `done` without touching files: measures messaging alone.
+    pub dry_run: bool,
+}
+
+impl WorkerConfig {
+    pub fn slots(&self) -> u32 {
+        self.threads + self.prefetch
+    }
+}
+
+/// Why the worker stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerExit {
+    /// The master broadcast `stop`.
+    Stopped,
+    /// Ctrl-C, SIGTERM or the caller's token.
+    Cancelled,
+}
+
+/// Why the worker could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot subscribe to control messages")]
+    Subscribe(#[source] zeromq::ZmqError),
+}
+
+type Outcome = (Task, Result<Option<Bytes>, String>);
+
+/// Runs the worker until the master says `stop` or `cancel` fires.
+pub async fn run(
+    config: WorkerConfig,
+    cancel: CancellationToken,
+) -> Result<WorkerExit, WorkerError> {
+    let mut w = Worker::new(config);
+    let exit = w.serve(&cancel).await;
+    w.drain().await;
+    exit
+}
+
+struct Worker {
+    cfg: WorkerConfig,
+    tag: String,
+    backoff: Backoff,
+    queue: VecDeque<(Task, Option<Bytes>)>,
+    jobs: JoinSet<Outcome>,
+    results: Option<(PushSocket, Monitor)>,
+    done: u64,
+}
+
+impl Worker {
+    fn new(cfg: WorkerConfig) -> Self {
+        let tag: String = cfg
+            .id
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .take(32)
+            .collect();
+        let backoff = Backoff::new(cfg.reconnect.min, cfg.reconnect.max);
+        Self {
+            cfg,
+            tag,
+            backoff,
+            queue: VecDeque::new(),
+            jobs: JoinSet::new(),
+            results: None,
+            done: 0,
+        }
+    }
+
+    fn free(&self) -> u32 {
+        let held = self.jobs.len() + self.queue.len();
+        self.cfg.slots().saturating_sub(held as u32)
+    }
+
+    fn report(&self, event: Event) -> Report {
+        Report {
+            worker: self.cfg.id.clone(),
+            slots: self.cfg.slots(),
+            free: self.free(),
+            heartbeat_ms: self.cfg.heartbeat.interval.as_millis() as u64,
+            event,
+        }
+    }
+
+    /// Sends a report; on failure the link is dropped and rebuilt at the next loop turn. Reports
+    /// lost with a dead master are worthless: a new master starts a new batch.
+    async fn send(&mut self, event: Event, image: Option<Bytes>) {
+        let msg = self.report(event).to_message(image);
+        if let Some((push, _)) = self.results.as_mut() {
+            if let Err(e) = push.send(msg).await {
+                tracing::info!(error = %e, "master unreachable, reconnecting");
+                self.results = None;
+            }
+        }
+    }
+
+    async fn connect_results(&mut self, cancel: &CancellationToken) -> bool {
+        let got = link::connect(
+            &self.cfg.results,
+            &self.cfg.reconnect,
+            &mut self.backoff,
+            cancel,
+            PushSocket::with_options,
+        )
+        .await;
+        match got {
+            Some(c) => {
+                self.results = Some((c.socket, c.monitor));
+                self.send(Event::Hello, None).await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Connects the one task PULL socket again and again until it succeeds or `cancel` fires.
+    async fn connect_tasks(&mut self, pull: &mut PullSocket, cancel: &CancellationToken) -> bool {
+        let mut attempts = 0u32;
+        loop {
+            let r = tokio::select! {
+                () = cancel.cancelled() => return false,
+                r = pull.connect(&self.cfg.tasks) => r,
+            };
+            match r {
+                Ok(()) => {
+                    tracing::info!(endpoint = %self.cfg.tasks, "task link up");
+                    self.backoff.reset();
+                    return true;
+                }
+                Err(e) => {
+                    attempts += 1;
+                    if attempts == 1 {
+                        tracing::info!(endpoint = %self.cfg.tasks, error = %e, "master unreachable, retrying");
+                    }
+                }
+            }
+            let delay = self.backoff.next_delay();
+            tokio::select! {
+                () = cancel.cancelled() => return false,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    async fn serve(&mut self, cancel: &CancellationToken) -> Result<WorkerExit, WorkerError> {
+        let mut control = match self.cfg.control.clone() {
+            Some(ep) => {
+                let got = link::connect(
+                    &ep,
+                    &self.cfg.reconnect,
+                    &mut self.backoff,
+                    cancel,
+                    SubSocket::with_options,
+                )
+                .await;
+                let Some(mut c) = got else {
+                    return Ok(WorkerExit::Cancelled);
+                };
+                c.socket
+                    .subscribe("")
+                    .await
+                    .map_err(WorkerError::Subscribe)?;
+                Some(c.socket)
+            }
+            None => None,
+        };
+        let mut options = SocketOptions::default();
+        options.connect_timeout(self.cfg.reconnect.connect_timeout);
+        let mut pull = PullSocket::with_options(options);
+        let mut pull_monitor = Monitor::new(pull.monitor());
+        if !self.connect_tasks(&mut pull, cancel).await {
+            return Ok(WorkerExit::Cancelled);
+        }
+        let mut master = Liveness::new(self.cfg.heartbeat);
+        let mut tick = tokio::time::interval(self.cfg.heartbeat.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tracing::info!(worker = %self.cfg.id, slots = self.cfg.slots(), "worker ready");
+        loop {
+            if self.results.is_none() && !self.connect_results(cancel).await {
+                return Ok(WorkerExit::Cancelled);
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(WorkerExit::Cancelled),
+                msg = recv_control(&mut control) => match msg {
+                    Some(Control::Stop) => {
+                        tracing::info!("master says stop");
+                        return Ok(WorkerExit::Stopped);
+                    }
+                    Some(Control::Heartbeat { heartbeat_ms, .. }) => {
+                        master = Liveness::new(Heartbeat {
+                            interval: Duration::from_millis(heartbeat_ms.max(1)),
+                            liveness: self.cfg.heartbeat.liveness,
+                        });
+                    }
+                    None => {}
+                },
+                msg = pull.recv() => match msg {
+                    Ok(msg) => {
+                        master.heard();
+                        self.on_task(&msg).await;
+                    }
+                    // PULL recv returns per-peer errors (e.g. a reset): not fatal.
+                    Err(e) => tracing::debug!(error = %e, "task link error"),
+                },
+                Some(joined) = self.jobs.join_next(), if !self.jobs.is_empty() => {
+                    self.on_outcome(joined).await;
+                }
+                _ = pull_monitor.disconnected() => {
+                    tracing::info!("task link lost, reconnecting");
+                    if !self.connect_tasks(&mut pull, cancel).await {
+                        return Ok(WorkerExit::Cancelled);
+                    }
+                }
+                () = results_lost(&mut self.results) => {
+                    tracing::info!("report link lost, reconnecting");
+                    self.results = None;
+                }
+                _ = tick.tick() => {
+                    if control.is_some() && master.is_expired() {
+                        // A master that went silent without a socket event (partition, or a
+                        // restart we did not see): start both links afresh.
+                        tracing::info!(silent_ms = master.silent_for().as_millis() as u64, "master silent, reconnecting");
+                        master = Liveness::new(self.cfg.heartbeat);
+                        self.results = None;
+                        if !self.connect_tasks(&mut pull, cancel).await {
+                            return Ok(WorkerExit::Cancelled);
+                        }
+                    } else {
+                        self.send(Event::Heartbeat, None).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_task(&mut self, msg: &zeromq::ZmqMessage) {
+        let (task, image) = match Task::from_message(msg) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring malformed task");
+                return;
+            }
+        };
+        let (batch, id) = (task.batch.clone(), task.id);
+        if self.free() == 0 {
+            tracing::debug!(id, "full, deferring task");
+            self.send(Event::Defer { batch, id }, None).await;
+            return;
+        }
+        self.queue.push_back((task, image));
+        self.start_queued();
+        self.send(Event::Accept { batch, id }, None).await;
+    }
+
+    fn start_queued(&mut self) {
+        while self.jobs.len() < self.cfg.threads as usize {
+            let Some((task, image)) = self.queue.pop_front() else {
+                return;
+            };
+            let (max, tag, dry) = (
+                self.cfg.max_decode_bytes,
+                self.tag.clone(),
+                self.cfg.dry_run,
+            );
+            self.jobs.spawn_blocking(move || {
+                let result = if dry {
+                    Ok(None)
+                } else {
+                    execute(&task, image, max, &tag)
+                };
+                (task, result)
+            });
+        }
+    }
+
+    async fn on_outcome(&mut self, joined: Result<Outcome, tokio::task::JoinError>) {
+        self.start_queued();
+        let (task, result) = match joined {
+            Ok(o) => o,
+            Err(e) => {
+                // Only a panic in the image code gets here; the task id is lost with it, and
+                // the master re-sends the task after its lease.
+                tracing::error!(error = %e, "image job panicked");
+                return;
+            }
+        };
+        let (batch, id) = (task.batch, task.id);
+        match result {
+            Ok(image) => {
+                self.done += 1;
+                tracing::debug!(id, path = %task.path, "done");
+                self.send(Event::Done { batch, id }, image).await;
+            }
+            Err(reason) => {
+                tracing::warn!(id, path = %task.path, %reason, "failed");
+                self.send(Event::Failed { batch, id, reason }, None).await;
+            }
+        }
+    }
+
+    /// Finishes running images for at most `drain`, then says goodbye; queued tasks are left to
+    /// the master, which re-sends them on `bye`.
+    async fn drain(&mut self) {
+        self.queue.clear();
+        let deadline = tokio::time::Instant::now() + self.cfg.drain;
+        while !self.jobs.is_empty() {
+            match tokio::time::timeout_at(deadline, self.jobs.join_next()).await {
+                Ok(Some(joined)) => self.on_outcome(joined).await,
+                Ok(None) | Err(_) => break,
+            }
+        }
+        self.jobs.abort_all();
+        self.send(Event::Bye, None).await;
+        tracing::info!(worker = %self.cfg.id, done = self.done, "worker stopped");
+    }
+}
+
+async fn recv_control(control: &mut Option<SubSocket>) -> Option<Control> {
+    let Some(sub) = control.as_mut() else {
+        return std::future::pending().await;
+    };
+    match sub.recv().await {
+        Ok(msg) => Control::from_message(&msg)
+            .map_err(|e| tracing::debug!(error = %e, "ignoring control message"))
+            .ok(),
+        Err(e) => {
+            tracing::debug!(error = %e, "control link error");
+            None
+        }
+    }
+}
+
+async fn results_lost(results: &mut Option<(PushSocket, Monitor)>) {
+    match results.as_mut() {
+        Some((_, monitor)) => {
+            let _ = monitor.disconnected().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Processes one task on the calling (blocking) thread: `Ok(Some(bytes))` when the output goes
+/// back inline, `Ok(None)` when it was written to the shared filesystem.
+pub fn execute(
+    task: &Task,
+    image: Option<Bytes>,
+    max_decode_bytes: u64,
+    writer_tag: &str,
+) -> Result<Option<Bytes>, String> {
+    let input = match (image, &task.input) {
+        (Some(bytes), _) => bytes,
+        (None, Some(path)) => std::fs::read(path)
+            .map(Bytes::from)
+            .map_err(|e| format!("cannot read {path}: {e}"))?,
+        (None, None) => return Err("task carries neither an input path nor image bytes".into()),
+    };
+    let chain = Chain::parse(&task.filter).map_err(|e| e.to_string())?;
+    let name = task.output.as_deref().unwrap_or(&task.path);
+    let out = crate::filter::process(&input, &chain, name, max_decode_bytes)
+        .map_err(|e| e.to_string())?;
+    match &task.output {
+        Some(path) => {
+            files::write_atomic(std::path::Path::new(path), &out, writer_tag)
+                .map_err(|e| format!("cannot write {path}: {e}"))?;
+            Ok(None)
+        }
+        None => Ok(Some(Bytes::from(out))),
+    }
+}
+
+/// `host-pid`, the default worker name.
+pub fn default_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".to_string());
+    format!("{host}-{}", std::process::id())
+}
