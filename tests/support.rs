@@ -1,1 +1,75 @@
+//! Test support: locate the binaries, start a broker on free ports, and serialise the heavy
+//! scenario tests so that their timing figures are not distorted by each other on 2 cores.
 
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lab::process::{Bins, Proc};
+use lab::scenarios::{Lab, PartitionMode};
+use tokio::sync::{Mutex, MutexGuard};
+
+/// The role binaries next to the test executable (`cargo test` builds them first).
+pub fn bins() -> Bins {
+    let bins = Bins::locate().expect("binaries located");
+    bins.check(&["broker", "worker", "client"])
+        .expect("role binaries built");
+    bins
+}
+
+/// A lab whose logs go to a fresh directory under the target dir.
+pub fn lab(test: &str, partition: PartitionMode) -> Lab {
+    Lab {
+        bins: bins(),
+        log_dir: log_dir(test),
+        partition,
+    }
+}
+
+pub fn log_dir(test: &str) -> PathBuf {
+    let dir = bins().dir.join("test-logs").join(test);
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+static HEAVY: Mutex<()> = Mutex::const_new(());
+
+/// Held by tests that run many processes at once.
+pub async fn heavy() -> MutexGuard<'static, ()> {
+    HEAVY.lock().await
+}
+
+/// A broker on free loopback ports, with extra flags.
+pub async fn broker(test: &str, extra: &[&str]) -> (Proc, String, String) {
+    let mut args = vec![
+        "--frontend".to_string(),
+        "tcp://127.0.0.1:0".into(),
+        "--backend".into(),
+        "tcp://127.0.0.1:0".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut broker = Proc::spawn("broker", &bins().path("broker"), &args, &log_dir(test))
+        .expect("broker starts");
+    let ready = broker
+        .ready(Duration::from_secs(20))
+        .await
+        .expect("broker ready");
+    (broker, ready["frontend"].clone(), ready["backend"].clone())
+}
+
+/// Runs a binary to completion with a deadline; returns (exit code, stdout, stderr).
+pub fn run(name: &str, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(bins().path(name))
+        .args(args)
+        .output()
+        .expect("binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// True when CI runs us: there, optional tools must be present rather than skipped.
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some()
+}

@@ -1,0 +1,106 @@
+//! Interoperability with libzmq peers (pyzmq): a stock REQ client through the broker, and a
+//! stock RFC 6 DEALER worker serving our client. Skipped outside CI when pyzmq is missing.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use broker::ClientSummary;
+use integration::{bins, broker, heavy, in_ci, log_dir};
+use lab::process::Proc;
+
+fn pyzmq() -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import zmq"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            !in_ci(),
+            "CI installs pyzmq: the interop tests must run there"
+        );
+        eprintln!("skipped: python3 with pyzmq is not installed (pip install pyzmq)");
+    }
+    ok
+}
+
+fn script(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("py")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stock_req_client_works_through_the_broker() {
+    if !pyzmq() {
+        return;
+    }
+    let _g = heavy().await;
+    let (_broker, frontend, backend) = broker("interop-req", &[]).await;
+    let logs = log_dir("interop-req");
+    let args = [
+        "--connect".to_string(),
+        backend,
+        "--id".into(),
+        "rust-worker".into(),
+    ];
+    let _worker = Proc::spawn("worker", &bins().path("worker"), &args, &logs).expect("worker");
+    let mut client = Proc::spawn(
+        "req-client",
+        std::path::Path::new("python3"),
+        &[script("req_client.py"), frontend, "100".into()],
+        &logs,
+    )
+    .expect("python client");
+    let status = client
+        .wait(Duration::from_secs(60))
+        .await
+        .expect("client ends");
+    let summary: serde_json::Value = client.json().expect("summary");
+    assert_eq!(summary["answered"], 100, "{}", client.log_tail());
+    assert!(status.success(), "{}", client.log_tail());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stock_rfc6_worker_serves_our_client() {
+    if !pyzmq() {
+        return;
+    }
+    let _g = heavy().await;
+    let (_broker, frontend, backend) = broker("interop-worker", &[]).await;
+    let logs = log_dir("interop-worker");
+    let mut worker = Proc::spawn(
+        "rfc6-worker",
+        std::path::Path::new("python3"),
+        &[script("rfc6_worker.py"), backend],
+        &logs,
+    )
+    .expect("python worker");
+    worker
+        .ready(Duration::from_secs(20))
+        .await
+        .expect("python worker started");
+    let args = [
+        "--connect",
+        &frontend,
+        "--requests",
+        "100",
+        "--concurrency",
+        "4",
+        "--json",
+    ]
+    .map(String::from);
+    let mut client = Proc::spawn("client", &bins().path("client"), &args, &logs).expect("client");
+    let status = client
+        .wait(Duration::from_secs(60))
+        .await
+        .expect("client ends");
+    let summary: ClientSummary = client.json().expect("summary");
+    assert_eq!(summary.answered, 100, "{}", client.log_tail());
+    assert_eq!(summary.lost, 0);
+    assert_eq!(summary.corrupt, 0);
+    // A stock worker does not sign its replies.
+    assert_eq!(summary.by_worker.get("unknown"), Some(&100));
+    assert!(status.success());
+}
