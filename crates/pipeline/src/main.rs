@@ -128,6 +128,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 reconnect: common::link::Reconnect::default(),
                 drain: Duration::from_secs(5),
                 dry_run: false,
+                delay: Duration::ZERO,
             };
             let token = locals.clone();
             tokio::spawn(async move {

@@ -48,6 +48,8 @@ pub struct WorkerConfig {
     pub drain: Duration,
     /// Answer `done` without touching files: measures messaging alone.
     pub dry_run: bool,
+    /// Extra time spent on every image: simulates a slow worker in tests and demos.
+    pub delay: Duration,
 }
 
 impl WorkerConfig {
@@ -310,7 +312,11 @@ impl Worker {
                 self.tag.clone(),
                 self.cfg.dry_run,
             );
+            let delay = self.cfg.delay;
             self.jobs.spawn_blocking(move || {
+                if !delay.is_zero() {
+                    std::thread::sleep(delay);
+                }
                 let result = if dry {
                     Ok(None)
                 } else {

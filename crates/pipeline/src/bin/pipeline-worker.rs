@@ -41,6 +41,9 @@ struct Args {
     /// Answer every task as done without touching any file (measures messaging alone).
     #[arg(long, hide = true)]
     dry_run: bool,
+    /// Extra milliseconds spent on every image (simulates a slow worker).
+    #[arg(long, hide = true, default_value_t = 0)]
+    delay_ms: u64,
     #[command(flatten)]
     heartbeat: HeartbeatArgs,
     #[command(flatten)]
@@ -83,8 +86,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         reconnect: args.reconnect.reconnect(),
         drain: Duration::from_secs(args.drain_s),
         dry_run: args.dry_run,
+        delay: Duration::from_millis(args.delay_ms),
     };
     let cancel = common::shutdown::on_signals();
+    // A client has nothing bound: `ready` says the process runs and handles signals; it
+    // connects (and reconnects) on its own from here.
+    let slots = config.slots().to_string();
+    common::ready::announce(&[("worker", &config.id), ("slots", &slots)]);
     let exit = pipeline::worker::run(config, cancel)
         .await
         .context("worker failed")?;

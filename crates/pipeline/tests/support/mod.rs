@@ -1,0 +1,275 @@
+//! Process-test support: scratch directories, and children that are killed on drop and whose
+//! stderr is printed when a test fails.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Generous: the machine has 2 cores shared with compilers.
+pub const DEADLINE: Duration = Duration::from_secs(90);
+
+/// A directory removed on drop.
+#[derive(Debug)]
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        let n: u64 = rand_suffix();
+        let dir =
+            std::env::temp_dir().join(format!("pipeline-test-{name}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Self(dir)
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.0.join(rel)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(Instant::now())
+}
+
+/// A running binary of this package.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    stderr_path: PathBuf,
+    _stderr_dir: Scratch,
+    pub stdout: Vec<String>,
+}
+
+impl Proc {
+    pub fn spawn(bin: &str, args: &[&str]) -> Self {
+        let stderr_dir = Scratch::new("stderr");
+        let stderr_path = stderr_dir.path("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let mut child = Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", "pipeline=debug,common=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+        let out = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            name: Path::new(bin)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            child,
+            lines: rx,
+            stderr_path,
+            _stderr_dir: stderr_dir,
+            stdout: Vec::new(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Waits for the `ready k=v ...` line and returns its fields.
+    pub fn ready(&mut self) -> BTreeMap<String, String> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.stdout.push(line.clone());
+                    if let Some(fields) = common::ready::parse(&line) {
+                        return fields;
+                    }
+                }
+                Err(_) => panic!(
+                    "{} printed no ready line; stderr:\n{}",
+                    self.name,
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// Waits for the process to exit; collects the rest of stdout.
+    pub fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // The reader thread ends at EOF; take everything it has.
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+                    self.stdout.push(line);
+                }
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{} did not exit in time; stderr:\n{}",
+                    self.name,
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The last stdout line parsed as JSON (the `--json` summary).
+    pub fn summary(&self) -> serde_json::Value {
+        let last = self.stdout.last().cloned().unwrap_or_default();
+        serde_json::from_str(&last).unwrap_or_else(|e| {
+            panic!(
+                "last stdout line {last:?} is not JSON ({e}); stderr:\n{}",
+                self.stderr()
+            )
+        })
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill -{sig} failed");
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "----- {} (pid {}) stderr -----\n{}",
+                self.name,
+                self.pid(),
+                self.stderr()
+            );
+        }
+        self.kill();
+    }
+}
+
+pub fn master_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_pipeline")
+}
+
+pub fn worker_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_pipeline-worker")
+}
+
+/// Starts a master on port-0 endpoints with `--json` and short heartbeats.
+pub fn master(input: &Path, output: &Path, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec![
+        "--input",
+        input.to_str().expect("utf-8 path"),
+        "--output",
+        output.to_str().expect("utf-8 path"),
+        "--tasks-bind",
+        "tcp://127.0.0.1:0",
+        "--results-bind",
+        "tcp://127.0.0.1:0",
+        "--control-bind",
+        "tcp://127.0.0.1:0",
+        "--heartbeat-ms",
+        "250",
+        "--liveness",
+        "4",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let mut m = Proc::spawn(master_bin(), &args);
+    let fields = m.ready();
+    let connect = fields["connect"].clone();
+    (m, connect)
+}
+
+pub fn worker(connect: &str, id: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "--connect",
+        connect,
+        "--id",
+        id,
+        "--heartbeat-ms",
+        "250",
+        "--liveness",
+        "4",
+    ];
+    args.extend_from_slice(extra);
+    Proc::spawn(worker_bin(), &args)
+}
+
+/// Polls `cond` until it holds or the deadline passes.
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every file under `dir`, relative, sorted (temp files included: tests check there are none).
+pub fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(rel) = p.strip_prefix(dir) {
+                out.push(rel.to_string_lossy().into_owned());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Writes `n` sample images of about `side` pixels into `dir`; returns their relative paths.
+pub fn samples(dir: &Path, n: usize, side: u32) -> Vec<String> {
+    let mut v = pipeline::sample::generate(dir, n, side).expect("samples");
+    v.sort();
+    v
+}
+
+/// The outputs match the inputs one for one, decode, and there is no temp file.
+pub fn assert_outputs(output: &Path, expected: &[String]) {
+    let got = files_under(output);
+    assert_eq!(got, expected, "output files differ from inputs");
+    for rel in expected {
+        image::open(output.join(rel)).unwrap_or_else(|e| panic!("{rel} does not decode: {e}"));
+    }
+}
