@@ -1,0 +1,133 @@
+//! Interoperability with stock libzmq peers (pyzmq): the wire protocol of `docs/pipeline.md` is
+//! plain PUSH/PULL with JSON frames. Skipped, loudly, when `python3 -c "import zmq"` fails.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::process::Command;
+
+use support::*;
+
+fn pyzmq() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import zmq"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("SKIPPED: pyzmq is not installed (pip install pyzmq) - interop not tested");
+    }
+    ok
+}
+
+/// A pyzmq worker: PULL tasks from the master, PUSH reports; copies each input to its output.
+const PY_WORKER: &str = r#"
+import json, shutil, sys, zmq
+tasks_ep, results_ep, total = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ctx = zmq.Context()
+pull = ctx.socket(zmq.PULL); pull.connect(tasks_ep)
+push = ctx.socket(zmq.PUSH); push.connect(results_ep)
+def report(kind, **kw):
+    push.send(json.dumps(dict(type=kind, worker="py", slots=1, free=1, heartbeat_ms=250, **kw)).encode())
+report("hello")
+for _ in range(total):
+    if not pull.poll(60000):
+        sys.exit("no task within 60 s")
+    task = json.loads(pull.recv())
+    assert set(task) >= {"batch", "id", "path", "filter", "input", "output"}, task
+    report("accept", batch=task["batch"], id=task["id"])
+    shutil.copyfile(task["input"], task["output"])
+    report("done", batch=task["batch"], id=task["id"])
+report("bye")
+push.close(linger=5000)
+print("served", total)
+"#;
+
+#[test]
+fn pyzmq_pull_reads_the_master_tasks() {
+    if !pyzmq() {
+        return;
+    }
+    let dir = Scratch::new("py-worker");
+    let (input, output) = (dir.path("in"), dir.path("out"));
+    let expected = samples(&input, 5, 24);
+    std::fs::create_dir_all(output.join("nested")).unwrap();
+    let (mut m, connect) = master(&input, &output, &["--filter", "grayscale"]);
+    let eps: Vec<&str> = connect.split(',').collect();
+    let mut py = Proc::spawn("python3", &["-c", PY_WORKER, eps[0], eps[1], "5"]);
+    assert!(m.wait().success(), "{}", m.stderr());
+    let s = m.summary();
+    assert_eq!(s["done"], 5, "{s}");
+    assert_eq!(s["by_worker"]["py"], 5, "{s}");
+    assert_outputs(&output, &expected);
+    assert!(py.wait().success(), "python worker failed: {}", py.stderr());
+}
+
+/// A pyzmq master: binds PUSH and PULL, waits for the worker's hello, sends more tasks than the
+/// worker has slots (so it must honour `defer`) and prints the answers as one JSON list.
+const PY_MASTER: &str = r#"
+import json, sys, zmq
+inp, out = sys.argv[1], sys.argv[2]
+ctx = zmq.Context()
+push = ctx.socket(zmq.PUSH); tp = push.bind_to_random_port("tcp://127.0.0.1")
+pull = ctx.socket(zmq.PULL); rp = pull.bind_to_random_port("tcp://127.0.0.1")
+print(f"ready connect=tcp://127.0.0.1:{tp},tcp://127.0.0.1:{rp}", flush=True)
+def recv():
+    if not pull.poll(60000):
+        sys.exit("no report within 60 s")
+    return json.loads(pull.recv())
+while recv()["type"] != "hello":
+    pass
+names = ["a.png", "b.jpg", "missing.png"]
+tasks = [json.dumps(dict(batch="py", id=i, path=n, filter="grayscale,blur:1.0",
+                         input=f"{inp}/{n}", output=f"{out}/{n}")).encode()
+         for i, n in enumerate(names)]
+for t in tasks:
+    push.send(t)
+answers = {}
+while len(answers) < len(names):
+    r = recv()
+    if r["type"] == "defer":  # the worker was full: send that task again
+        push.send(tasks[r["id"]])
+    elif r["type"] in ("done", "failed"):
+        answers[r["id"]] = r
+print(json.dumps([answers[i] for i in range(len(names))]), flush=True)
+"#;
+
+#[test]
+fn pyzmq_push_feeds_a_worker() {
+    if !pyzmq() {
+        return;
+    }
+    let dir = Scratch::new("py-master");
+    let (input, output) = (dir.path("in"), dir.path("out"));
+    std::fs::create_dir_all(&output).unwrap();
+    let colors = image::RgbImage::from_fn(20, 10, |x, _| image::Rgb([x as u8 * 10, 200, 30]));
+    std::fs::create_dir_all(&input).unwrap();
+    colors.save(input.join("a.png")).unwrap();
+    colors.save(input.join("b.jpg")).unwrap();
+    let mut py = Proc::spawn(
+        "python3",
+        &[
+            "-c",
+            PY_MASTER,
+            input.to_str().unwrap(),
+            output.to_str().unwrap(),
+        ],
+    );
+    let connect = py.ready()["connect"].clone();
+    let _w = worker(&connect, "rs", &[]);
+    assert!(py.wait().success(), "python master failed: {}", py.stderr());
+    let answers: serde_json::Value = py.summary();
+    assert_eq!(answers[0]["type"], "done", "{answers}");
+    assert_eq!(answers[1]["type"], "done", "{answers}");
+    assert_eq!(answers[2]["type"], "failed", "{answers}");
+    assert!(answers[2]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("missing.png"));
+    assert_eq!(answers[0]["worker"], "rs");
+    assert_eq!(files_under(&output), ["a.png", "b.jpg"]);
+    let gray = image::open(output.join("a.png")).unwrap().to_rgb8();
+    assert!(gray.pixels().all(|p| p.0[0] == p.0[1] && p.0[1] == p.0[2]));
+}
