@@ -12,6 +12,7 @@ use bytes::Bytes;
 use common::frames;
 use common::heartbeat::Liveness;
 use common::link::Monitor;
+use futures::FutureExt;
 use tokio::time::{interval, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use zeromq::{RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
@@ -34,6 +35,9 @@ pub enum BrokerError {
 }
 
 type RequestKey = (Bytes, Bytes);
+
+/// Messages taken from one socket in a row when they are already there (recv is cancel-safe).
+const BATCH: usize = 64;
 
 #[derive(Debug)]
 struct Worker {
@@ -85,6 +89,32 @@ async fn bind(
     Ok((socket, monitor, bound.to_string()))
 }
 
+/// Why a message could not be handed to a peer's queue.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error(transparent)]
+    Zmq(#[from] zeromq::ZmqError),
+    #[error("peer not reading")]
+    Stalled,
+}
+
+/// Sends, but gives up after `limit` so one stalled peer (full queue) cannot stall the loop.
+/// The common case, room in the queue, completes on the first poll without arming a timer.
+async fn send_bounded(
+    socket: &mut RouterSocket,
+    msg: ZmqMessage,
+    limit: Duration,
+) -> Result<(), SendError> {
+    let mut send = socket.send(msg);
+    if let Some(result) = (&mut send).now_or_never() {
+        return Ok(result?);
+    }
+    match tokio::time::timeout(limit, send).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(SendError::Stalled),
+    }
+}
+
 impl Broker {
     /// Binds both sockets.
     pub async fn bind(config: BrokerConfig) -> Result<Self, BrokerError> {
@@ -118,8 +148,21 @@ impl Broker {
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                msg = self.frontend.recv() => self.on_frontend(msg).await,
-                msg = self.backend.recv() => self.on_backend(msg).await,
+                msg = self.frontend.recv() => {
+                    self.on_frontend(msg).await;
+                    // Take what else is already waiting before going round the select again.
+                    for _ in 1..BATCH {
+                        let Some(msg) = self.frontend.recv().now_or_never() else { break };
+                        self.on_frontend(msg).await;
+                    }
+                }
+                msg = self.backend.recv() => {
+                    self.on_backend(msg).await;
+                    for _ in 1..BATCH {
+                        let Some(msg) = self.backend.recv().now_or_never() else { break };
+                        self.on_backend(msg).await;
+                    }
+                }
                 worker = self.backend_monitor.disconnected() => self.purge(&worker, "disconnected"),
                 client = self.frontend_monitor.disconnected() => self.forget_client(&client),
                 _ = heartbeat.tick() => self.on_heartbeat().await,
@@ -135,7 +178,7 @@ impl Broker {
     async fn on_frontend(&mut self, msg: zeromq::ZmqResult<ZmqMessage>) {
         let Ok(msg) = msg else { return };
         let frames = msg.into_vec();
-        let peer = frames.first().map(|f| frames::show(f)).unwrap_or_default();
+        let peer = frames.first().cloned().unwrap_or_default();
         match Request::parse(frames) {
             Ok(request) => {
                 self.stats.requests_in += 1;
@@ -154,7 +197,7 @@ impl Broker {
             }
             Err(e) => {
                 self.stats.bad_frontend += 1;
-                tracing::warn!(%peer, error = %e, "bad message from client dropped");
+                tracing::warn!(peer = %frames::show(&peer), error = %e, "bad message from client dropped");
             }
         }
     }
@@ -204,15 +247,11 @@ impl Broker {
 
     async fn reply_to_client(&mut self, client: Bytes, body: Vec<Bytes>) {
         let msg = frames::message_of(protocol::to_client(client, body));
-        match tokio::time::timeout(self.config.send_timeout, self.frontend.send(msg)).await {
-            Ok(Ok(())) => self.stats.replies_out += 1,
-            Ok(Err(e)) => {
+        match send_bounded(&mut self.frontend, msg, self.config.send_timeout).await {
+            Ok(()) => self.stats.replies_out += 1,
+            Err(e) => {
                 self.stats.undeliverable += 1;
-                tracing::debug!(error = %e, "reply for a gone client dropped");
-            }
-            Err(_) => {
-                self.stats.undeliverable += 1;
-                tracing::warn!("client not reading, reply dropped");
+                tracing::debug!(error = %e, "reply dropped");
             }
         }
     }
@@ -228,8 +267,8 @@ impl Broker {
             }
             let request = self.queue.pop_front().expect("queue is not empty");
             let msg = frames::message_of(request.to_worker(&worker_id));
-            match tokio::time::timeout(self.config.send_timeout, self.backend.send(msg)).await {
-                Ok(Ok(())) => {
+            match send_bounded(&mut self.backend, msg, self.config.send_timeout).await {
+                Ok(()) => {
                     self.stats.dispatched += 1;
                     if let Some(worker) = self.workers.get_mut(&worker_id) {
                         worker.held.insert(request.key(), request);
@@ -257,7 +296,7 @@ impl Broker {
         for id in ids {
             let msg = frames::message_of(vec![id.clone(), Bytes::from_static(HEARTBEAT)]);
             // A full queue is not fatal: liveness decides, not one heartbeat.
-            let _ = tokio::time::timeout(self.config.send_timeout, self.backend.send(msg)).await;
+            let _ = send_bounded(&mut self.backend, msg, self.config.send_timeout).await;
         }
     }
 

@@ -34,7 +34,7 @@ struct Args {
     stats_secs: u64,
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     common::logging::init("broker=info,common=info");

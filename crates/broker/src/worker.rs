@@ -114,12 +114,20 @@ async fn serve(
                     tracing::warn!(first = %frames.first().map(|f| frames::show(f)).unwrap_or_default(), "unexpected message from broker dropped");
                     continue;
                 }
-                let work = config.work;
                 let name = Bytes::from(config.name.clone());
+                let mut reply = frames;
+                reply.push(name);
+                if config.work.is_zero() {
+                    // No simulated work: answer at once (a timer would round up to 1 ms).
+                    if socket.send(frames::message_of(reply)).await.is_err() {
+                        return LinkEnd::Lost("cannot send reply");
+                    }
+                    stats.served += 1;
+                    continue;
+                }
+                let work = config.work;
                 jobs.spawn(async move {
                     tokio::time::sleep(work).await;
-                    let mut reply = frames;
-                    reply.push(name);
                     reply
                 });
             }

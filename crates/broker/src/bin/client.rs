@@ -38,7 +38,7 @@ struct Args {
     reconnect: ReconnectArgs,
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = Args::parse();
     common::logging::init("broker=info,common=info");

@@ -32,7 +32,7 @@ struct Args {
     reconnect: ReconnectArgs,
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args = Args::parse();
     common::logging::init("broker=info,common=info");
