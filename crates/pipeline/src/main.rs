@@ -119,7 +119,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             let cfg = WorkerConfig {
                 tasks: endpoints.tasks.replace("0.0.0.0", "127.0.0.1"),
                 results: endpoints.results.replace("0.0.0.0", "127.0.0.1"),
-                control: None,
+                control: Some(endpoints.control.replace("0.0.0.0", "127.0.0.1")),
                 id: format!("local-{n}"),
                 threads: 1,
                 prefetch: 1,

@@ -243,20 +243,15 @@ async fn run_on(
         path: input.to_path_buf(),
         source,
     })?;
-    files::check_writable(&config.output).map_err(|source| MasterError::Output {
-        path: config.output.clone(),
-        source,
-    })?;
-    let output = std::fs::canonicalize(&config.output).map_err(|source| MasterError::Output {
-        path: config.output.clone(),
-        source,
-    })?;
-    let rels =
-        files::list_files(&input, Some(&output)).map_err(|source| MasterError::ListInput {
+    // Order matters for "nothing half done": list the input, bind every socket, and only then
+    // create the output directory, so a failure before it leaves no trace.
+    let output_guess = std::fs::canonicalize(&config.output).ok();
+    let rels = files::list_files(&input, output_guess.as_deref()).map_err(|source| {
+        MasterError::ListInput {
             path: input.clone(),
             source,
-        })?;
-
+        }
+    })?;
     let bind_err = |endpoint: &str| {
         let endpoint = endpoint.to_string();
         move |source| MasterError::Bind { endpoint, source }
@@ -276,6 +271,14 @@ async fn run_on(
         .bind(&config.control_bind)
         .await
         .map_err(bind_err(&config.control_bind))?;
+    files::check_writable(&config.output).map_err(|source| MasterError::Output {
+        path: config.output.clone(),
+        source,
+    })?;
+    let output = std::fs::canonicalize(&config.output).map_err(|source| MasterError::Output {
+        path: config.output.clone(),
+        source,
+    })?;
     let batch = format!("{:016x}", rand::random::<u64>());
     let endpoints = Endpoints {
         tasks: tasks_ep.to_string(),

@@ -192,7 +192,9 @@ fn setup_errors_are_one_line_and_leave_nothing() {
     let out = dir.path("out");
     let missing = dir.path("missing");
     let under_file = file.join("sub");
-    let cases: [(&[&str], &str); 3] = [
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_ep = format!("tcp://{}", busy.local_addr().unwrap());
+    let cases: [(&[&str], &str); 4] = [
         (
             &[
                 "--input",
@@ -222,13 +224,28 @@ fn setup_errors_are_one_line_and_leave_nothing() {
             ],
             "not writable",
         ),
+        (
+            &[
+                "--input",
+                input.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+                "--tasks-bind",
+                &busy_ep,
+            ],
+            "cannot bind",
+        ),
     ];
     for (args, needle) in cases {
+        let tasks_bind: &[&str] = if args.contains(&"--tasks-bind") {
+            &[]
+        } else {
+            &["--tasks-bind", "tcp://127.0.0.1:0"]
+        };
         let o = Command::new(master_bin())
             .args(args)
+            .args(tasks_bind)
             .args([
-                "--tasks-bind",
-                "tcp://127.0.0.1:0",
                 "--results-bind",
                 "tcp://127.0.0.1:0",
                 "--control-bind",
