@@ -3,8 +3,10 @@
 //! holds new ones without reaching upstream: bytes stay queued, connections stay open, as when
 //! a cable is pulled. `heal()` lets everything flow again.
 //!
-//! The Rust registry has Toxiproxy ports, but as servers driven over HTTP; a scenario needs
-//! only this one toxic, in-process, so the relay is ours.
+//! Why not `noxious` (the Rust port of Toxiproxy on the registry): its blackhole, the `timeout`
+//! toxic, reads and discards the bytes. After healing, the ZMTP stream resumes mid-frame with
+//! bytes missing, which no real partition does (TCP retransmits what was in flight). Holding
+//! the bytes is what this relay adds, in about a hundred lines.
 
 use std::net::SocketAddr;
 
