@@ -177,9 +177,8 @@ impl Broker {
 
     async fn on_frontend(&mut self, msg: zeromq::ZmqResult<ZmqMessage>) {
         let Ok(msg) = msg else { return };
-        let frames = msg.into_vec();
-        let peer = frames.first().cloned().unwrap_or_default();
-        match Request::parse(frames) {
+        let peer = msg.get(0).cloned().unwrap_or_default();
+        match Request::parse(msg) {
             Ok(request) => {
                 self.stats.requests_in += 1;
                 if self.queue.len() >= self.config.max_queued {
@@ -204,9 +203,8 @@ impl Broker {
 
     async fn on_backend(&mut self, msg: zeromq::ZmqResult<ZmqMessage>) {
         let Ok(msg) = msg else { return };
-        let mut frames = msg.into_vec();
-        let worker_id = frames.remove(0);
-        match FromWorker::parse(frames) {
+        let (worker_id, parsed) = FromWorker::parse(msg);
+        match parsed {
             Ok(FromWorker::Ready) => {
                 let worker = self.workers.entry(worker_id.clone()).or_insert_with(|| {
                     tracing::info!(worker = %frames::show(&worker_id), "worker ready");
@@ -223,20 +221,16 @@ impl Broker {
                     worker.liveness.heard();
                 }
             }
-            Ok(FromWorker::Reply { client, body }) => {
+            Ok(FromWorker::Reply(reply)) => {
                 if let Some(worker) = self.workers.get_mut(&worker_id) {
                     worker.liveness.heard();
                     // Only a reply to a request it held frees a slot: a late reply from a
                     // request we already gave to someone else must not double-book it.
-                    if worker
-                        .held
-                        .remove(&(client.clone(), body[0].clone()))
-                        .is_some()
-                    {
+                    if worker.held.remove(&protocol::key_of(&reply)).is_some() {
                         self.idle.push_back(worker_id);
                     }
                 }
-                self.reply_to_client(client, body).await;
+                self.reply_to_client(reply).await;
             }
             Err(e) => {
                 self.stats.bad_backend += 1;
@@ -245,9 +239,8 @@ impl Broker {
         }
     }
 
-    async fn reply_to_client(&mut self, client: Bytes, body: Vec<Bytes>) {
-        let msg = frames::message_of(protocol::to_client(client, body));
-        match send_bounded(&mut self.frontend, msg, self.config.send_timeout).await {
+    async fn reply_to_client(&mut self, reply: ZmqMessage) {
+        match send_bounded(&mut self.frontend, reply, self.config.send_timeout).await {
             Ok(()) => self.stats.replies_out += 1,
             Err(e) => {
                 self.stats.undeliverable += 1;
@@ -266,7 +259,7 @@ impl Broker {
                 continue; // a slot of a purged worker
             }
             let request = self.queue.pop_front().expect("queue is not empty");
-            let msg = frames::message_of(request.to_worker(&worker_id));
+            let msg = request.to_worker(&worker_id);
             match send_bounded(&mut self.backend, msg, self.config.send_timeout).await {
                 Ok(()) => {
                     self.stats.dispatched += 1;
@@ -318,7 +311,7 @@ impl Broker {
     /// Drops the queued requests of a client that went away: nobody would read the replies.
     fn forget_client(&mut self, client: &Bytes) {
         let before = self.queue.len();
-        self.queue.retain(|r| &r.client != client);
+        self.queue.retain(|r| r.client() != client);
         let dropped = before - self.queue.len();
         if dropped > 0 {
             tracing::info!(client = %frames::show(client), dropped, "client gone, its queued requests dropped");

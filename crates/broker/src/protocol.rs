@@ -7,6 +7,7 @@
 //! first body frame; our workers echo the body and add their name as a last frame.
 
 use bytes::Bytes;
+use zeromq::ZmqMessage;
 
 /// RFC 6 READY: the worker can take one (more) request.
 pub const READY: &[u8] = &[0x01];
@@ -28,63 +29,69 @@ pub enum Malformed {
     NotACommand(usize),
 }
 
-/// A client request as received on the frontend.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
-    pub client: Bytes,
-    pub body: Vec<Bytes>,
+/// What identifies a request in flight: the client identity and the first body frame (our
+/// clients' request id; a REQ client has one request in flight at a time).
+pub type RequestKey = (Bytes, Bytes);
+
+/// A client request, `[client-id][""][body...]`, kept as received: forwarding it to a worker
+/// only puts the worker's identity in front; no frame is copied.
+#[derive(Debug, Clone)]
+pub struct Request(ZmqMessage);
+
+/// Checks `[client-id][""][body...]`.
+fn check_envelope(msg: &ZmqMessage) -> Result<(), Malformed> {
+    match msg.get(1) {
+        None => Err(Malformed::Empty),
+        Some(delimiter) if !delimiter.is_empty() => Err(Malformed::NoDelimiter),
+        Some(_) if msg.len() == 2 => Err(Malformed::NoBody),
+        Some(_) => Ok(()),
+    }
+}
+
+/// The key of a checked envelope (a request, or the reply that answers it).
+pub fn key_of(msg: &ZmqMessage) -> RequestKey {
+    let frame = |i| msg.get(i).cloned().expect("checked envelope");
+    (frame(0), frame(2))
 }
 
 impl Request {
-    /// Parses `[client-id][""][body...]`.
-    pub fn parse(mut frames: Vec<Bytes>) -> Result<Self, Malformed> {
-        if frames.len() < 2 {
-            return Err(Malformed::Empty);
-        }
-        let body = frames.split_off(2);
-        if !frames[1].is_empty() {
-            return Err(Malformed::NoDelimiter);
-        }
-        if body.is_empty() {
-            return Err(Malformed::NoBody);
-        }
-        let client = frames.swap_remove(0);
-        Ok(Self { client, body })
+    /// Parses a message from the frontend ROUTER.
+    pub fn parse(msg: ZmqMessage) -> Result<Self, Malformed> {
+        check_envelope(&msg)?;
+        Ok(Self(msg))
     }
 
-    /// What identifies this request in flight: the client and the first body frame (our
-    /// clients' request id; a REQ client has one request in flight at a time).
-    pub fn key(&self) -> (Bytes, Bytes) {
-        (self.client.clone(), self.body[0].clone())
+    pub fn client(&self) -> &Bytes {
+        self.0.get(0).expect("checked envelope")
     }
 
-    /// Frames for the backend ROUTER: `[worker-id][client-id][""][body...]`.
-    pub fn to_worker(&self, worker: &Bytes) -> Vec<Bytes> {
-        let mut frames = Vec::with_capacity(3 + self.body.len());
-        frames.push(worker.clone());
-        frames.push(self.client.clone());
-        frames.push(Bytes::new());
-        frames.extend(self.body.iter().cloned());
-        frames
+    pub fn key(&self) -> RequestKey {
+        key_of(&self.0)
+    }
+
+    /// The message for the backend ROUTER: `[worker-id][client-id][""][body...]`.
+    pub fn to_worker(&self, worker: &Bytes) -> ZmqMessage {
+        let mut msg = self.0.clone();
+        msg.push_front(worker.clone());
+        msg
     }
 }
 
 /// A message from a worker, as received on the backend.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum FromWorker {
     Ready,
     Heartbeat,
-    /// A reply for `client`; `body` is what goes back to it.
-    Reply {
-        client: Bytes,
-        body: Vec<Bytes>,
-    },
+    /// A reply, `[client-id][""][body...]`: exactly what the frontend ROUTER sends on.
+    Reply(ZmqMessage),
 }
 
 impl FromWorker {
-    /// Parses everything after the worker's identity frame.
-    pub fn parse(frames: Vec<Bytes>) -> Result<Self, Malformed> {
-        match frames.len() {
+    /// Splits a backend message into the worker's identity and what the worker said.
+    pub fn parse(msg: ZmqMessage) -> (Bytes, Result<Self, Malformed>) {
+        let mut frames = msg.into_vecdeque();
+        let worker = frames.pop_front().unwrap_or_default();
+        let parsed = match frames.len() {
             0 => Err(Malformed::Empty),
             1 => match frames[0].as_ref() {
                 READY => Ok(Self::Ready),
@@ -93,23 +100,12 @@ impl FromWorker {
                 other => Err(Malformed::NotACommand(other.len())),
             },
             _ => {
-                let request = Request::parse(frames)?;
-                Ok(Self::Reply {
-                    client: request.client,
-                    body: request.body,
-                })
+                let msg = ZmqMessage::try_from(frames).expect("two frames or more");
+                check_envelope(&msg).map(|()| Self::Reply(msg))
             }
-        }
+        };
+        (worker, parsed)
     }
-}
-
-/// Frames for the frontend ROUTER: `[client-id][""][body...]`.
-pub fn to_client(client: Bytes, body: Vec<Bytes>) -> Vec<Bytes> {
-    let mut frames = Vec::with_capacity(2 + body.len());
-    frames.push(client);
-    frames.push(Bytes::new());
-    frames.extend(body);
-    frames
 }
 
 /// Body of one of our clients' requests: `[request-id][payload]`.
@@ -157,56 +153,55 @@ mod tests {
         Bytes::from_static(s)
     }
 
+    fn m(frames: &[&'static [u8]]) -> ZmqMessage {
+        common::frames::message_of(frames.iter().map(|f| b(f)).collect())
+    }
+
     #[test]
     fn request_round_trips_to_worker_and_back() {
-        let req = Request::parse(vec![b(b"C"), b(b""), b(b"7"), b(b"hi")]).expect("valid");
+        let req = Request::parse(m(&[b"C", b"", b"7", b"hi"])).expect("valid");
         assert_eq!(req.key(), (b(b"C"), b(b"7")));
+        assert_eq!(req.client(), &b(b"C"));
         let to_worker = req.to_worker(&b(b"W"));
-        assert_eq!(to_worker, vec![b(b"W"), b(b"C"), b(b""), b(b"7"), b(b"hi")]);
-        // The backend ROUTER strips the worker identity; the worker echoes the rest.
-        let reply = FromWorker::parse(to_worker[1..].to_vec()).expect("reply");
         assert_eq!(
-            reply,
-            FromWorker::Reply {
-                client: b(b"C"),
-                body: vec![b(b"7"), b(b"hi")]
-            }
+            to_worker.clone().into_vec(),
+            m(&[b"W", b"C", b"", b"7", b"hi"]).into_vec()
         );
+        // The worker echoes it; the backend ROUTER shows the worker's identity in front.
+        let (worker, reply) = FromWorker::parse(to_worker);
+        assert_eq!(worker, b(b"W"));
+        let Ok(FromWorker::Reply(reply)) = reply else {
+            panic!("a reply")
+        };
+        assert_eq!(
+            reply.clone().into_vec(),
+            m(&[b"C", b"", b"7", b"hi"]).into_vec()
+        );
+        assert_eq!(key_of(&reply), req.key());
     }
 
     #[test]
     fn rejects_malformed_requests() {
-        assert_eq!(Request::parse(vec![b(b"C")]), Err(Malformed::Empty));
-        assert_eq!(
-            Request::parse(vec![b(b"C"), b(b"x"), b(b"y")]),
-            Err(Malformed::NoDelimiter)
-        );
-        assert_eq!(
-            Request::parse(vec![b(b"C"), b(b"")]),
-            Err(Malformed::NoBody)
-        );
+        let parse = |frames: &[&'static [u8]]| Request::parse(m(frames)).err();
+        assert_eq!(parse(&[b"C"]), Some(Malformed::Empty));
+        assert_eq!(parse(&[b"C", b"x", b"y"]), Some(Malformed::NoDelimiter));
+        assert_eq!(parse(&[b"C", b""]), Some(Malformed::NoBody));
     }
 
     #[test]
     fn parses_worker_commands() {
-        assert_eq!(FromWorker::parse(vec![b(READY)]), Ok(FromWorker::Ready));
-        assert_eq!(
-            FromWorker::parse(vec![b(HEARTBEAT)]),
+        let parse = |frames: &[&'static [u8]]| FromWorker::parse(m(frames)).1;
+        assert!(matches!(parse(&[b"W", READY]), Ok(FromWorker::Ready)));
+        assert!(matches!(
+            parse(&[b"W", HEARTBEAT]),
             Ok(FromWorker::Heartbeat)
-        );
-        assert_eq!(
-            FromWorker::parse(vec![b(&[0x07])]),
-            Err(Malformed::UnknownCommand(7))
-        );
-        assert_eq!(
-            FromWorker::parse(vec![b(b"")]),
-            Err(Malformed::NotACommand(0))
-        );
-        assert_eq!(FromWorker::parse(vec![]), Err(Malformed::Empty));
-        assert_eq!(
-            FromWorker::parse(vec![b(b"C"), b(b"x")]),
-            Err(Malformed::NoDelimiter)
-        );
+        ));
+        let error = |frames: &[&'static [u8]]| parse(frames).err();
+        assert_eq!(error(&[b"W", &[0x07]]), Some(Malformed::UnknownCommand(7)));
+        assert_eq!(error(&[b"W", b""]), Some(Malformed::NotACommand(0)));
+        assert_eq!(error(&[b"W"]), Some(Malformed::Empty));
+        assert_eq!(error(&[b"W", b"C", b"x"]), Some(Malformed::NoDelimiter));
+        assert_eq!(error(&[b"W", b"C", b""]), Some(Malformed::NoBody));
     }
 
     #[test]
@@ -217,9 +212,6 @@ mod tests {
         assert_eq!(r.worker, None);
         assert!(Reply::parse(&[b(b""), b(b"x"), b(b"p")]).is_none());
         assert!(Reply::parse(&[b(b"42"), b(b"p")]).is_none());
-        assert_eq!(
-            to_client(b(b"C"), request_body(3, b(b"p"))),
-            vec![b(b"C"), b(b""), b(b"3"), b(b"p")]
-        );
+        assert_eq!(request_body(3, b(b"p")), vec![b(b"3"), b(b"p")]);
     }
 }

@@ -13,9 +13,12 @@ use lab::process::{Bins, Proc};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Requests per client per case.
+    /// Requests per client at 1 in flight; ten times as many at higher concurrency.
     #[arg(long, default_value_t = 20_000)]
     requests: u64,
+    /// Runs of each case, alternating direct and broker; the median is reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: u64,
     /// Payload bytes per request.
     #[arg(long, default_value_t = 64)]
     size: usize,
@@ -81,8 +84,12 @@ async fn main() -> Result<()> {
     println!("| clients x in flight | workers x capacity | direct req/s | broker req/s | broker/direct | direct p50/p99 us | broker p50/p99 us |");
     println!("|---|---|---|---|---|---|---|");
     for case in &cases {
-        let direct = direct(&bins, &args, case).await?;
-        let brokered = brokered(&bins, &args, case).await?;
+        let (mut directs, mut brokereds) = (Vec::new(), Vec::new());
+        for _ in 0..args.runs {
+            directs.push(direct(&bins, &args, case).await?);
+            brokereds.push(brokered(&bins, &args, case).await?);
+        }
+        let (direct, brokered) = (median(directs), median(brokereds));
         println!(
             "| {} x {} | {} x {} | {:.0} | {:.0} | {:.0}% | {} / {} | {} / {} |",
             case.clients,
@@ -99,6 +106,12 @@ async fn main() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The run with the median rate.
+fn median(mut runs: Vec<Figures>) -> Figures {
+    runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+    runs.swap_remove(runs.len() / 2)
 }
 
 async fn direct(bins: &Bins, args: &Args, case: &Case) -> Result<Figures> {

@@ -37,16 +37,16 @@ impl Lab {
     }
 }
 
+/// What running a scenario gives: a future borrowing the lab.
+pub type Run<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Verdict>> + Send + 'a>>;
+
 /// A scenario's name, what it shows, and how to run it.
 #[derive(Debug, Clone, Copy)]
 pub struct Scenario {
     pub name: &'static str,
     pub about: &'static str,
-    pub run: fn(
-        &Lab,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Verdict>> + Send + '_>,
-    >,
+    pub run: fn(&Lab) -> Run<'_>,
 }
 
 /// Every scenario, in the seed's order.
