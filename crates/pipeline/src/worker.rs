@@ -74,6 +74,9 @@ pub enum WorkerError {
     Subscribe(#[source] zeromq::ZmqError),
 }
 
+/// Time given to the last report to leave the process.
+const LINGER: Duration = Duration::from_millis(200);
+
 type Outcome = (Task, Result<Option<Bytes>, String>);
 
 /// Runs the worker until the master says `stop` or `cancel` fires.
@@ -365,6 +368,12 @@ impl Worker {
         }
         self.jobs.abort_all();
         self.send(Event::Bye, None).await;
+        // zmq.rs has no ZMQ_LINGER: `send` returns once the message is queued to the peer's
+        // writer task, and exiting at once loses it. Without the `bye` the master would only
+        // notice our absence after a liveness window.
+        if self.results.is_some() {
+            tokio::time::sleep(LINGER).await;
+        }
         tracing::info!(worker = %self.cfg.id, done = self.done, "worker stopped");
     }
 }

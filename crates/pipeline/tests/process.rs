@@ -403,3 +403,28 @@ fn signals_stop_master_and_worker_with_status_zero() {
     assert!(w.wait().success(), "{}", w.stderr());
     drop(connect);
 }
+
+#[test]
+fn worker_terminated_mid_batch_exits_zero_and_hands_back_its_tasks() {
+    let dir = Scratch::new("term");
+    let (input, output) = (dir.path("in"), dir.path("out"));
+    let expected = samples(&input, 30, 32);
+    let (mut m, connect) = master(&input, &output, &["--filter", "invert", "--stop-workers"]);
+    let mut leaving = worker(&connect, "leaving", &["--delay-ms", "100"]);
+    let mut staying = worker(&connect, "staying", &["--delay-ms", "100"]);
+    leaving.ready();
+    staying.ready();
+    wait_until("some outputs", || files_under(&output).len() >= 4);
+    leaving.signal("TERM");
+    assert!(
+        leaving.wait().success(),
+        "SIGTERM must exit 0: {}",
+        leaving.stderr()
+    );
+    assert!(m.wait().success(), "master failed: {}", m.stderr());
+    let s = m.summary();
+    assert_eq!((count(&s, "done"), count(&s, "failed")), (30, 0), "{s}");
+    assert!(by_worker(&s, "staying") > 0, "{s}");
+    assert_outputs(&output, &expected);
+    assert!(staying.wait().success());
+}
