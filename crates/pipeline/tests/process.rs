@@ -428,3 +428,30 @@ fn worker_terminated_mid_batch_exits_zero_and_hands_back_its_tasks() {
     assert_outputs(&output, &expected);
     assert!(staying.wait().success());
 }
+
+#[test]
+fn images_beyond_the_decoder_limit_fail_with_a_reason() {
+    let dir = Scratch::new("limit");
+    let (input, output) = (dir.path("in"), dir.path("out"));
+    std::fs::create_dir_all(&input).unwrap();
+    image::RgbImage::new(1200, 1200)
+        .save(input.join("big.png"))
+        .unwrap();
+    image::RgbImage::new(20, 20)
+        .save(input.join("small.png"))
+        .unwrap();
+    let (mut m, connect) = master(&input, &output, &["--filter", "invert", "--stop-workers"]);
+    let _w = worker(&connect, "w1", &["--max-decode-mib", "1"]);
+    assert_eq!(m.wait().code(), Some(3));
+    let s = m.summary();
+    assert_eq!((count(&s, "done"), count(&s, "failed")), (1, 1), "{s}");
+    assert_eq!(s["failures"][0]["path"], "big.png");
+    assert!(
+        s["failures"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("limit"),
+        "{s}"
+    );
+    assert_outputs(&output, &["small.png".to_string()]);
+}
