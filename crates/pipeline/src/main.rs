@@ -52,6 +52,9 @@ struct Args {
     /// Tell every worker to exit once the batch is complete.
     #[arg(long, env = "PIPELINE_STOP_WORKERS")]
     stop_workers: bool,
+    /// Send no task until this many workers have connected (then any number may come and go).
+    #[arg(long, env = "PIPELINE_MIN_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    min_workers: u64,
     /// Print the summary as one JSON object, the last line on stdout.
     #[arg(long, env = "PIPELINE_JSON")]
     json: bool,
@@ -108,6 +111,9 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         heartbeat: args.heartbeat.heartbeat(),
         task_timeout: Duration::from_secs(args.task_timeout_s),
         stop_workers: args.stop_workers,
+        min_workers: usize::try_from(args.min_workers)
+            .unwrap_or(usize::MAX)
+            .max(args.local_workers as usize),
         progress: !args.no_progress && std::io::stderr().is_terminal(),
     };
     let cancel = common::shutdown::on_signals();

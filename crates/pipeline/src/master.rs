@@ -54,6 +54,9 @@ pub struct MasterConfig {
     pub task_timeout: Duration,
     /// Broadcast `stop` once the batch is complete.
     pub stop_workers: bool,
+    /// Send nothing until this many workers said hello (zguide: start the batch once the
+    /// workers are there); afterwards workers may come and go.
+    pub min_workers: usize,
     /// Draw a progress bar on stderr.
     pub progress: bool,
 }
@@ -308,6 +311,7 @@ async fn run_on(
         parked: Vec::new(),
         workers: HashMap::new(),
         unacked: 0,
+        started: false,
         finished: 0,
         failures: Vec::new(),
         by_worker: BTreeMap::new(),
@@ -360,6 +364,8 @@ struct Master<'a> {
     workers: HashMap<String, WorkerState>,
     /// Tasks sent and neither accepted nor deferred yet.
     unacked: u32,
+    /// `min_workers` was reached once.
+    started: bool,
     finished: usize,
     failures: Vec<Failure>,
     by_worker: BTreeMap<String, u64>,
@@ -424,6 +430,13 @@ impl Master<'_> {
 
     /// Sends pending tasks while workers have announced room for them.
     async fn pump(&mut self) {
+        if !self.started {
+            if self.workers.len() < self.cfg.min_workers.max(1) {
+                return;
+            }
+            self.started = true;
+            tracing::info!(workers = self.workers.len(), "dispatching");
+        }
         while self.sendable() > 0 {
             let Some(i) = self.pending.pop_front() else {
                 return;

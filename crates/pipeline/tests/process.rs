@@ -51,7 +51,11 @@ fn several_workers_share_the_batch_and_all_stop() {
     let dir = Scratch::new("several");
     let (input, output) = (dir.path("in"), dir.path("out"));
     let expected = samples(&input, 30, 40);
-    let (mut m, connect) = master(&input, &output, &["--filter", "invert", "--stop-workers"]);
+    let (mut m, connect) = master(
+        &input,
+        &output,
+        &["--filter", "invert", "--stop-workers", "--min-workers", "3"],
+    );
     let mut workers: Vec<Proc> = (0..3)
         .map(|i| worker(&connect, &format!("w{i}"), &["--delay-ms", "30"]))
         .collect();
@@ -78,7 +82,13 @@ fn faster_worker_does_more() {
     let (mut m, connect) = master(
         &input,
         &output,
-        &["--filter", "grayscale", "--stop-workers"],
+        &[
+            "--filter",
+            "grayscale",
+            "--stop-workers",
+            "--min-workers",
+            "2",
+        ],
     );
     let _fast = worker(&connect, "fast", &["--delay-ms", "10"]);
     let _slow = worker(&connect, "slow", &["--delay-ms", "300"]);
@@ -127,7 +137,13 @@ fn worker_killed_mid_batch_loses_no_image() {
     let (mut m, connect) = master(
         &input,
         &output,
-        &["--filter", "grayscale,blur:1.0", "--stop-workers"],
+        &[
+            "--filter",
+            "grayscale,blur:1.0",
+            "--stop-workers",
+            "--min-workers",
+            "2",
+        ],
     );
     let mut victim = worker(&connect, "victim", &["--delay-ms", "100"]);
     let _survivor = worker(&connect, "survivor", &["--delay-ms", "100"]);
@@ -409,7 +425,11 @@ fn worker_terminated_mid_batch_exits_zero_and_hands_back_its_tasks() {
     let dir = Scratch::new("term");
     let (input, output) = (dir.path("in"), dir.path("out"));
     let expected = samples(&input, 30, 32);
-    let (mut m, connect) = master(&input, &output, &["--filter", "invert", "--stop-workers"]);
+    let (mut m, connect) = master(
+        &input,
+        &output,
+        &["--filter", "invert", "--stop-workers", "--min-workers", "2"],
+    );
     let mut leaving = worker(&connect, "leaving", &["--delay-ms", "100"]);
     let mut staying = worker(&connect, "staying", &["--delay-ms", "100"]);
     leaving.ready();

@@ -236,6 +236,8 @@ async fn pipeline_run(
         heartbeat: Heartbeat::default(),
         task_timeout: Duration::from_secs(120),
         stop_workers: true,
+        // The clock starts with the first task: let every worker be there by then.
+        min_workers: workers,
         progress: false,
     };
     let mut children = Workers(Vec::new());
