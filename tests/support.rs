@@ -56,19 +56,6 @@ pub async fn broker(test: &str, extra: &[&str]) -> (Proc, String, String) {
     (broker, ready["frontend"].clone(), ready["backend"].clone())
 }
 
-/// Runs a binary to completion with a deadline; returns (exit code, stdout, stderr).
-pub fn run(name: &str, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(bins().path(name))
-        .args(args)
-        .output()
-        .expect("binary runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// True when CI runs us: there, optional tools must be present rather than skipped.
 pub fn in_ci() -> bool {
     std::env::var_os("CI").is_some()

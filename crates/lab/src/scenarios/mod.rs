@@ -1,6 +1,7 @@
 //! The seed's experiments as runnable scenarios. Each starts the real binaries, makes its fault,
 //! and returns a [`Verdict`] with the figures that prove the outcome.
 
+pub mod pipeline;
 pub mod shared_queue;
 
 use std::path::PathBuf;
@@ -51,7 +52,9 @@ pub struct Scenario {
 
 /// Every scenario, in the seed's order.
 pub fn all() -> Vec<Scenario> {
-    shared_queue::scenarios()
+    let mut all = shared_queue::scenarios();
+    all.extend(pipeline::scenarios());
+    all
 }
 
 /// Looks a scenario up by name.

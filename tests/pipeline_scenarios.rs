@@ -1,0 +1,57 @@
+//! The seed's Divide and Conquer experiments as the lab runs them: real master and worker
+//! processes, the master's summary checked against the files on disk.
+
+use integration::{heavy, lab};
+use lab::scenarios::{self, PartitionMode};
+use lab::verdict::Verdict;
+
+async fn run(name: &str) -> Verdict {
+    let _guard = heavy().await;
+    let lab = lab(name, PartitionMode::Auto);
+    let scenario = scenarios::find(name).expect("scenario exists");
+    let verdict = (scenario.run)(&lab).await.expect("scenario ran");
+    eprintln!("{}", verdict.render());
+    assert!(verdict.passed, "{}", verdict.render());
+    verdict
+}
+
+fn figure(v: &Verdict, name: &str) -> u64 {
+    v.figures
+        .get(name)
+        .and_then(|f| f.as_u64())
+        .unwrap_or_else(|| panic!("figure {name} missing"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_worker_filters_every_image_once() {
+    let v = run("pipeline-one-worker").await;
+    assert_eq!(figure(&v, "done"), figure(&v, "total"));
+    assert_eq!(figure(&v, "outputs_on_disk"), figure(&v, "total"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_workers_share_the_batch() {
+    let v = run("pipeline-workers").await;
+    let two = v.figures["by_worker_2"]
+        .as_object()
+        .expect("per-worker counts");
+    assert_eq!(two.len(), 2);
+    assert!(two.values().all(|n| n.as_u64().unwrap_or(0) > 0), "{two:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_killed_mid_batch_loses_nothing() {
+    let v = run("pipeline-worker-crash").await;
+    assert_eq!(figure(&v, "outputs_on_disk"), figure(&v, "total"));
+    assert!(figure(&v, "resent") >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn corrupt_files_are_reported_and_the_batch_goes_on() {
+    let v = run("pipeline-corrupt").await;
+    assert_eq!(figure(&v, "failed"), 3);
+    assert_eq!(
+        figure(&v, "done") + figure(&v, "failed"),
+        figure(&v, "total")
+    );
+}
