@@ -174,15 +174,21 @@ async fn flood_without_workers_keeps_memory_bounded() {
 async fn sigterm_drains_in_flight_and_exits_zero() {
     let _g = heavy().await;
     let (mut broker, frontend, backend) = broker("sigterm", &[]).await;
-    let mut w = worker("sigterm", &backend, &["--work-ms", "800", "--id", "slow"]);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut w = worker(
+        "sigterm",
+        &backend,
+        &["--work-ms", "4000", "--drain-ms", "20000", "--id", "slow"],
+    );
+    w.ready(Duration::from_secs(20))
+        .await
+        .expect("worker announced to the broker");
     let args: Vec<String> = [
         "--connect",
         &frontend,
         "--requests",
         "1",
         "--timeout-ms",
-        "30000",
+        "60000",
         "--json",
     ]
     .map(String::from)
@@ -194,13 +200,15 @@ async fn sigterm_drains_in_flight_and_exits_zero() {
         &log_dir("sigterm-client"),
     )
     .expect("client");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // The worker holds the request: SIGTERM lets it finish and answer before exiting.
+    // The only worker is idle: the request reaches it as soon as the client is connected, well
+    // within the 4 s of work. SIGTERM then lets the worker finish and answer before exiting.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     w.signal(Signal::SIGTERM).expect("sigterm worker");
-    let status = c.wait(Duration::from_secs(30)).await.expect("client ends");
+    let status = c.wait(Duration::from_secs(60)).await.expect("client ends");
     let summary: ClientSummary = c.json().expect("summary");
-    assert!(status.success(), "{}", c.log_tail());
+    assert!(status.success(), "{}\n{}", c.log_tail(), w.log_tail());
     assert_eq!((summary.answered, summary.retries), (1, 0));
+    assert_eq!(summary.by_worker.get("slow"), Some(&1));
     assert!(w
         .wait(Duration::from_secs(10))
         .await

@@ -334,6 +334,7 @@ impl Broker {
                 msg = self.backend.recv() => self.on_backend(msg).await,
             }
         }
+        tokio::time::sleep(common::link::LINGER).await;
     }
 
     fn log_stats(&self, what: &'static str) {

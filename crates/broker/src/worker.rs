@@ -30,7 +30,12 @@ enum LinkEnd {
 }
 
 /// Serves until `shutdown` fires, then finishes the requests in hand (bounded by `drain`).
-pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> WorkerStats {
+/// `on_ready` runs each time the worker has (re)connected and announced its credits.
+pub async fn run(
+    config: WorkerConfig,
+    shutdown: CancellationToken,
+    mut on_ready: impl FnMut() + Send,
+) -> WorkerStats {
     let mut stats = WorkerStats::default();
     let mut jobs: JoinSet<Vec<Bytes>> = JoinSet::new();
     let mut backoff = Backoff::new(config.reconnect.min, config.reconnect.max);
@@ -48,7 +53,6 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> WorkerSta
         };
         let mut socket = connected.socket;
         let mut monitor = connected.monitor;
-        tracing::info!(worker = %config.name, broker = %config.connect, capacity = config.capacity, "worker ready");
         match serve(
             &config,
             &mut socket,
@@ -56,6 +60,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> WorkerSta
             &mut jobs,
             &mut stats,
             &shutdown,
+            &mut on_ready,
         )
         .await
         {
@@ -86,6 +91,7 @@ async fn serve(
     jobs: &mut JoinSet<Vec<Bytes>>,
     stats: &mut WorkerStats,
     shutdown: &CancellationToken,
+    on_ready: &mut (dyn FnMut() + Send),
 ) -> LinkEnd {
     for _ in 0..config.capacity {
         if socket
@@ -96,6 +102,8 @@ async fn serve(
             return LinkEnd::Lost("cannot send READY");
         }
     }
+    tracing::info!(worker = %config.name, broker = %config.connect, capacity = config.capacity, "worker ready");
+    on_ready();
     let mut liveness = Liveness::new(config.heartbeat);
     let mut tick = interval(config.heartbeat.interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -150,7 +158,9 @@ async fn serve(
     }
 }
 
-/// Answers the requests in hand, for at most `drain`.
+/// Answers the requests in hand, for at most `drain`, heartbeating meanwhile so that the broker
+/// does not purge us and give our requests to someone else. New requests are not taken: the
+/// broker re-queues them when our connection closes.
 async fn finish(
     config: &WorkerConfig,
     socket: &mut DealerSocket,
@@ -158,12 +168,23 @@ async fn finish(
     stats: &mut WorkerStats,
 ) {
     let until = Instant::now() + config.drain;
+    let mut tick = interval(config.heartbeat.interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     while !jobs.is_empty() {
-        let next = tokio::time::timeout_at(until, jobs.join_next()).await;
-        let Ok(Some(Ok(reply))) = next else { break };
-        if socket.send(frames::message_of(reply)).await.is_ok() {
-            stats.served += 1;
+        tokio::select! {
+            () = tokio::time::sleep_until(until) => break,
+            done = jobs.join_next() => {
+                let Some(Ok(reply)) = done else { continue };
+                if socket.send(frames::message_of(reply)).await.is_ok() {
+                    stats.served += 1;
+                }
+            }
+            _ = tick.tick() => {
+                let _ = socket.send(ZmqMessage::from(Bytes::from_static(HEARTBEAT))).await;
+            }
+            _ = socket.recv() => {}
         }
     }
     jobs.abort_all();
+    tokio::time::sleep(link::LINGER).await;
 }

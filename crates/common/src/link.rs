@@ -13,6 +13,10 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use zeromq::{Socket, SocketEvent, SocketOptions};
 
+/// How long a stopping role waits for its last messages to leave. zmq.rs has no `ZMQ_LINGER`:
+/// a message sent just before the process exits may still sit in the socket's queue.
+pub const LINGER: Duration = Duration::from_millis(200);
+
 /// How a connecting role retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reconnect {

@@ -1,4 +1,5 @@
-//! `worker`: an echo service behind the broker, speaking RFC 6 (Paranoid Pirate).
+//! `worker`: an echo service behind the broker, speaking RFC 6 (Paranoid Pirate). Prints
+//! `ready worker=NAME` on stdout the first time it has announced itself to a broker.
 
 use std::time::Duration;
 
@@ -48,5 +49,13 @@ async fn main() {
         reconnect: args.reconnect.reconnect(),
         drain: Duration::from_millis(args.drain_ms),
     };
-    broker::worker::run(config, shutdown).await;
+    let name = config.name.clone();
+    let mut announced = false;
+    // stdout contract: one `ready` line, the first time the broker has our READY.
+    broker::worker::run(config, shutdown, || {
+        if !std::mem::replace(&mut announced, true) {
+            common::ready::announce(&[("worker", &name)]);
+        }
+    })
+    .await;
 }
