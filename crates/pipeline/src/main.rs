@@ -37,7 +37,7 @@ struct Args {
     #[arg(long, env = "PIPELINE_RESULTS_BIND", default_value = "tcp://127.0.0.1:5558", value_parser = common::endpoint::parse_tcp)]
     results_bind: String,
     /// Endpoint to bind for control messages: heartbeats and stop (workers SUB to it).
-    #[arg(long, env = "PIPELINE_CONTROL_BIND", default_value = "tcp://127.0.0.1:5559", value_parser = common::endpoint::parse_tcp)]
+    #[arg(long, env = "PIPELINE_CONTROL_BIND", default_value = "tcp://127.0.0.1:5561", value_parser = common::endpoint::parse_tcp)]
     control_bind: String,
     /// How images reach workers: `path` (shared filesystem, workers write outputs) or `inline`
     /// (bytes over the wire, the master writes outputs; for workers without the filesystem).

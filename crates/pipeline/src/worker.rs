@@ -74,9 +74,6 @@ pub enum WorkerError {
     Subscribe(#[source] zeromq::ZmqError),
 }
 
-/// Time given to the last report to leave the process.
-const LINGER: Duration = Duration::from_millis(200);
-
 type Outcome = (Task, Result<Option<Bytes>, String>);
 
 /// Runs the worker until the master says `stop` or `cancel` fires.
@@ -372,7 +369,7 @@ impl Worker {
         // writer task, and exiting at once loses it. Without the `bye` the master would only
         // notice our absence after a liveness window.
         if self.results.is_some() {
-            tokio::time::sleep(LINGER).await;
+            tokio::time::sleep(common::link::LINGER).await;
         }
         tracing::info!(worker = %self.cfg.id, done = self.done, "worker stopped");
     }

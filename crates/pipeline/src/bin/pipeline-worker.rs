@@ -20,7 +20,7 @@ struct Args {
         env = "PIPELINE_CONNECT",
         value_delimiter = ',',
         value_parser = common::endpoint::parse_tcp,
-        default_value = "tcp://127.0.0.1:5557,tcp://127.0.0.1:5558,tcp://127.0.0.1:5559"
+        default_value = "tcp://127.0.0.1:5557,tcp://127.0.0.1:5558,tcp://127.0.0.1:5561"
     )]
     connect: Vec<String>,
     /// Name in the master's per-worker counts; default HOST-PID.
