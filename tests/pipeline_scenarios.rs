@@ -1,25 +1,14 @@
 //! The seed's Divide and Conquer experiments as the lab runs them: real master and worker
 //! processes, the master's summary checked against the files on disk.
 
-use integration::{heavy, lab};
-use lab::scenarios::{self, PartitionMode};
+use integration::{figure, scenario};
+use lab::scenarios::PartitionMode;
 use lab::verdict::Verdict;
 
 async fn run(name: &str) -> Verdict {
-    let _guard = heavy().await;
-    let lab = lab(name, PartitionMode::Auto);
-    let scenario = scenarios::find(name).expect("scenario exists");
-    let verdict = (scenario.run)(&lab).await.expect("scenario ran");
-    eprintln!("{}", verdict.render());
+    let verdict = scenario(name, PartitionMode::Auto).await;
     assert!(verdict.passed, "{}", verdict.render());
     verdict
-}
-
-fn figure(v: &Verdict, name: &str) -> u64 {
-    v.figures
-        .get(name)
-        .and_then(|f| f.as_u64())
-        .unwrap_or_else(|| panic!("figure {name} missing"))
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -21,12 +21,7 @@ fn msg(frames: &[&'static [u8]]) -> ZmqMessage {
     .expect("frames")
 }
 
-async fn client(
-    test: &str,
-    frontend: &str,
-    requests: u64,
-    extra: &[&str],
-) -> (ClientSummary, bool) {
+fn spawn_client(test: &str, frontend: &str, requests: u64, extra: &[&str]) -> Proc {
     let mut args: Vec<String> = [
         "--connect",
         frontend,
@@ -37,13 +32,23 @@ async fn client(
     .map(String::from)
     .to_vec();
     args.extend(extra.iter().map(|s| s.to_string()));
-    let mut c = Proc::spawn(
+    Proc::spawn(
         "client",
         &bins().path("client"),
         &args,
         &log_dir(&format!("{test}-client")),
     )
-    .expect("client");
+    .expect("client")
+}
+
+/// Runs a client to the end: its summary and whether it exited 0.
+async fn client(
+    test: &str,
+    frontend: &str,
+    requests: u64,
+    extra: &[&str],
+) -> (ClientSummary, bool) {
+    let mut c = spawn_client(test, frontend, requests, extra);
     let status = c.wait(Duration::from_secs(90)).await.expect("client ends");
     (c.json().expect("client summary"), status.success())
 }
@@ -182,24 +187,7 @@ async fn sigterm_drains_in_flight_and_exits_zero() {
     w.ready(Duration::from_secs(20))
         .await
         .expect("worker announced to the broker");
-    let args: Vec<String> = [
-        "--connect",
-        &frontend,
-        "--requests",
-        "1",
-        "--timeout-ms",
-        "60000",
-        "--json",
-    ]
-    .map(String::from)
-    .to_vec();
-    let mut c = Proc::spawn(
-        "client",
-        &bins().path("client"),
-        &args,
-        &log_dir("sigterm-client"),
-    )
-    .expect("client");
+    let mut c = spawn_client("sigterm", &frontend, 1, &["--timeout-ms", "60000"]);
     // The only worker is idle: the request reaches it as soon as the client is connected, well
     // within the 4 s of work. SIGTERM then lets the worker finish and answer before exiting.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -226,16 +214,7 @@ async fn sigterm_drains_in_flight_and_exits_zero() {
 #[tokio::test(flavor = "multi_thread")]
 async fn client_interrupted_reports_and_exits_promptly() {
     let (_broker, frontend, _backend) = broker("client-int", &[]).await;
-    let args: Vec<String> = ["--connect", &frontend, "--requests", "10", "--json"]
-        .map(String::from)
-        .to_vec();
-    let mut c = Proc::spawn(
-        "client",
-        &bins().path("client"),
-        &args,
-        &log_dir("client-int"),
-    )
-    .expect("client");
+    let mut c = spawn_client("client-int", &frontend, 10, &[]);
     tokio::time::sleep(Duration::from_millis(500)).await;
     c.signal(Signal::SIGINT).expect("sigint");
     let status = c

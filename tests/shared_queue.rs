@@ -1,25 +1,9 @@
 //! The seed's Shared Queue experiments 1-4 and a worker crash, each run as the lab runs it:
 //! real broker, worker and client processes, real kills and partitions.
 
-use integration::{heavy, in_ci, lab};
-use lab::scenarios::{self, PartitionMode};
+use integration::{figure, in_ci, scenario};
+use lab::scenarios::PartitionMode;
 use lab::verdict::Verdict;
-
-async fn run(name: &str, partition: PartitionMode) -> Verdict {
-    let _guard = heavy().await;
-    let lab = lab(name, partition);
-    let scenario = scenarios::find(name).expect("scenario exists");
-    let verdict = (scenario.run)(&lab).await.expect("scenario ran");
-    eprintln!("{}", verdict.render());
-    verdict
-}
-
-fn figure(v: &Verdict, name: &str) -> u64 {
-    v.figures
-        .get(name)
-        .and_then(|f| f.as_u64())
-        .unwrap_or_else(|| panic!("figure {name} missing"))
-}
 
 fn assert_no_loss(v: &Verdict) {
     assert!(v.passed, "{}", v.render());
@@ -29,7 +13,7 @@ fn assert_no_loss(v: &Verdict) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn experiment_1_one_client_one_worker() {
-    let v = run("one-worker", PartitionMode::Auto).await;
+    let v = scenario("one-worker", PartitionMode::Auto).await;
     assert_no_loss(&v);
     assert_eq!(figure(&v, "answered"), 200);
     assert_eq!(figure(&v, "retries"), 0);
@@ -37,7 +21,7 @@ async fn experiment_1_one_client_one_worker() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn experiment_2_second_worker_shares_the_load() {
-    let v = run("two-workers", PartitionMode::Auto).await;
+    let v = scenario("two-workers", PartitionMode::Auto).await;
     assert_no_loss(&v);
     let by_worker = v.figures["by_worker"].as_object().expect("by_worker map");
     assert_eq!(by_worker.len(), 2, "both workers answered: {by_worker:?}");
@@ -45,14 +29,14 @@ async fn experiment_2_second_worker_shares_the_load() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn experiment_3_broker_killed_and_restarted() {
-    let v = run("broker-restart", PartitionMode::Auto).await;
+    let v = scenario("broker-restart", PartitionMode::Auto).await;
     assert_no_loss(&v);
     assert!(figure(&v, "reconnects") >= 1, "the client had to reconnect");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn experiment_4_partition_through_relay() {
-    let v = run("partition", PartitionMode::Relay).await;
+    let v = scenario("partition", PartitionMode::Relay).await;
     assert_eq!(v.mode, "relay");
     assert_no_loss(&v);
 }
@@ -67,14 +51,14 @@ async fn experiment_4_partition_in_network_namespaces() {
         eprintln!("skipped: network namespaces need root and iproute2");
         return;
     }
-    let v = run("partition", PartitionMode::Netns).await;
+    let v = scenario("partition", PartitionMode::Netns).await;
     assert_eq!(v.mode, "netns");
     assert_no_loss(&v);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn worker_killed_mid_request_is_covered_by_another() {
-    let v = run("worker-crash", PartitionMode::Auto).await;
+    let v = scenario("worker-crash", PartitionMode::Auto).await;
     assert_no_loss(&v);
     assert_eq!(
         figure(&v, "retries"),

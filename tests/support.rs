@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use lab::process::{Bins, Proc};
 use lab::scenarios::{Lab, PartitionMode};
+use lab::verdict::Verdict;
 use tokio::sync::{Mutex, MutexGuard};
 
 /// The role binaries next to the test executable (`cargo test` builds them first).
@@ -36,6 +37,24 @@ static HEAVY: Mutex<()> = Mutex::const_new(());
 /// Held by tests that run many processes at once.
 pub async fn heavy() -> MutexGuard<'static, ()> {
     HEAVY.lock().await
+}
+
+/// Runs one lab scenario (serialised with the other heavy tests) and prints its verdict.
+pub async fn scenario(name: &str, partition: PartitionMode) -> Verdict {
+    let _guard = heavy().await;
+    let lab = lab(name, partition);
+    let scenario = lab::scenarios::find(name).expect("scenario exists");
+    let verdict = (scenario.run)(&lab).await.expect("scenario ran");
+    eprintln!("{}", verdict.render());
+    verdict
+}
+
+/// A numeric figure of a verdict.
+pub fn figure(v: &Verdict, name: &str) -> u64 {
+    v.figures
+        .get(name)
+        .and_then(|f| f.as_u64())
+        .unwrap_or_else(|| panic!("figure {name} missing"))
 }
 
 /// A broker on free loopback ports, with extra flags.

@@ -38,13 +38,7 @@ struct Args {
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     common::logging::init("broker=info,common=info");
-    match run(args).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    common::cli::exit_code(run(args).await.map(|()| std::process::ExitCode::SUCCESS))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

@@ -50,3 +50,14 @@ impl ReconnectArgs {
         }
     }
 }
+
+/// The end of every binary's `main`: an error becomes one `error: ...` line on stderr (with its
+/// causes, for `anyhow` errors) and exit status 1.
+pub fn exit_code<E: std::fmt::Display>(
+    result: Result<std::process::ExitCode, E>,
+) -> std::process::ExitCode {
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        std::process::ExitCode::FAILURE
+    })
+}

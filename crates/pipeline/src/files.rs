@@ -69,9 +69,9 @@ pub fn write_atomic(dest: &Path, bytes: &[u8], writer_tag: &str) -> std::io::Res
     result
 }
 
-/// Removes temp files left in `root` by writers that died mid-write; returns how many.
-pub fn remove_temp_files(root: &Path) -> usize {
-    let mut removed = 0;
+/// Temp files under `root`: left by writers that died mid-write (or still writing).
+pub fn temp_files(root: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -81,12 +81,20 @@ pub fn remove_temp_files(root: &Path) -> usize {
             let path = entry.path();
             match entry.file_type() {
                 Ok(t) if t.is_dir() => stack.push(path),
-                Ok(_) if is_temp(&path) && std::fs::remove_file(&path).is_ok() => removed += 1,
+                Ok(_) if is_temp(&path) => found.push(path),
                 _ => {}
             }
         }
     }
-    removed
+    found
+}
+
+/// Removes temp files left in `root` by writers that died mid-write; returns how many.
+pub fn remove_temp_files(root: &Path) -> usize {
+    temp_files(root)
+        .into_iter()
+        .filter(|path| std::fs::remove_file(path).is_ok())
+        .count()
 }
 
 /// Checks that `dir` exists or can be created and that files can be created in it.

@@ -110,28 +110,10 @@ fn sample_input(lab: &Lab, scenario: &str) -> Result<PathBuf> {
 
 /// Files under `dir`: (outputs, leftover temporary files).
 fn files(dir: &Path) -> (usize, usize) {
-    let (mut outputs, mut temps) = (0, 0);
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with('.') || n.ends_with(".tmp") || n.contains(".part"))
-            {
-                temps += 1;
-            } else {
-                outputs += 1;
-            }
-        }
-    }
-    (outputs, temps)
+    let outputs = pipeline::files::list_files(dir, None)
+        .map(|f| f.len())
+        .unwrap_or(0);
+    (outputs, pipeline::files::temp_files(dir).len())
 }
 
 fn u(summary: &Value, field: &str) -> u64 {

@@ -50,27 +50,15 @@ struct Args {
     reconnect: ReconnectArgs,
 }
 
-fn main() -> ExitCode {
+#[tokio::main]
+async fn main() -> ExitCode {
     let args = Args::parse();
     common::logging::init("pipeline=info,common=info");
     if !(2..=3).contains(&args.connect.len()) {
         eprintln!("error: --connect takes 2 or 3 endpoints (tasks,results[,control])");
         return ExitCode::FAILURE;
     }
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    common::cli::exit_code(run(args).await.map(|()| ExitCode::SUCCESS))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
