@@ -99,12 +99,12 @@ impl Batch {
     }
 }
 
-/// Input images generated once per scenario.
-fn sample_input(lab: &Lab, scenario: &str) -> Result<PathBuf> {
+/// Input images generated once per scenario: `IMAGES` of about `side` pixels.
+fn sample_input(lab: &Lab, scenario: &str, side: u32) -> Result<PathBuf> {
     let dir = lab.logs_for(scenario).join("in");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    pipeline::sample::generate(&dir, IMAGES, 256).context("cannot generate sample images")?;
+    pipeline::sample::generate(&dir, IMAGES, side).context("cannot generate sample images")?;
     Ok(dir)
 }
 
@@ -148,7 +148,7 @@ fn judge(v: &mut Verdict, summary: &Value, output: &Path, expect_done: u64) {
 }
 
 async fn one_worker(lab: &Lab) -> Result<Verdict> {
-    let input = sample_input(lab, "pipeline-one-worker")?;
+    let input = sample_input(lab, "pipeline-one-worker", 256)?;
     let mut batch = Batch::start(lab, "pipeline-one-worker", &input, "1").await?;
     let _w = batch.worker("w1", &[])?;
     let (code, summary) = batch.finish().await?;
@@ -159,7 +159,8 @@ async fn one_worker(lab: &Lab) -> Result<Verdict> {
 }
 
 async fn workers(lab: &Lab) -> Result<Verdict> {
-    let input = sample_input(lab, "pipeline-workers")?;
+    // Larger images than elsewhere: the speed-up shows when filtering, not messaging, dominates.
+    let input = sample_input(lab, "pipeline-workers", 1024)?;
     let mut rates = Vec::new();
     let mut v = Verdict::new("pipeline-workers", "processes");
     for n in [1, 2] {
@@ -197,7 +198,7 @@ async fn workers(lab: &Lab) -> Result<Verdict> {
 }
 
 async fn worker_crash(lab: &Lab) -> Result<Verdict> {
-    let input = sample_input(lab, "pipeline-worker-crash")?;
+    let input = sample_input(lab, "pipeline-worker-crash", 256)?;
     let mut batch = Batch::start(lab, "pipeline-worker-crash", &input, "1").await?;
     // Slowed down so that the kill lands mid-batch, with images in the victim's hands.
     let mut victim = batch.worker("victim", &["--delay-ms", "200", "--prefetch", "2"])?;
@@ -216,7 +217,7 @@ async fn worker_crash(lab: &Lab) -> Result<Verdict> {
 }
 
 async fn corrupt(lab: &Lab) -> Result<Verdict> {
-    let input = sample_input(lab, "pipeline-corrupt")?;
+    let input = sample_input(lab, "pipeline-corrupt", 256)?;
     std::fs::write(
         input.join("truncated.png"),
         b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR",
