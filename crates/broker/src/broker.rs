@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use zeromq::{RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::config::BrokerConfig;
-use crate::protocol::{self, FromWorker, Request, HEARTBEAT};
+use crate::protocol::{self, FromWorker, Request, RequestKey, HEARTBEAT};
 use crate::stats::BrokerStats;
 
 /// Errors that stop the broker before it serves.
@@ -34,14 +34,15 @@ pub enum BrokerError {
     },
 }
 
-type RequestKey = (Bytes, Bytes);
-
-/// Messages taken from one socket in a row when they are already there (recv is cancel-safe).
-const BATCH: usize = 64;
+/// The most requests one worker may hold or be offered (its READY credits): a peer that keeps
+/// sending READY cannot grow the broker's memory without bound.
+pub const MAX_CREDITS: usize = 10_000;
 
 #[derive(Debug)]
 struct Worker {
     liveness: Liveness,
+    /// Its entries in the idle queue: requests it can take now.
+    credits: usize,
     /// Requests this worker holds, to send elsewhere if it dies.
     held: HashMap<RequestKey, Request>,
 }
@@ -148,21 +149,8 @@ impl Broker {
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                msg = self.frontend.recv() => {
-                    self.on_frontend(msg).await;
-                    // Take what else is already waiting before going round the select again.
-                    for _ in 1..BATCH {
-                        let Some(msg) = self.frontend.recv().now_or_never() else { break };
-                        self.on_frontend(msg).await;
-                    }
-                }
-                msg = self.backend.recv() => {
-                    self.on_backend(msg).await;
-                    for _ in 1..BATCH {
-                        let Some(msg) = self.backend.recv().now_or_never() else { break };
-                        self.on_backend(msg).await;
-                    }
-                }
+                msg = self.frontend.recv() => self.on_frontend(msg).await,
+                msg = self.backend.recv() => self.on_backend(msg).await,
                 worker = self.backend_monitor.disconnected() => self.purge(&worker, "disconnected"),
                 client = self.frontend_monitor.disconnected() => self.forget_client(&client),
                 _ = heartbeat.tick() => self.on_heartbeat().await,
@@ -210,11 +198,18 @@ impl Broker {
                     tracing::info!(worker = %frames::show(&worker_id), "worker ready");
                     Worker {
                         liveness: Liveness::new(self.config.heartbeat),
+                        credits: 0,
                         held: HashMap::new(),
                     }
                 });
                 worker.liveness.heard();
-                self.idle.push_back(worker_id);
+                if worker.credits + worker.held.len() >= MAX_CREDITS {
+                    self.stats.bad_backend += 1;
+                    tracing::warn!(worker = %frames::show(&worker_id), "READY beyond {MAX_CREDITS} credits dropped");
+                } else {
+                    worker.credits += 1;
+                    self.idle.push_back(worker_id);
+                }
             }
             Ok(FromWorker::Heartbeat) => {
                 if let Some(worker) = self.workers.get_mut(&worker_id) {
@@ -227,6 +222,7 @@ impl Broker {
                     // Only a reply to a request it held frees a slot: a late reply from a
                     // request we already gave to someone else must not double-book it.
                     if worker.held.remove(&protocol::key_of(&reply)).is_some() {
+                        worker.credits += 1;
                         self.idle.push_back(worker_id);
                     }
                 }
@@ -255,9 +251,10 @@ impl Broker {
             let Some(worker_id) = self.idle.pop_front() else {
                 return;
             };
-            if !self.workers.contains_key(&worker_id) {
+            let Some(worker) = self.workers.get_mut(&worker_id) else {
                 continue; // a slot of a purged worker
-            }
+            };
+            worker.credits -= 1;
             let request = self.queue.pop_front().expect("queue is not empty");
             let msg = request.to_worker(&worker_id);
             match send_bounded(&mut self.backend, msg, self.config.send_timeout).await {

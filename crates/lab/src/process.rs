@@ -66,6 +66,8 @@ pub struct Proc {
     lines: watch::Receiver<Vec<String>>,
     log: PathBuf,
     exit: Option<ExitStatus>,
+    /// Reads stdout into `lines`; ends at EOF.
+    reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Proc {
@@ -100,7 +102,7 @@ impl Proc {
             .take()
             .ok_or_else(|| anyhow!("{name}: no stdout"))?;
         let (tx, lines) = watch::channel(Vec::new());
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let mut reader = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = reader.next_line().await {
                 tx.send_modify(|v| v.push(line));
@@ -113,6 +115,7 @@ impl Proc {
             lines,
             log,
             exit: None,
+            reader: Some(reader),
         })
     }
 
@@ -188,9 +191,11 @@ impl Proc {
                     self.log_tail()
                 )
             })??;
-        // Let the stdout reader take the last lines.
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.lines.wait_for(|_| true)).await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The stdout reader ends at EOF, after the last line (a grandchild holding the pipe
+        // open must not hang us: bounded).
+        if let Some(reader) = self.reader.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+        }
         self.exit = Some(status);
         Ok(status)
     }
