@@ -23,6 +23,7 @@ pub fn lab(test: &str, partition: PartitionMode) -> Lab {
         bins: bins(),
         log_dir: log_dir(test),
         partition,
+        outage: None,
     }
 }
 

@@ -22,6 +22,10 @@ struct Args {
     /// How to emulate partitions.
     #[arg(long, env = "LAB_PARTITION", value_enum, default_value_t = PartitionMode::Auto)]
     partition: PartitionMode,
+    /// Milliseconds the broker stays down (broker-restart) or the partition lasts (partition);
+    /// defaults 1500 and 4500.
+    #[arg(long, env = "LAB_OUTAGE_MS")]
+    outage_ms: Option<u64>,
     /// Directory for the children's logs.
     #[arg(long, env = "LAB_LOG_DIR", default_value = "target/lab-logs")]
     log_dir: PathBuf,
@@ -73,8 +77,10 @@ async fn run(args: Args) -> Result<bool> {
         bins: Bins::locate()?,
         log_dir: args.log_dir,
         partition: args.partition,
+        outage: args.outage_ms.map(std::time::Duration::from_millis),
     };
-    lab.bins.check(&["broker", "worker", "client"])?;
+    lab.bins
+        .check(&["broker", "worker", "client", "pipeline", "pipeline-worker"])?;
     let mut passed = 0;
     for scenario in &chosen {
         eprintln!("running {} ...", scenario.name);

@@ -29,6 +29,8 @@ pub struct Lab {
     /// Children's stderr logs go here.
     pub log_dir: PathBuf,
     pub partition: PartitionMode,
+    /// How long the broker stays down, or the partition lasts; `None`: each scenario's default.
+    pub outage: Option<std::time::Duration>,
 }
 
 impl Lab {

@@ -151,6 +151,8 @@ impl Topology {
     }
 
     fn client(&self, requests: u64, concurrency: u64, timeout_ms: u64) -> Result<Proc> {
+        // Long enough for the run and whatever outage the lab was asked to make.
+        let deadline_secs = 90 + self.lab.outage.unwrap_or_default().as_secs();
         let args = strings(&[
             "--connect",
             &self.client_endpoint,
@@ -161,7 +163,7 @@ impl Topology {
             "--timeout-ms",
             &timeout_ms.to_string(),
             "--deadline-secs",
-            "90",
+            &deadline_secs.to_string(),
             "--json",
         ]);
         self.net
@@ -286,7 +288,8 @@ async fn broker_restart(lab: &Lab) -> Result<Verdict> {
     let requests = 400;
     let mut client = topo.client(requests, 2, 1000)?;
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let outage = topo.restart_broker(Duration::from_millis(1500)).await?;
+    let down_for = lab.outage.unwrap_or(Duration::from_millis(1500));
+    let outage = topo.restart_broker(down_for).await?;
     let (summary, ok) = finish_client(&mut client).await?;
     let mut v = Verdict::new("broker-restart", topo.net.mode());
     judge_client(&mut v, &summary, ok, requests);
@@ -341,8 +344,9 @@ async fn partition(lab: &Lab) -> Result<Verdict> {
     let requests = 500;
     let mut client = topo.client(requests, 2, 1000)?;
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    // Longer than the workers' heartbeat expiry (3 s): the broker purges them, they reconnect.
-    let cut = Duration::from_millis(4500);
+    // By default longer than the workers' heartbeat expiry (3 s): the broker purges them, and
+    // they reconnect.
+    let cut = lab.outage.unwrap_or(Duration::from_millis(4500));
     topo.net.partition().await?;
     let started = Instant::now();
     tokio::time::sleep(cut).await;
