@@ -28,6 +28,34 @@ partition mode="auto":
 worker-crash:
     cargo run --release -p lab -- worker-crash
 
+# Seed divide and conquer: one pipeline worker
+pipeline-one-worker:
+    cargo run --release -p lab -- pipeline-one-worker
+
+# Seed divide and conquer: one, then two workers (speed-up)
+pipeline-workers:
+    cargo run --release -p lab -- pipeline-workers
+
+# A pipeline worker killed (SIGKILL) mid-batch
+pipeline-worker-crash:
+    cargo run --release -p lab -- pipeline-worker-crash
+
+# Corrupt and non-image files in the input
+pipeline-corrupt:
+    cargo run --release -p lab -- pipeline-corrupt
+
+# Filter the built-in sample set with two in-process workers, into pipeline-out/
+pipeline-demo:
+    cargo run --release -p pipeline -- --local-workers 2
+
+# Start a pipeline master (default: the built-in sample set; waits for workers)
+pipeline *args:
+    cargo run --release -p pipeline -- {{args}}
+
+# Start a pipeline worker on the default endpoints
+pipeline-worker *args:
+    cargo run --release -p pipeline --bin pipeline-worker -- {{args}}
+
 # Start a broker on the default endpoints
 broker:
     cargo run --release -p broker
@@ -40,10 +68,11 @@ worker *args:
 client *args:
     cargo run --release -p broker --bin client -- {{args}}
 
-# Broker throughput and latency next to a direct echo (release build)
+# Broker and pipeline benchmarks next to their ceilings (release build)
 bench:
     cargo build --release --workspace --bins
     ./target/release/lab-bench
+    ./target/release/pipeline-bench
 
 # The test suite, as CI runs it
 test:
