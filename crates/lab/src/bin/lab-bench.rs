@@ -148,8 +148,10 @@ async fn brokered(bins: &Bins, args: &Args, case: &Case) -> Result<Figures> {
             &args.log_dir,
         )?);
     }
-    // Let every worker announce itself before the clients start.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every worker announced to the broker before the clients start.
+    for worker in &mut workers {
+        worker.ready(Duration::from_secs(20)).await?;
+    }
     clients(bins, args, case, &ready["frontend"]).await
 }
 

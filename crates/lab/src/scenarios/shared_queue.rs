@@ -137,7 +137,8 @@ impl Topology {
         })
     }
 
-    fn worker(&self, id: &str, work_ms: u64) -> Result<Proc> {
+    /// Starts a worker and waits until it has announced itself to the broker.
+    async fn worker(&self, id: &str, work_ms: u64) -> Result<Proc> {
         let args = strings(&[
             "--connect",
             &self.worker_endpoint,
@@ -146,8 +147,11 @@ impl Topology {
             "--work-ms",
             &work_ms.to_string(),
         ]);
-        self.net
-            .spawn(id, &self.lab.bins.path("worker"), &args, &self.logs)
+        let mut worker = self
+            .net
+            .spawn(id, &self.lab.bins.path("worker"), &args, &self.logs)?;
+        worker.ready(READY_WITHIN).await?;
+        Ok(worker)
     }
 
     fn client(&self, requests: u64, concurrency: u64, timeout_ms: u64) -> Result<Proc> {
@@ -244,7 +248,7 @@ fn judge_client(v: &mut Verdict, s: &ClientSummary, exit_ok: bool, requests: u64
 
 async fn one_worker(lab: &Lab) -> Result<Verdict> {
     let topo = Topology::start(lab, "one-worker", Setup::Local).await?;
-    let _worker = topo.worker("w1", 0)?;
+    let _worker = topo.worker("w1", 0).await?;
     let requests = 200;
     let mut client = topo.client(requests, 1, 2500)?;
     let (summary, ok) = finish_client(&mut client).await?;
@@ -260,11 +264,9 @@ async fn one_worker(lab: &Lab) -> Result<Verdict> {
 
 async fn two_workers(lab: &Lab) -> Result<Verdict> {
     let topo = Topology::start(lab, "two-workers", Setup::Local).await?;
-    let _w1 = topo.worker("w1", 10)?;
-    let _w2 = topo.worker("w2", 10)?;
+    let _w1 = topo.worker("w1", 10).await?;
+    let _w2 = topo.worker("w2", 10).await?;
     let requests = 200;
-    // Wait until both workers are ready so the first one does not take the first requests alone.
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let mut client = topo.client(requests, 4, 2500)?;
     let (summary, ok) = finish_client(&mut client).await?;
     let mut v = Verdict::new("two-workers", topo.net.mode());
@@ -282,8 +284,8 @@ async fn two_workers(lab: &Lab) -> Result<Verdict> {
 
 async fn broker_restart(lab: &Lab) -> Result<Verdict> {
     let mut topo = Topology::start(lab, "broker-restart", Setup::Local).await?;
-    let _w1 = topo.worker("w1", 20)?;
-    let _w2 = topo.worker("w2", 20)?;
+    let _w1 = topo.worker("w1", 20).await?;
+    let _w2 = topo.worker("w2", 20).await?;
     // About 100 requests/s: the flow outlives the outage.
     let requests = 400;
     let mut client = topo.client(requests, 2, 1000)?;
@@ -339,8 +341,8 @@ async fn partition(lab: &Lab) -> Result<Verdict> {
         Setup::Relay
     };
     let topo = Topology::start(lab, "partition", setup).await?;
-    let _w1 = topo.worker("w1", 20)?;
-    let _w2 = topo.worker("w2", 20)?;
+    let _w1 = topo.worker("w1", 20).await?;
+    let _w2 = topo.worker("w2", 20).await?;
     let requests = 500;
     let mut client = topo.client(requests, 2, 1000)?;
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -361,9 +363,8 @@ async fn partition(lab: &Lab) -> Result<Verdict> {
 
 async fn worker_crash(lab: &Lab) -> Result<Verdict> {
     let topo = Topology::start(lab, "worker-crash", Setup::Local).await?;
-    let mut w1 = topo.worker("w1", 300)?;
-    let _w2 = topo.worker("w2", 300)?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut w1 = topo.worker("w1", 300).await?;
+    let _w2 = topo.worker("w2", 300).await?;
     let requests = 20;
     // A client timeout far longer than the run: any request of the dead worker must be answered
     // because the broker gave it to the other worker, not because the client retried.
