@@ -5,13 +5,14 @@
 //! for `interval x liveness`, or whose connection closes, is purged and the requests it held go
 //! back to the front of the queue, so another worker answers them.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::frames;
 use common::heartbeat::Liveness;
 use common::link::Monitor;
+use foldhash::{HashMap, HashMapExt};
 use futures::FutureExt;
 use tokio::time::{interval, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
