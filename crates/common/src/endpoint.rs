@@ -81,11 +81,6 @@ pub fn bind_keepalive(text: &str, idle: Duration) -> Result<TcpListener, Endpoin
     Ok(socket.into())
 }
 
-/// Renders a bound endpoint for users: `tcp://127.0.0.1:5559`.
-pub fn display(endpoint: &zeromq::Endpoint) -> String {
-    endpoint.to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
