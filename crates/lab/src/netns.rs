@@ -103,12 +103,10 @@ impl TestHost {
         cmd
     }
 
-    pub async fn partition(&self) -> Result<()> {
-        ip(&["-n", &self.name, "link", "set", &self.inner_if, "down"]).await
-    }
-
-    pub async fn heal(&self) -> Result<()> {
-        ip(&["-n", &self.name, "link", "set", &self.inner_if, "up"]).await
+    /// Takes the namespace side of the link down (a partition) or back up (healed).
+    pub async fn set_partitioned(&self, partitioned: bool) -> Result<()> {
+        let state = if partitioned { "down" } else { "up" };
+        ip(&["-n", &self.name, "link", "set", &self.inner_if, state]).await
     }
 }
 

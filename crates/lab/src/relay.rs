@@ -1,7 +1,7 @@
 //! A fault-injecting TCP relay on loopback, for partitions where network namespaces are not
-//! available (no root). `partition()` blackholes every connection through it, both ways, and
-//! holds new ones without reaching upstream: bytes stay queued, connections stay open, as when
-//! a cable is pulled. `heal()` lets everything flow again.
+//! available (no root). While partitioned it blackholes every connection through it, both ways,
+//! and holds new ones without reaching upstream: bytes stay queued, connections stay open, as
+//! when a cable is pulled. Healed, everything flows again.
 //!
 //! Why not `noxious` (the Rust port of Toxiproxy on the registry): its blackhole, the `timeout`
 //! toxic, reads and discards the bytes. After healing, the ZMTP stream resumes mid-frame with
@@ -63,12 +63,9 @@ impl Relay {
         format!("tcp://{}", self.listen)
     }
 
-    pub fn partition(&self) {
-        self.partitioned.send_replace(true);
-    }
-
-    pub fn heal(&self) {
-        self.partitioned.send_replace(false);
+    /// Blackholes every connection (`true`) or lets bytes flow again (`false`).
+    pub fn set_partitioned(&self, partitioned: bool) {
+        self.partitioned.send_replace(partitioned);
     }
 }
 

@@ -56,24 +56,13 @@ impl Net {
         }
     }
 
-    async fn partition(&self) -> Result<()> {
+    /// Cuts (`true`) or restores (`false`) the link between the broker and everyone else.
+    async fn set_partitioned(&self, partitioned: bool) -> Result<()> {
         match self {
-            Net::Netns(host) => host.partition().await,
+            Net::Netns(host) => host.set_partitioned(partitioned).await,
             Net::Relay(front, back) => {
-                front.partition();
-                back.partition();
-                Ok(())
-            }
-            Net::Local => Ok(()),
-        }
-    }
-
-    async fn heal(&self) -> Result<()> {
-        match self {
-            Net::Netns(host) => host.heal().await,
-            Net::Relay(front, back) => {
-                front.heal();
-                back.heal();
+                front.set_partitioned(partitioned);
+                back.set_partitioned(partitioned);
                 Ok(())
             }
             Net::Local => Ok(()),
@@ -349,10 +338,10 @@ async fn partition(lab: &Lab) -> Result<Verdict> {
     // By default longer than the workers' heartbeat expiry (3 s): the broker purges them, and
     // they reconnect.
     let cut = lab.outage.unwrap_or(Duration::from_millis(4500));
-    topo.net.partition().await?;
+    topo.net.set_partitioned(true).await?;
     let started = Instant::now();
     tokio::time::sleep(cut).await;
-    topo.net.heal().await?;
+    topo.net.set_partitioned(false).await?;
     let outage = started.elapsed();
     let (summary, ok) = finish_client(&mut client).await?;
     let mut v = Verdict::new("partition", topo.net.mode());

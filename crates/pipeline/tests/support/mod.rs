@@ -237,23 +237,16 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// Every file under `dir`, relative, sorted (temp files included: tests check there are none).
+/// Every file under `dir`, relative, sorted, temp files included: tests check there are none.
 pub fn files_under(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Ok(rel) = p.strip_prefix(dir) {
-                out.push(rel.to_string_lossy().into_owned());
-            }
-        }
-    }
+    let outputs = pipeline::files::list_files(dir, None).unwrap_or_default();
+    let temps = pipeline::files::temp_files(dir);
+    let mut out: Vec<String> = outputs
+        .iter()
+        .map(|p| p.as_path())
+        .chain(temps.iter().filter_map(|p| p.strip_prefix(dir).ok()))
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
     out.sort();
     out
 }
