@@ -1,7 +1,8 @@
 //! Endpoints: validation of user input and the bound side of every socket.
 //!
-//! Servers bind through [`bind_keepalive`] so that a peer that vanished behind a partition is
-//! dropped by the kernel after a few seconds instead of holding queued messages for minutes.
+//! Servers bind through [`bind_keepalive`] so that a peer that vanished behind a partition, or
+//! stopped reading, is dropped by the kernel after a few seconds instead of holding queued
+//! messages for minutes.
 
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::time::Duration;
@@ -60,7 +61,14 @@ pub fn resolve(text: &str) -> Result<SocketAddr, EndpointError> {
 }
 
 /// Binds a TCP listener whose accepted connections carry TCP keepalive (`idle` before the first
-/// probe, then one probe per `idle`, three probes), ready for `Socket::bind_listener`.
+/// probe, then one probe per `idle`, three probes) and a `TCP_USER_TIMEOUT` of four `idle`s,
+/// ready for `Socket::bind_listener`.
+///
+/// Keepalive alone is not enough: Linux sends no probes while data is unacknowledged, and a
+/// server nearly always has some in flight to a cut-off peer (heartbeats, replies), so such a
+/// connection would live until retransmissions give up (about 15 minutes). The user timeout
+/// aborts a connection whose sent data stays unacknowledged, or whose peer keeps a zero window
+/// (it stopped reading), for that long.
 pub fn bind_keepalive(text: &str, idle: Duration) -> Result<TcpListener, EndpointError> {
     let addr = resolve(text)?;
     let bind_err = |source| EndpointError::Bind {
@@ -76,9 +84,18 @@ pub fn bind_keepalive(text: &str, idle: Duration) -> Result<TcpListener, Endpoin
         .with_retries(3);
     // Accepted sockets inherit keepalive settings from the listener on Linux.
     socket.set_tcp_keepalive(&keepalive).map_err(bind_err)?;
+    socket
+        .set_tcp_user_timeout(Some(user_timeout(idle)))
+        .map_err(bind_err)?;
     socket.bind(&addr.into()).map_err(bind_err)?;
     socket.listen(1024).map_err(bind_err)?;
     Ok(socket.into())
+}
+
+/// How long a bound socket's connection may leave data unacknowledged before the kernel aborts
+/// it: the time keepalive takes to give up on an idle peer (one idle period, three probes).
+pub fn user_timeout(idle: Duration) -> Duration {
+    idle * 4
 }
 
 #[cfg(test)]
@@ -109,5 +126,10 @@ mod tests {
     fn keepalive_listener_binds_port_zero() {
         let listener = bind_keepalive("tcp://127.0.0.1:0", Duration::from_secs(1)).expect("bind");
         assert_ne!(listener.local_addr().expect("addr").port(), 0);
+        let socket = socket2::SockRef::from(&listener);
+        assert_eq!(
+            socket.tcp_user_timeout().expect("user timeout"),
+            Some(Duration::from_secs(4))
+        );
     }
 }

@@ -1,10 +1,11 @@
 //! What every role of the workspace shares, and nothing role-specific.
 //!
-//! - [`endpoint`]: endpoint validation and bound listeners with TCP keepalive.
+//! - [`endpoint`]: endpoint validation and bound listeners with TCP keepalive and user timeout.
+//! - [`send`]: sends that never wait on a stalled peer.
 //! - [`link`]: the reconnection machinery (`zeromq` 0.7 only reconnects SUB/XSUB sockets).
 //! - [`heartbeat`]: liveness bookkeeping for application-level heartbeats.
 //! - [`ready`]: the one `ready k=v ...` line a server prints on stdout, and its parser.
-//! - [`logging`], [`shutdown`], [`cli`]: process plumbing every binary needs.
+//! - [`logging`], [`shutdown`], [`cli`], [`watchdog`]: process plumbing every binary needs.
 
 pub mod cli;
 pub mod endpoint;
@@ -13,6 +14,8 @@ pub mod heartbeat;
 pub mod link;
 pub mod logging;
 pub mod ready;
+pub mod send;
 pub mod shutdown;
+pub mod watchdog;
 
 pub use tokio_util::sync::CancellationToken;
