@@ -1,9 +1,12 @@
 //! The shared queue: ROUTER frontend (clients) and ROUTER backend (workers) in one task.
 //!
-//! Requests wait in a bounded FIFO; workers' free slots (READY credits) wait in a
-//! least-recently-used queue. Heartbeats go to every worker each interval; a worker silent
-//! for `interval x liveness`, or whose connection closes, is purged and the requests it held go
-//! back to the front of the queue, so another worker answers them.
+//! Requests wait in a bounded queue per client, served in turn; workers' free slots (READY
+//! credits) wait in a least-recently-used queue. Heartbeats go to every worker each interval; a
+//! worker silent for `interval x liveness`, or whose connection closes, is purged and the
+//! requests it held go back to the front of the queue, so another worker answers them.
+//! A request already queued or with a worker (same client, same first body frame) is a retry
+//! and is not run again. Nothing the loop sends ever waits on a peer: a peer that stopped
+//! reading is skipped at once (see `common::send`).
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -12,14 +15,16 @@ use bytes::Bytes;
 use common::frames;
 use common::heartbeat::Liveness;
 use common::link::Monitor;
-use foldhash::{HashMap, HashMapExt};
-use futures::FutureExt;
+use common::send::{try_send, Sent};
+use common::watchdog::Watchdog;
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use tokio::time::{interval, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use zeromq::{RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+use zeromq::{RouterSocket, Socket, SocketRecv, ZmqMessage};
 
 use crate::config::BrokerConfig;
 use crate::protocol::{self, FromWorker, Request, RequestKey, HEARTBEAT};
+use crate::queue::{Overflow, RequestQueue};
 use crate::stats::BrokerStats;
 
 /// Errors that stop the broker before it serves.
@@ -46,6 +51,8 @@ struct Worker {
     credits: usize,
     /// Requests this worker holds, to send elsewhere if it dies.
     held: HashMap<RequestKey, Request>,
+    /// It said DISCONNECT: it answers what it holds and takes nothing more.
+    leaving: bool,
 }
 
 /// A broker whose sockets are bound; [`Broker::run`] serves until cancelled.
@@ -58,7 +65,10 @@ pub struct Broker {
     /// Real endpoints (port 0 resolved).
     pub frontend_endpoint: String,
     pub backend_endpoint: String,
-    queue: VecDeque<Request>,
+    queue: RequestQueue,
+    /// Keys of every request queued or held by a worker: a request that arrives again while
+    /// its key is here is a retry of one the broker already owns.
+    owned: HashSet<RequestKey>,
     idle: VecDeque<Bytes>,
     workers: HashMap<Bytes, Worker>,
     stats: BrokerStats,
@@ -91,32 +101,6 @@ async fn bind(
     Ok((socket, monitor, bound.to_string()))
 }
 
-/// Why a message could not be handed to a peer's queue.
-#[derive(Debug, thiserror::Error)]
-enum SendError {
-    #[error(transparent)]
-    Zmq(#[from] zeromq::ZmqError),
-    #[error("peer not reading")]
-    Stalled,
-}
-
-/// Sends, but gives up after `limit` so one stalled peer (full queue) cannot stall the loop.
-/// The common case, room in the queue, completes on the first poll without arming a timer.
-async fn send_bounded(
-    socket: &mut RouterSocket,
-    msg: ZmqMessage,
-    limit: Duration,
-) -> Result<(), SendError> {
-    let mut send = socket.send(msg);
-    if let Some(result) = (&mut send).now_or_never() {
-        return Ok(result?);
-    }
-    match tokio::time::timeout(limit, send).await {
-        Ok(result) => Ok(result?),
-        Err(_) => Err(SendError::Stalled),
-    }
-}
-
 impl Broker {
     /// Binds both sockets.
     pub async fn bind(config: BrokerConfig) -> Result<Self, BrokerError> {
@@ -126,6 +110,7 @@ impl Broker {
         let (backend, backend_monitor, backend_endpoint) = bind(&config.backend, keepalive).await?;
         tracing::info!(frontend = %frontend_endpoint, backend = %backend_endpoint, "broker bound");
         Ok(Self {
+            queue: RequestQueue::new(config.max_queued),
             config,
             frontend,
             backend,
@@ -133,7 +118,7 @@ impl Broker {
             backend_monitor,
             frontend_endpoint,
             backend_endpoint,
-            queue: VecDeque::new(),
+            owned: HashSet::new(),
             idle: VecDeque::new(),
             workers: HashMap::new(),
             stats: BrokerStats::default(),
@@ -141,94 +126,98 @@ impl Broker {
     }
 
     /// Serves until `shutdown` fires, then drains briefly and returns the final stats.
-    pub async fn run(mut self, shutdown: CancellationToken) -> BrokerStats {
+    pub async fn run(self, shutdown: CancellationToken) -> BrokerStats {
+        self.run_reporting(shutdown, |_| {}).await
+    }
+
+    /// [`Broker::run`], handing the counters to `report` every `stats_every`.
+    pub async fn run_reporting(
+        mut self,
+        shutdown: CancellationToken,
+        mut report: impl FnMut(&BrokerStats),
+    ) -> BrokerStats {
         let mut heartbeat = interval(self.config.heartbeat.interval);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut stats_tick = interval(self.config.stats_every);
         stats_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         stats_tick.reset();
+        // The heartbeat tick turns the loop at least once an interval, busy or idle.
+        let watchdog = Watchdog::spawn(
+            "broker",
+            self.config.watchdog.max(self.config.heartbeat.interval * 3),
+        );
         loop {
+            watchdog.pet();
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                msg = self.frontend.recv() => self.on_frontend(msg).await,
-                msg = self.backend.recv() => self.on_backend(msg).await,
+                msg = self.frontend.recv() => self.on_frontend(msg),
+                msg = self.backend.recv() => self.on_backend(msg),
                 worker = self.backend_monitor.disconnected() => self.purge(&worker, "disconnected"),
-                client = self.frontend_monitor.disconnected() => self.forget_client(&client),
-                _ = heartbeat.tick() => self.on_heartbeat().await,
-                _ = stats_tick.tick() => self.log_stats("stats"),
+                client = self.frontend_monitor.disconnected() => self.forget_client(&client, "gone"),
+                _ = heartbeat.tick() => self.on_heartbeat(),
+                _ = stats_tick.tick() => {
+                    self.log_stats("stats");
+                    report(&self.stats);
+                }
             }
-            self.dispatch().await;
+            self.dispatch();
         }
-        self.drain().await;
+        self.drain(&watchdog).await;
         self.log_stats("final stats");
         self.stats
     }
 
-    async fn on_frontend(&mut self, msg: zeromq::ZmqResult<ZmqMessage>) {
+    fn on_frontend(&mut self, msg: zeromq::ZmqResult<ZmqMessage>) {
         let Ok(msg) = msg else { return };
         let peer = msg.get(0).cloned().unwrap_or_default();
-        match Request::parse(msg) {
-            Ok(request) => {
-                self.stats.requests_in += 1;
-                if self.queue.len() >= self.config.max_queued {
-                    self.stats.rejected += 1;
-                    if self.stats.rejected.is_power_of_two() {
-                        tracing::warn!(
-                            queued = self.queue.len(),
-                            rejected = self.stats.rejected,
-                            "queue full, dropping requests"
-                        );
-                    }
-                } else {
-                    self.queue.push_back(request);
-                }
-            }
+        let request = match Request::parse(msg) {
+            Ok(request) => request,
             Err(e) => {
                 self.stats.bad_frontend += 1;
                 tracing::warn!(peer = %frames::show(&peer), error = %e, "bad message from client dropped");
+                return;
+            }
+        };
+        self.stats.requests_in += 1;
+        let key = request.key();
+        if self.owned.contains(&key) {
+            // A retry of a request still queued or with a worker: its reply answers both.
+            self.stats.merged += 1;
+            return;
+        }
+        match self.queue.push(request) {
+            Ok(()) => {
+                self.owned.insert(key);
+            }
+            Err(overflow) => {
+                self.stats.rejected += 1;
+                if let Overflow::Displaced(dropped) = overflow {
+                    self.owned.remove(&dropped.key());
+                    self.owned.insert(key);
+                }
+                if self.stats.rejected.is_power_of_two() {
+                    tracing::warn!(
+                        queued = self.queue.len(),
+                        rejected = self.stats.rejected,
+                        "queue full, dropping requests"
+                    );
+                }
             }
         }
     }
 
-    async fn on_backend(&mut self, msg: zeromq::ZmqResult<ZmqMessage>) {
+    fn on_backend(&mut self, msg: zeromq::ZmqResult<ZmqMessage>) {
         let Ok(msg) = msg else { return };
         let (worker_id, parsed) = FromWorker::parse(msg);
         match parsed {
-            Ok(FromWorker::Ready) => {
-                let worker = self.workers.entry(worker_id.clone()).or_insert_with(|| {
-                    tracing::info!(worker = %frames::show(&worker_id), "worker ready");
-                    Worker {
-                        liveness: Liveness::new(self.config.heartbeat),
-                        credits: 0,
-                        held: HashMap::new(),
-                    }
-                });
-                worker.liveness.heard();
-                if worker.credits + worker.held.len() >= MAX_CREDITS {
-                    self.stats.bad_backend += 1;
-                    tracing::warn!(worker = %frames::show(&worker_id), "READY beyond {MAX_CREDITS} credits dropped");
-                } else {
-                    worker.credits += 1;
-                    self.idle.push_back(worker_id);
-                }
-            }
+            Ok(FromWorker::Ready) => self.on_ready(worker_id),
             Ok(FromWorker::Heartbeat) => {
                 if let Some(worker) = self.workers.get_mut(&worker_id) {
                     worker.liveness.heard();
                 }
             }
-            Ok(FromWorker::Reply(reply)) => {
-                if let Some(worker) = self.workers.get_mut(&worker_id) {
-                    worker.liveness.heard();
-                    // Only a reply to a request it held frees a slot: a late reply from a
-                    // request we already gave to someone else must not double-book it.
-                    if worker.held.remove(&protocol::key_of(&reply)).is_some() {
-                        worker.credits += 1;
-                        self.idle.push_back(worker_id);
-                    }
-                }
-                self.reply_to_client(reply).await;
-            }
+            Ok(FromWorker::Disconnect) => self.on_leaving(worker_id),
+            Ok(FromWorker::Reply(reply)) => self.on_reply(worker_id, reply),
             Err(e) => {
                 self.stats.bad_backend += 1;
                 tracing::warn!(worker = %frames::show(&worker_id), error = %e, "bad message from worker dropped");
@@ -236,10 +225,89 @@ impl Broker {
         }
     }
 
-    async fn reply_to_client(&mut self, reply: ZmqMessage) {
-        match send_bounded(&mut self.frontend, reply, self.config.send_timeout).await {
-            Ok(()) => self.stats.replies_out += 1,
-            Err(e) => {
+    fn on_ready(&mut self, worker_id: Bytes) {
+        let worker = self.workers.entry(worker_id.clone()).or_insert_with(|| {
+            tracing::info!(worker = %frames::show(&worker_id), "worker ready");
+            Worker {
+                liveness: Liveness::new(self.config.heartbeat),
+                credits: 0,
+                held: HashMap::new(),
+                leaving: false,
+            }
+        });
+        worker.liveness.heard();
+        if worker.leaving || worker.credits + worker.held.len() >= MAX_CREDITS {
+            self.stats.bad_backend += 1;
+            tracing::warn!(worker = %frames::show(&worker_id), "READY beyond {MAX_CREDITS} credits, or after DISCONNECT, dropped");
+        } else {
+            worker.credits += 1;
+            self.idle.push_back(worker_id);
+        }
+    }
+
+    /// The worker is stopping: no more requests for it; it stays until it has answered.
+    fn on_leaving(&mut self, worker_id: Bytes) {
+        let Some(worker) = self.workers.get_mut(&worker_id) else {
+            return;
+        };
+        worker.liveness.heard();
+        worker.leaving = true;
+        worker.credits = 0;
+        let held = worker.held.len();
+        self.idle.retain(|id| id != &worker_id);
+        tracing::info!(worker = %frames::show(&worker_id), held, "worker leaving");
+        if held == 0 {
+            self.workers.remove(&worker_id);
+        }
+    }
+
+    fn on_reply(&mut self, worker_id: Bytes, reply: ZmqMessage) {
+        let key = protocol::key_of(&reply);
+        let mut answered = false;
+        if let Some(worker) = self.workers.get_mut(&worker_id) {
+            worker.liveness.heard();
+            // Only a reply to a request it held frees a slot: a late reply from a request we
+            // already gave to someone else must not double-book it.
+            if worker.held.remove(&key).is_some() {
+                answered = true;
+                if !worker.leaving {
+                    worker.credits += 1;
+                    self.idle.push_back(worker_id);
+                } else if worker.held.is_empty() {
+                    self.workers.remove(&worker_id);
+                }
+            }
+        }
+        if !answered {
+            // A late reply from a worker purged meanwhile: it still answers the client, and
+            // the queued copy need not run. If the key is no longer owned, the request was
+            // answered already and this is a repeat.
+            if !self.owned.contains(&key) {
+                self.stats.stale_replies += 1;
+                return;
+            }
+            if self.queue.remove(&key).is_none() {
+                // Held by another worker, whose reply will free its slot.
+                self.reply_to_client(reply);
+                return;
+            }
+        }
+        self.owned.remove(&key);
+        self.reply_to_client(reply);
+    }
+
+    fn reply_to_client(&mut self, reply: ZmqMessage) {
+        let client = reply.get(0).cloned().unwrap_or_default();
+        match try_send(&mut self.frontend, reply) {
+            Sent::Queued => self.stats.replies_out += 1,
+            Sent::Stalled => {
+                self.stats.undeliverable += 1;
+                self.stats.stalled += 1;
+                // Its queue is full: running its other requests now would only feed the same
+                // full queue. It may send them again once it reads.
+                self.forget_client(&client, "not reading");
+            }
+            Sent::Failed(e) => {
                 self.stats.undeliverable += 1;
                 tracing::debug!(error = %e, "reply dropped");
             }
@@ -247,7 +315,7 @@ impl Broker {
     }
 
     /// Hands queued requests to idle workers, least recently used first.
-    async fn dispatch(&mut self) {
+    fn dispatch(&mut self) {
         while !self.queue.is_empty() {
             let Some(worker_id) = self.idle.pop_front() else {
                 return;
@@ -256,24 +324,28 @@ impl Broker {
                 continue; // a slot of a purged worker
             };
             worker.credits -= 1;
-            let request = self.queue.pop_front().expect("queue is not empty");
-            let msg = request.to_worker(&worker_id);
-            match send_bounded(&mut self.backend, msg, self.config.send_timeout).await {
-                Ok(()) => {
+            let request = self.queue.pop().expect("queue is not empty");
+            match try_send(&mut self.backend, request.to_worker(&worker_id)) {
+                Sent::Queued => {
                     self.stats.dispatched += 1;
                     if let Some(worker) = self.workers.get_mut(&worker_id) {
                         worker.held.insert(request.key(), request);
                     }
                 }
-                _ => {
+                why => {
                     self.queue.push_front(request);
-                    self.purge(&worker_id, "send failed");
+                    let why = if matches!(why, Sent::Stalled) {
+                        "not reading"
+                    } else {
+                        "send failed"
+                    };
+                    self.purge(&worker_id, why);
                 }
             }
         }
     }
 
-    async fn on_heartbeat(&mut self) {
+    fn on_heartbeat(&mut self) {
         let expired: Vec<Bytes> = self
             .workers
             .iter()
@@ -283,11 +355,10 @@ impl Broker {
         for id in expired {
             self.purge(&id, "heartbeat expired");
         }
-        let ids: Vec<Bytes> = self.workers.keys().cloned().collect();
-        for id in ids {
+        for id in self.workers.keys() {
             let msg = frames::message_of(vec![id.clone(), Bytes::from_static(HEARTBEAT)]);
             // A full queue is not fatal: liveness decides, not one heartbeat.
-            let _ = send_bounded(&mut self.backend, msg, self.config.send_timeout).await;
+            let _ = try_send(&mut self.backend, msg);
         }
     }
 
@@ -306,30 +377,35 @@ impl Broker {
         tracing::warn!(worker = %frames::show(worker_id), why, requeued, "worker purged");
     }
 
-    /// Drops the queued requests of a client that went away: nobody would read the replies.
-    fn forget_client(&mut self, client: &Bytes) {
-        let before = self.queue.len();
-        self.queue.retain(|r| r.client() != client);
-        let dropped = before - self.queue.len();
-        if dropped > 0 {
-            tracing::info!(client = %frames::show(client), dropped, "client gone, its queued requests dropped");
+    /// Drops the queued requests of a client that went away or stopped reading: nobody would
+    /// read the replies.
+    fn forget_client(&mut self, client: &Bytes, why: &str) {
+        let dropped = self.queue.remove_client(client);
+        for request in &dropped {
+            self.owned.remove(&request.key());
+        }
+        if !dropped.is_empty() {
+            self.stats.forgotten += dropped.len() as u64;
+            tracing::info!(client = %frames::show(client), why, dropped = dropped.len(), "client's queued requests dropped");
         }
     }
 
-    async fn drain(&mut self) {
+    async fn drain(&mut self, watchdog: &Watchdog) {
         let held: usize = self.workers.values().map(|w| w.held.len()).sum();
-        let dropped = self.queue.len();
+        let dropped = self.queue.drain().len();
         tracing::info!(
             held,
             dropped,
             "draining: no new requests, waiting for replies in flight"
         );
-        self.queue.clear();
         let until = Instant::now() + self.config.drain;
+        let mut tick = interval(Duration::from_millis(500));
         while self.workers.values().any(|w| !w.held.is_empty()) {
+            watchdog.pet();
             tokio::select! {
                 () = tokio::time::sleep_until(until) => break,
-                msg = self.backend.recv() => self.on_backend(msg).await,
+                msg = self.backend.recv() => self.on_backend(msg),
+                _ = tick.tick() => {}
             }
         }
         tokio::time::sleep(common::link::LINGER).await;
@@ -347,7 +423,11 @@ impl Broker {
             purged = s.purged,
             requeued = s.requeued,
             rejected = s.rejected,
+            merged = s.merged,
+            forgotten = s.forgotten,
             undeliverable = s.undeliverable,
+            stalled = s.stalled,
+            stale_replies = s.stale_replies,
             bad_frontend = s.bad_frontend,
             bad_backend = s.bad_backend,
             "{what}"

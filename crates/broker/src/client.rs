@@ -11,10 +11,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::frames;
 use common::link::{self, Backoff};
+use common::send::try_send;
 use serde::{Deserialize, Serialize};
 use tokio::time::{interval, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend};
+use zeromq::{DealerSocket, Socket, SocketRecv};
 
 use crate::config::ClientConfig;
 use crate::protocol::{self, Reply};
@@ -88,10 +89,11 @@ impl State {
         let body = protocol::request_body(id, pending.payload.clone());
         let mut frames = vec![Bytes::new()];
         frames.extend(body);
-        socket
-            .send(frames::message_of(frames))
-            .await
-            .map_err(|_| ())
+        // Never wait: a broker that stopped reading is as good as gone (reconnect).
+        match try_send(socket, frames::message_of(frames)) {
+            common::send::Sent::Queued => Ok(()),
+            _ => Err(()),
+        }
     }
 
     /// Starts new requests up to the concurrency limit.

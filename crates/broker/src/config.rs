@@ -18,9 +18,9 @@ pub struct BrokerConfig {
     pub heartbeat: Heartbeat,
     /// Requests waiting for a worker beyond this are dropped (counted as `rejected`).
     pub max_queued: usize,
-    /// A send that cannot enter a peer's queue within this is dropped, so one stalled peer
-    /// cannot stall the loop.
-    pub send_timeout: Duration,
+    /// A loop that does not come round for this long exits the process (status 70), so that
+    /// a supervisor restarts it; at least three heartbeat intervals.
+    pub watchdog: Duration,
     /// On shutdown, how long to keep forwarding replies of requests already with workers.
     pub drain: Duration,
     /// How often to log a stats line.
@@ -34,7 +34,7 @@ impl Default for BrokerConfig {
             backend: DEFAULT_BACKEND.into(),
             heartbeat: Heartbeat::default(),
             max_queued: 10_000,
-            send_timeout: Duration::from_millis(200),
+            watchdog: Duration::from_secs(10),
             drain: Duration::from_secs(2),
             stats_every: Duration::from_secs(5),
         }

@@ -12,6 +12,7 @@ pub mod broker;
 pub mod client;
 pub mod config;
 pub mod protocol;
+pub mod queue;
 pub mod stats;
 pub mod worker;
 

@@ -1,5 +1,6 @@
 //! `broker`: the shared queue. Binds the frontend (clients) and backend (workers) ROUTERs,
-//! prints `ready frontend=... backend=...` on stdout, serves until Ctrl-C or SIGTERM.
+//! prints `ready frontend=... backend=...` on stdout, serves until Ctrl-C or SIGTERM; with
+//! `--json`, its counters as JSON lines (every `--stats-secs` and at exit).
 
 use std::time::Duration;
 
@@ -23,12 +24,17 @@ struct Args {
     /// Requests waiting for a worker beyond this many are dropped (clients retry).
     #[arg(long, env = "BROKER_MAX_QUEUED", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     max_queued: u64,
-    /// Milliseconds a send may wait for a slow peer before the message is dropped.
-    #[arg(long, env = "BROKER_SEND_TIMEOUT_MS", default_value_t = 200)]
-    send_timeout_ms: u64,
+    /// Seconds the loop may stall before the process exits with status 70 for a supervisor
+    /// to restart it (at least three heartbeat intervals).
+    #[arg(long, env = "BROKER_WATCHDOG_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    watchdog_secs: u64,
     /// Milliseconds to keep forwarding replies in flight after Ctrl-C/SIGTERM.
     #[arg(long, env = "BROKER_DRAIN_MS", default_value_t = 2000)]
     drain_ms: u64,
+    /// Print the counters as one JSON line on stdout every --stats-secs and at exit (the last
+    /// line).
+    #[arg(long)]
+    json: bool,
     /// Seconds between stats log lines.
     #[arg(long, env = "BROKER_STATS_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     stats_secs: u64,
@@ -48,7 +54,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         backend: args.backend,
         heartbeat: args.heartbeat.heartbeat(),
         max_queued: args.max_queued as usize,
-        send_timeout: Duration::from_millis(args.send_timeout_ms),
+        watchdog: Duration::from_secs(args.watchdog_secs),
         drain: Duration::from_millis(args.drain_ms),
         stats_every: Duration::from_secs(args.stats_secs),
     };
@@ -57,6 +63,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ("frontend", &broker.frontend_endpoint),
         ("backend", &broker.backend_endpoint),
     ]);
-    broker.run(shutdown).await;
+    let print = |stats: &broker::BrokerStats| {
+        if args.json {
+            match serde_json::to_string(stats) {
+                Ok(line) => println!("{line}"),
+                Err(e) => tracing::warn!(error = %e, "cannot print stats"),
+            }
+        }
+    };
+    let stats = broker.run_reporting(shutdown, print).await;
+    print(&stats);
     Ok(())
 }

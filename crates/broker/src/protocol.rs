@@ -3,7 +3,8 @@
 //! Frontend (clients, REQ-compatible envelope), as the frontend ROUTER sees it:
 //! `[client-id][""][body...]`. Backend (workers, Paranoid Pirate Protocol, ZeroMQ RFC 6):
 //! `[worker-id][0x01]` READY, `[worker-id][0x02]` HEARTBEAT, and
-//! `[worker-id][client-id][""][body...]` for a reply. Our own clients put a request id in the
+//! `[worker-id][client-id][""][body...]` for a reply; plus `[worker-id][0x05]` DISCONNECT, our
+//! one extension (the command of the Majordomo Protocol, RFC 7), for a worker that is stopping. Our own clients put a request id in the
 //! first body frame; our workers echo the body and add their name as a last frame.
 
 use bytes::Bytes;
@@ -13,6 +14,8 @@ use zeromq::ZmqMessage;
 pub const READY: &[u8] = &[0x01];
 /// RFC 6 HEARTBEAT, sent both ways.
 pub const HEARTBEAT: &[u8] = &[0x02];
+/// DISCONNECT (as in RFC 7), worker to broker: send me nothing more; I answer what I hold.
+pub const DISCONNECT: &[u8] = &[0x05];
 
 /// Why a message was refused; logged with the peer and counted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -82,6 +85,7 @@ impl Request {
 pub enum FromWorker {
     Ready,
     Heartbeat,
+    Disconnect,
     /// A reply, `[client-id][""][body...]`: exactly what the frontend ROUTER sends on.
     Reply(ZmqMessage),
 }
@@ -96,6 +100,7 @@ impl FromWorker {
             1 => match frames[0].as_ref() {
                 READY => Ok(Self::Ready),
                 HEARTBEAT => Ok(Self::Heartbeat),
+                DISCONNECT => Ok(Self::Disconnect),
                 [other] => Err(Malformed::UnknownCommand(*other)),
                 other => Err(Malformed::NotACommand(other.len())),
             },
@@ -195,6 +200,10 @@ mod tests {
         assert!(matches!(
             parse(&[b"W", HEARTBEAT]),
             Ok(FromWorker::Heartbeat)
+        ));
+        assert!(matches!(
+            parse(&[b"W", DISCONNECT]),
+            Ok(FromWorker::Disconnect)
         ));
         let error = |frames: &[&'static [u8]]| parse(frames).err();
         assert_eq!(error(&[b"W", &[0x07]]), Some(Malformed::UnknownCommand(7)));

@@ -15,10 +15,20 @@ pub struct BrokerStats {
     pub purged: u64,
     /// Requests given back to the queue because their worker was purged.
     pub requeued: u64,
-    /// Requests dropped because the queue was full.
+    /// Requests dropped because the queue was full (refused, or displaced by another
+    /// client's).
     pub rejected: u64,
+    /// Requests that arrived while the same request (client, first body frame) was already
+    /// queued or with a worker: retries, not run again.
+    pub merged: u64,
+    /// Queued requests dropped because their client went away or stopped reading.
+    pub forgotten: u64,
     /// Replies whose client was gone or not reading.
     pub undeliverable: u64,
+    /// Of those, replies to a client whose queue was full (it stopped reading).
+    pub stalled: u64,
+    /// Replies to requests already answered (a worker repeating itself), dropped.
+    pub stale_replies: u64,
     /// Malformed messages from clients.
     pub bad_frontend: u64,
     /// Malformed messages from workers.

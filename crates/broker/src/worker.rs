@@ -3,19 +3,21 @@
 //! It announces `capacity` READY credits, heartbeats every interval, and takes the broker for
 //! dead after `interval x liveness` of silence or a closed connection; then it builds a new
 //! socket, reconnects with backoff and announces itself again. Requests in hand when the link
-//! drops are still answered, on the new link.
+//! drops are still answered, on the new link. On shutdown it says DISCONNECT, so the broker
+//! sends it nothing more, and answers what it holds.
 
 use bytes::Bytes;
 use common::frames;
 use common::heartbeat::Liveness;
 use common::link::{self, Backoff};
+use common::send::try_send;
 use tokio::task::JoinSet;
 use tokio::time::{interval, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+use zeromq::{DealerSocket, Socket, SocketRecv, ZmqMessage};
 
 use crate::config::WorkerConfig;
-use crate::protocol::{HEARTBEAT, READY};
+use crate::protocol::{DISCONNECT, HEARTBEAT, READY};
 
 /// Counters a worker reports when it stops.
 #[derive(Debug, Default, Clone, Copy)]
@@ -94,11 +96,7 @@ async fn serve(
     on_ready: &mut (dyn FnMut() + Send),
 ) -> LinkEnd {
     for _ in 0..config.capacity {
-        if socket
-            .send(ZmqMessage::from(Bytes::from_static(READY)))
-            .await
-            .is_err()
-        {
+        if !send(socket, ZmqMessage::from(Bytes::from_static(READY))) {
             return LinkEnd::Lost("cannot send READY");
         }
     }
@@ -114,34 +112,16 @@ async fn serve(
             msg = socket.recv() => {
                 let Ok(msg) = msg else { return LinkEnd::Lost("receive failed") };
                 liveness.heard();
-                let frames = msg.into_vec();
-                if frames.len() == 1 && frames[0].as_ref() == HEARTBEAT {
-                    continue;
+                let Some(reply) = take_request(config, msg, jobs) else { continue };
+                // No simulated work: answer at once (a timer would round up to 1 ms).
+                if !send(socket, frames::message_of(reply)) {
+                    return LinkEnd::Lost("cannot send reply");
                 }
-                if frames.len() < 3 || !frames[1].is_empty() {
-                    tracing::warn!(first = %frames.first().map(|f| frames::show(f)).unwrap_or_default(), "unexpected message from broker dropped");
-                    continue;
-                }
-                let name = Bytes::from(config.name.clone());
-                let mut reply = frames;
-                reply.push(name);
-                if config.work.is_zero() {
-                    // No simulated work: answer at once (a timer would round up to 1 ms).
-                    if socket.send(frames::message_of(reply)).await.is_err() {
-                        return LinkEnd::Lost("cannot send reply");
-                    }
-                    stats.served += 1;
-                    continue;
-                }
-                let work = config.work;
-                jobs.spawn(async move {
-                    tokio::time::sleep(work).await;
-                    reply
-                });
+                stats.served += 1;
             }
             Some(done) = jobs.join_next() => {
                 let Ok(reply) = done else { continue };
-                if socket.send(frames::message_of(reply)).await.is_err() {
+                if !send(socket, frames::message_of(reply)) {
                     return LinkEnd::Lost("cannot send reply");
                 }
                 stats.served += 1;
@@ -150,7 +130,7 @@ async fn serve(
                 if liveness.is_expired() {
                     return LinkEnd::Lost("broker silent");
                 }
-                if socket.send(ZmqMessage::from(Bytes::from_static(HEARTBEAT))).await.is_err() {
+                if !send(socket, ZmqMessage::from(Bytes::from_static(HEARTBEAT))) {
                     return LinkEnd::Lost("cannot send heartbeat");
                 }
             }
@@ -158,15 +138,48 @@ async fn serve(
     }
 }
 
-/// Answers the requests in hand, for at most `drain`, heartbeating meanwhile so that the broker
-/// does not purge us and give our requests to someone else. New requests are not taken: the
-/// broker re-queues them when our connection closes.
+/// Sends without waiting: a broker that stopped reading is as good as gone.
+fn send(socket: &mut DealerSocket, msg: ZmqMessage) -> bool {
+    try_send(socket, msg).is_queued()
+}
+
+/// Takes a request from the broker: with simulated work it becomes a job and `None` is
+/// returned; without, the reply to send at once. Heartbeats and junk give `None`.
+fn take_request(
+    config: &WorkerConfig,
+    msg: ZmqMessage,
+    jobs: &mut JoinSet<Vec<Bytes>>,
+) -> Option<Vec<Bytes>> {
+    let mut frames = msg.into_vec();
+    if frames.len() == 1 && frames[0].as_ref() == HEARTBEAT {
+        return None;
+    }
+    if frames.len() < 3 || !frames[1].is_empty() {
+        tracing::warn!(first = %frames.first().map(|f| frames::show(f)).unwrap_or_default(), "unexpected message from broker dropped");
+        return None;
+    }
+    frames.push(Bytes::from(config.name.clone()));
+    if config.work.is_zero() {
+        return Some(frames);
+    }
+    let work = config.work;
+    jobs.spawn(async move {
+        tokio::time::sleep(work).await;
+        frames
+    });
+    None
+}
+
+/// Says DISCONNECT, then answers the requests in hand, for at most `drain`, heartbeating
+/// meanwhile so that the broker does not purge us and give our requests to someone else.
+/// A request the broker sent before it read our DISCONNECT is in hand too, and answered.
 async fn finish(
     config: &WorkerConfig,
     socket: &mut DealerSocket,
     jobs: &mut JoinSet<Vec<Bytes>>,
     stats: &mut WorkerStats,
 ) {
+    send(socket, ZmqMessage::from(Bytes::from_static(DISCONNECT)));
     let until = Instant::now() + config.drain;
     let mut tick = interval(config.heartbeat.interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -175,14 +188,21 @@ async fn finish(
             () = tokio::time::sleep_until(until) => break,
             done = jobs.join_next() => {
                 let Some(Ok(reply)) = done else { continue };
-                if socket.send(frames::message_of(reply)).await.is_ok() {
+                if send(socket, frames::message_of(reply)) {
                     stats.served += 1;
                 }
             }
             _ = tick.tick() => {
-                let _ = socket.send(ZmqMessage::from(Bytes::from_static(HEARTBEAT))).await;
+                send(socket, ZmqMessage::from(Bytes::from_static(HEARTBEAT)));
             }
-            _ = socket.recv() => {}
+            msg = socket.recv() => {
+                let Ok(msg) = msg else { break };
+                if let Some(reply) = take_request(config, msg, jobs) {
+                    if send(socket, frames::message_of(reply)) {
+                        stats.served += 1;
+                    }
+                }
+            }
         }
     }
     jobs.abort_all();
