@@ -216,7 +216,6 @@ async fn retries_of_queued_requests_are_not_run_twice() {
     .await;
     assert!(ok && summary.answered == 200, "{summary:?}");
     assert!(summary.retries > 0, "the client never retried: {summary:?}");
-    assert_eq!(summary.duplicates, 0, "{summary:?}");
     let stats = stop_broker(broker).await;
     // Every retry is merged, except one that crosses its reply on the wire (the broker has
     // answered and forgotten it): that one runs again. Before the merge: ~650 runs.
@@ -226,6 +225,7 @@ async fn retries_of_queued_requests_are_not_run_twice() {
         "each request runs once: {stats:?}"
     );
     assert_eq!(stats.merged + ran_again, summary.retries, "{stats:?}");
+    assert!(summary.duplicates <= ran_again, "{summary:?}");
 }
 
 /// Case 4: two requests with the same body from one DEALER in flight at once are one request,
