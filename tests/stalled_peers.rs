@@ -331,3 +331,57 @@ async fn a_stopping_worker_is_sent_nothing_more() {
     );
     assert_eq!(stats.dispatched, total as u64, "{stats:?}");
 }
+
+/// Clients take turns, and a full queue makes the flooder give way: a client with 5,000
+/// requests in flight (the queue holds 1,000) does not delay another's 20 requests, which FIFO
+/// would put behind ten seconds of work, or refuse.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flooding_client_does_not_delay_the_others() {
+    let _g = heavy().await;
+    let test = "fair-queue";
+    let (broker, frontend, backend) = broker(
+        test,
+        &["--json", "--stats-secs", "1", "--max-queued", "1000"],
+    )
+    .await;
+    let _w = ready_worker(test, &backend, &["--work-ms", "2"]).await;
+    let args = [
+        "--connect",
+        &frontend,
+        "--requests",
+        "5000",
+        "--concurrency",
+        "5000",
+        "--timeout-ms",
+        "60000",
+    ]
+    .map(String::from);
+    let _flooder = Proc::spawn(
+        "flooder",
+        &bins().path("client"),
+        &args,
+        &log_dir(&format!("{test}-flooder")),
+    )
+    .expect("flooding client");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stats_of(&broker).is_none_or(|s| s.rejected == 0) {
+        assert!(Instant::now() < deadline, "the queue never filled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (other, ok) = client(
+        test,
+        &frontend,
+        &[
+            "--requests",
+            "20",
+            "--concurrency",
+            "20",
+            "--deadline-secs",
+            "5",
+        ],
+    )
+    .await;
+    assert!(ok && other.answered == 20, "{other:?}");
+    assert_eq!(other.retries, 0, "{other:?}");
+    stop_broker(broker).await;
+}
