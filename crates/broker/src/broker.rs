@@ -148,6 +148,11 @@ impl Broker {
         );
         loop {
             watchdog.pet();
+            // zmq.rs's sockets are not part of tokio's cooperative budget: with a client
+            // flooding the frontend, `recv()` is always ready and this task would never yield,
+            // starving the library's writer tasks on this one thread (measured: workers heard
+            // nothing for 4 s and reconnected). This yields once every 128 turns.
+            tokio::task::consume_budget().await;
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 msg = self.frontend.recv() => self.on_frontend(msg),
