@@ -9,10 +9,12 @@
 //! reading is skipped at once (see `common::send`).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::frames;
+use common::guard::GuardStats;
 use common::heartbeat::Liveness;
 use common::link::Monitor;
 use common::send::{try_send, Sent};
@@ -31,13 +33,9 @@ use crate::stats::BrokerStats;
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error(transparent)]
+    Bind(#[from] common::guard::BindError),
+    #[error(transparent)]
     Endpoint(#[from] common::endpoint::EndpointError),
-    #[error("cannot bind {endpoint}")]
-    Bind {
-        endpoint: String,
-        #[source]
-        source: zeromq::ZmqError,
-    },
 }
 
 /// The most requests one worker may hold or be offered (its READY credits): a peer that keeps
@@ -65,6 +63,8 @@ pub struct Broker {
     /// Real endpoints (port 0 resolved).
     pub frontend_endpoint: String,
     pub backend_endpoint: String,
+    /// Counters of the guards in front of the sockets, if any.
+    guards: Vec<Arc<GuardStats>>,
     queue: RequestQueue,
     /// Keys of every request queued or held by a worker: a request that arrives again while
     /// its key is here is a retry of one the broker already owns.
@@ -83,32 +83,34 @@ impl std::fmt::Debug for Broker {
     }
 }
 
-async fn bind(
-    endpoint: &str,
-    keepalive: Duration,
-) -> Result<(RouterSocket, Monitor, String), BrokerError> {
-    // Keepalive lets the kernel drop peers lost behind a partition, releasing their queues.
-    let listener = common::endpoint::bind_keepalive(endpoint, keepalive)?;
+/// One bound ROUTER: the socket, its monitor, the endpoint peers use, the guard's counters.
+type Bound = (RouterSocket, Monitor, String, Option<Arc<GuardStats>>);
+
+async fn bind(endpoint: &str, config: &BrokerConfig) -> Result<Bound, BrokerError> {
+    // Keepalive and the user timeout let the kernel drop peers lost behind a partition or no
+    // longer reading, releasing their queues.
+    let keepalive = config.heartbeat.interval.max(Duration::from_secs(1));
+    let limits = common::guard::wanted(config.guard, endpoint)?.then_some(config.limits);
     let mut socket = RouterSocket::new();
     let monitor = Monitor::new(socket.monitor());
-    let bound = socket
-        .bind_listener(listener)
-        .await
-        .map_err(|source| BrokerError::Bind {
-            endpoint: endpoint.to_string(),
-            source,
-        })?;
-    Ok((socket, monitor, bound.to_string()))
+    let (bound, guard) = common::guard::bind(&mut socket, endpoint, keepalive, limits).await?;
+    Ok((socket, monitor, bound, guard))
 }
 
 impl Broker {
     /// Binds both sockets.
     pub async fn bind(config: BrokerConfig) -> Result<Self, BrokerError> {
-        let keepalive = config.heartbeat.interval.max(Duration::from_secs(1));
-        let (frontend, frontend_monitor, frontend_endpoint) =
-            bind(&config.frontend, keepalive).await?;
-        let (backend, backend_monitor, backend_endpoint) = bind(&config.backend, keepalive).await?;
-        tracing::info!(frontend = %frontend_endpoint, backend = %backend_endpoint, "broker bound");
+        let (frontend, frontend_monitor, frontend_endpoint, frontend_guard) =
+            bind(&config.frontend, &config).await?;
+        let (backend, backend_monitor, backend_endpoint, backend_guard) =
+            bind(&config.backend, &config).await?;
+        tracing::info!(
+            frontend = %frontend_endpoint,
+            backend = %backend_endpoint,
+            guarded_frontend = frontend_guard.is_some(),
+            guarded_backend = backend_guard.is_some(),
+            "broker bound"
+        );
         Ok(Self {
             queue: RequestQueue::new(config.max_queued),
             config,
@@ -118,6 +120,10 @@ impl Broker {
             backend_monitor,
             frontend_endpoint,
             backend_endpoint,
+            guards: [frontend_guard, backend_guard]
+                .into_iter()
+                .flatten()
+                .collect(),
             owned: HashSet::new(),
             idle: VecDeque::new(),
             workers: HashMap::new(),
@@ -161,6 +167,7 @@ impl Broker {
                 client = self.frontend_monitor.disconnected() => self.forget_client(&client, "gone"),
                 _ = heartbeat.tick() => self.on_heartbeat(),
                 _ = stats_tick.tick() => {
+                    self.refresh_guard_stats();
                     self.log_stats("stats");
                     report(&self.stats);
                 }
@@ -168,6 +175,7 @@ impl Broker {
             self.dispatch();
         }
         self.drain(&watchdog).await;
+        self.refresh_guard_stats();
         self.log_stats("final stats");
         self.stats
     }
@@ -416,6 +424,10 @@ impl Broker {
         tokio::time::sleep(common::link::LINGER).await;
     }
 
+    fn refresh_guard_stats(&mut self) {
+        self.stats.guard_refused = self.guards.iter().map(|g| g.refused()).sum();
+    }
+
     fn log_stats(&self, what: &'static str) {
         let s = &self.stats;
         tracing::info!(
@@ -435,6 +447,7 @@ impl Broker {
             stale_replies = s.stale_replies,
             bad_frontend = s.bad_frontend,
             bad_backend = s.bad_backend,
+            guard_refused = s.guard_refused,
             "{what}"
         );
     }

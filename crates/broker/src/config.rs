@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use common::guard::{Limits, Mode};
 use common::heartbeat::Heartbeat;
 use common::link::Reconnect;
 
@@ -25,6 +26,9 @@ pub struct BrokerConfig {
     pub drain: Duration,
     /// How often to log a stats line.
     pub stats_every: Duration,
+    /// Which endpoints get a guard, and what it lets through.
+    pub guard: Mode,
+    pub limits: Limits,
 }
 
 impl Default for BrokerConfig {
@@ -37,6 +41,8 @@ impl Default for BrokerConfig {
             watchdog: Duration::from_secs(10),
             drain: Duration::from_secs(2),
             stats_every: Duration::from_secs(5),
+            guard: Mode::Auto,
+            limits: Limits::default(),
         }
     }
 }

@@ -33,4 +33,6 @@ pub struct BrokerStats {
     pub bad_frontend: u64,
     /// Malformed messages from workers.
     pub bad_backend: u64,
+    /// Connections the guards cut off (oversized frames or messages, not ZMTP).
+    pub guard_refused: u64,
 }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::guard::{Limits, Mode};
 use crate::heartbeat::Heartbeat;
 use crate::link::Reconnect;
 
@@ -47,6 +48,30 @@ impl ReconnectArgs {
             min: Duration::from_millis(self.reconnect_min_ms),
             max: Duration::from_millis(self.reconnect_max_ms.max(self.reconnect_min_ms)),
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+        }
+    }
+}
+
+/// Flags of a server's guard (message-size limit in front of its bound sockets).
+#[derive(Debug, Clone, Args)]
+pub struct GuardArgs {
+    /// Which bound endpoints get a guard that cuts off peers sending oversized frames or
+    /// messages (auto: all but loopback endpoints).
+    #[arg(long, env = "GUARD", value_enum, default_value_t = Mode::Auto)]
+    pub guard: Mode,
+    /// Largest frame, and largest message, a peer may send through the guard.
+    #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(64..))]
+    pub max_message_bytes: u64,
+    /// Most frames in one message through the guard.
+    #[arg(long, env = "MAX_FRAMES", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_frames: u32,
+}
+
+impl GuardArgs {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_message_bytes: self.max_message_bytes,
+            max_frames: self.max_frames,
         }
     }
 }

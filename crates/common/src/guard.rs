@@ -1,0 +1,442 @@
+//! The guard: a message-size limit in front of a bound zmq.rs socket.
+//!
+//! `zeromq` 0.7 has no `ZMQ_MAXMSGSIZE`: a frame header claiming a 1 TiB frame makes it
+//! allocate that much and abort the process, even before the handshake, and a flood of empty
+//! frames with MORE set grows its memory without bound. The guard owns the public listener,
+//! accepts each connection itself, and relays it to the socket over a loopback hop while reading
+//! the ZMTP stream as it passes: the greeting's signature and version, then each frame header.
+//! A peer that announces a frame or a message over the limit, too many frames in one message,
+//! or bytes that are not ZMTP 3 is cut off before the library sees the offending header, logged
+//! once with its address and counted. Everything the socket sends goes back untouched.
+//!
+//! ```text
+//!  peer ──tcp──► guard (public endpoint, keepalive, user timeout) ──loopback──► zmq.rs socket
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use zeromq::Socket;
+
+use crate::endpoint::{self, EndpointError};
+
+/// What one peer may send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest frame, and largest sum of the frames of one message (commands included).
+    pub max_message_bytes: u64,
+    /// Most frames in one message (bounds a flood of empty frames with MORE set).
+    pub max_frames: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 1 << 20,
+            max_frames: 1024,
+        }
+    }
+}
+
+/// When a bound socket gets a guard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Guard every endpoint except loopback ones (only local processes can reach those).
+    Auto,
+    Always,
+    Never,
+}
+
+/// Counters of one guarded endpoint.
+#[derive(Debug, Default)]
+pub struct GuardStats {
+    /// Connections relayed.
+    pub accepted: AtomicU64,
+    /// Connections cut off for breaking the limits.
+    pub refused: AtomicU64,
+}
+
+impl GuardStats {
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
+/// Why a peer was cut off.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    #[error("not a ZMTP 3 greeting")]
+    Greeting,
+    #[error("reserved bits set in frame flags {0:#04x}")]
+    Flags(u8),
+    #[error("frame of {0} bytes over the limit")]
+    Frame(u64),
+    #[error("message of {0} bytes or more over the limit")]
+    Message(u64),
+    #[error("message of more than {0} frames")]
+    Frames(u32),
+}
+
+const GREETING: usize = 64;
+const MORE: u8 = 0x01;
+const LONG: u8 = 0x02;
+const COMMAND: u8 = 0x04;
+
+#[derive(Debug, Clone, Copy)]
+enum State {
+    /// Bytes of the greeting seen so far.
+    Greeting(usize),
+    /// Bytes of a frame header seen so far (flags, then 1 or 8 size bytes).
+    Header { bytes: [u8; 9], have: usize },
+    /// Body bytes still to pass.
+    Body(u64),
+}
+
+/// Reads a ZMTP 3 stream from a peer as it passes and says when it breaks the limits.
+#[derive(Debug, Clone)]
+pub struct Inspector {
+    limits: Limits,
+    state: State,
+    message_bytes: u64,
+    message_frames: u32,
+}
+
+impl Inspector {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            state: State::Greeting(0),
+            message_bytes: 0,
+            message_frames: 0,
+        }
+    }
+
+    /// Takes the next bytes of the stream.
+    pub fn feed(&mut self, mut data: &[u8]) -> Result<(), Violation> {
+        while !data.is_empty() {
+            match &mut self.state {
+                State::Greeting(seen) => {
+                    let take = (GREETING - *seen).min(data.len());
+                    for (i, byte) in data[..take].iter().enumerate() {
+                        let at = *seen + i;
+                        // Signature 0xFF, 8 padding bytes, 0x7F; then the major version.
+                        let ok = match at {
+                            0 => *byte == 0xFF,
+                            9 => byte & 0x01 == 0x01,
+                            10 => *byte >= 3,
+                            _ => true,
+                        };
+                        if !ok {
+                            return Err(Violation::Greeting);
+                        }
+                    }
+                    *seen += take;
+                    data = &data[take..];
+                    if *seen == GREETING {
+                        self.state = State::Header {
+                            bytes: [0; 9],
+                            have: 0,
+                        };
+                    }
+                }
+                State::Header { bytes, have } => {
+                    let flags = if *have == 0 { data[0] } else { bytes[0] };
+                    if flags & !(MORE | LONG | COMMAND) != 0 {
+                        return Err(Violation::Flags(flags));
+                    }
+                    let need = if flags & LONG != 0 { 9 } else { 2 };
+                    let take = (need - *have).min(data.len());
+                    bytes[*have..*have + take].copy_from_slice(&data[..take]);
+                    *have += take;
+                    data = &data[take..];
+                    if *have == need {
+                        let size = if need == 9 {
+                            u64::from_be_bytes(bytes[1..9].try_into().expect("8 bytes"))
+                        } else {
+                            u64::from(bytes[1])
+                        };
+                        self.frame(flags, size)?;
+                        self.state = if size == 0 {
+                            State::Header {
+                                bytes: [0; 9],
+                                have: 0,
+                            }
+                        } else {
+                            State::Body(size)
+                        };
+                    }
+                }
+                State::Body(left) => {
+                    let take = (*left).min(data.len() as u64);
+                    *left -= take;
+                    data = &data[take as usize..];
+                    if *left == 0 {
+                        self.state = State::Header {
+                            bytes: [0; 9],
+                            have: 0,
+                        };
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks one frame header against the limits.
+    fn frame(&mut self, flags: u8, size: u64) -> Result<(), Violation> {
+        if size > self.limits.max_message_bytes {
+            return Err(Violation::Frame(size));
+        }
+        if flags & COMMAND != 0 {
+            return Ok(());
+        }
+        self.message_bytes += size;
+        self.message_frames += 1;
+        if self.message_bytes > self.limits.max_message_bytes {
+            return Err(Violation::Message(self.message_bytes));
+        }
+        if self.message_frames > self.limits.max_frames {
+            return Err(Violation::Frames(self.limits.max_frames));
+        }
+        if flags & MORE == 0 {
+            self.message_bytes = 0;
+            self.message_frames = 0;
+        }
+        Ok(())
+    }
+}
+
+/// True when `mode` puts a guard in front of `endpoint`.
+pub fn wanted(mode: Mode, endpoint: &str) -> Result<bool, EndpointError> {
+    Ok(match mode {
+        Mode::Always => true,
+        Mode::Never => false,
+        Mode::Auto => !endpoint::resolve(endpoint)?.ip().is_loopback(),
+    })
+}
+
+/// Binds `socket` to `endpoint` the way every role's server side binds: TCP keepalive and user
+/// timeout (see [`endpoint::bind_keepalive`]) and, when `guard` is given, the guard in front.
+/// Returns the endpoint peers connect to (port 0 resolved) and the guard's counters.
+pub async fn bind<S: Socket>(
+    socket: &mut S,
+    endpoint: &str,
+    idle: Duration,
+    guard: Option<Limits>,
+) -> Result<(String, Option<Arc<GuardStats>>), BindError> {
+    let public = endpoint::bind_keepalive(endpoint, idle)?;
+    let bind_err = |source| BindError::Socket {
+        endpoint: endpoint.to_string(),
+        source,
+    };
+    let Some(limits) = guard else {
+        let bound = socket.bind_listener(public).await.map_err(bind_err)?;
+        return Ok((bound.to_string(), None));
+    };
+    let io_err = |source| {
+        BindError::Endpoint(EndpointError::Bind {
+            endpoint: endpoint.to_string(),
+            source,
+        })
+    };
+    let inner = std::net::TcpListener::bind("127.0.0.1:0").map_err(io_err)?;
+    let inner_addr = inner.local_addr().map_err(io_err)?;
+    socket.bind_listener(inner).await.map_err(bind_err)?;
+    let public_addr = public.local_addr().map_err(io_err)?;
+    public.set_nonblocking(true).map_err(io_err)?;
+    let public = TcpListener::from_std(public).map_err(io_err)?;
+    let stats = Arc::new(GuardStats::default());
+    tokio::spawn(accept(public, inner_addr, limits, stats.clone()));
+    tracing::debug!(endpoint, %inner_addr, "guard in front");
+    Ok((format!("tcp://{public_addr}"), Some(stats)))
+}
+
+/// Why a server socket could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    #[error("cannot bind {endpoint}")]
+    Socket {
+        endpoint: String,
+        #[source]
+        source: zeromq::ZmqError,
+    },
+}
+
+async fn accept(public: TcpListener, inner: SocketAddr, limits: Limits, stats: Arc<GuardStats>) {
+    loop {
+        match public.accept().await {
+            Ok((peer, addr)) => {
+                stats.accepted.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(relay(peer, addr, inner, limits, stats.clone()));
+            }
+            Err(e) => {
+                // Out of file descriptors, most likely: wait rather than spin.
+                tracing::warn!(error = %e, "guard cannot accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Relays one connection until either side closes or the peer breaks the limits.
+async fn relay(
+    peer: TcpStream,
+    addr: SocketAddr,
+    inner: SocketAddr,
+    limits: Limits,
+    stats: Arc<GuardStats>,
+) {
+    let socket = match TcpStream::connect(inner).await {
+        Ok(socket) => socket,
+        Err(e) => {
+            tracing::warn!(peer = %addr, error = %e, "guard cannot reach its socket");
+            return;
+        }
+    };
+    let _ = peer.set_nodelay(true);
+    let _ = socket.set_nodelay(true);
+    let (mut from_peer, mut to_peer) = peer.into_split();
+    let (mut from_socket, mut to_socket) = socket.into_split();
+    let upstream = async {
+        let mut inspector = Inspector::new(limits);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from_peer.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if let Err(violation) = inspector.feed(&buf[..n]) {
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = %addr, %violation, "peer cut off");
+                return;
+            }
+            if to_socket.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    let downstream = tokio::io::copy(&mut from_socket, &mut to_peer);
+    // Whichever way ends first ends the connection: both sockets close when dropped.
+    tokio::select! {
+        () = upstream => {}
+        _ = downstream => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn greeting() -> Vec<u8> {
+        let mut g = vec![0u8; GREETING];
+        g[0] = 0xFF;
+        g[9] = 0x7F;
+        g[10] = 3;
+        g[12..16].copy_from_slice(b"NULL");
+        g
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            max_message_bytes: 1000,
+            max_frames: 4,
+        }
+    }
+
+    fn frame(flags: u8, body: &[u8]) -> Vec<u8> {
+        let flags = if body.len() > 255 {
+            flags | LONG
+        } else {
+            flags
+        };
+        let mut f = vec![flags];
+        if flags & LONG != 0 {
+            f.extend((body.len() as u64).to_be_bytes());
+        } else {
+            f.push(body.len() as u8);
+        }
+        f.extend(body);
+        f
+    }
+
+    #[test]
+    fn passes_a_well_formed_stream_fed_a_byte_at_a_time() {
+        let mut stream = greeting();
+        stream.extend(frame(COMMAND, b"\x05READY"));
+        stream.extend(frame(MORE, b""));
+        stream.extend(frame(LONG, &[7u8; 900]));
+        for _ in 0..10 {
+            stream.extend(frame(0, b"hello"));
+        }
+        let mut inspector = Inspector::new(limits());
+        for byte in &stream {
+            inspector
+                .feed(std::slice::from_ref(byte))
+                .expect("well formed");
+        }
+        let mut whole = Inspector::new(limits());
+        whole.feed(&stream).expect("well formed in one piece");
+    }
+
+    #[test]
+    fn the_nine_byte_header_is_refused_before_its_body() {
+        let mut inspector = Inspector::new(limits());
+        // Even before the handshake: straight after the greeting.
+        let mut stream = greeting();
+        stream.push(LONG);
+        stream.extend((1u64 << 40).to_be_bytes());
+        assert_eq!(inspector.feed(&stream), Err(Violation::Frame(1 << 40)));
+        // And without a greeting at all.
+        let mut raw = vec![LONG];
+        raw.extend((1u64 << 40).to_be_bytes());
+        assert_eq!(
+            Inspector::new(limits()).feed(&raw),
+            Err(Violation::Greeting)
+        );
+    }
+
+    #[test]
+    fn refuses_big_messages_frame_floods_and_bad_flags() {
+        let mut stream = greeting();
+        stream.extend(frame(MORE, &[1u8; 600]));
+        stream.extend(frame(0, &[1u8; 600]));
+        assert_eq!(
+            Inspector::new(limits()).feed(&stream),
+            Err(Violation::Message(1200))
+        );
+        let mut flood = greeting();
+        for _ in 0..5 {
+            flood.extend(frame(MORE, b""));
+        }
+        assert_eq!(
+            Inspector::new(limits()).feed(&flood),
+            Err(Violation::Frames(4))
+        );
+        let mut bad = greeting();
+        bad.push(0x80);
+        assert_eq!(
+            Inspector::new(limits()).feed(&bad),
+            Err(Violation::Flags(0x80))
+        );
+        let mut old = greeting();
+        old[10] = 1;
+        assert_eq!(
+            Inspector::new(limits()).feed(&old),
+            Err(Violation::Greeting)
+        );
+    }
+
+    #[test]
+    fn auto_mode_guards_all_but_loopback() {
+        assert!(!wanted(Mode::Auto, "tcp://127.0.0.1:0").expect("valid"));
+        assert!(wanted(Mode::Auto, "tcp://0.0.0.0:0").expect("valid"));
+        assert!(wanted(Mode::Always, "tcp://127.0.0.1:0").expect("valid"));
+        assert!(!wanted(Mode::Never, "tcp://0.0.0.0:0").expect("valid"));
+    }
+}
