@@ -1,32 +1,27 @@
 //! The shared queue: ROUTER frontend (clients) and ROUTER backend (workers) in one task.
 //!
-//! Requests wait in a bounded queue per client, served in turn; workers' free slots (READY
-//! credits) wait in a least-recently-used queue. Heartbeats go to every worker each interval; a
-//! worker silent for `interval x liveness`, or whose connection closes, is purged and the
-//! requests it held go back to the front of the queue, so another worker answers them.
-//! A request already queued or with a worker (same client, same first body frame) is a retry
-//! and is not run again. Nothing the loop sends ever waits on a peer: a peer that stopped
-//! reading is skipped at once (see `common::send`).
+//! This file moves messages; [`crate::books`] decides where they go (per-client queues served
+//! in turn, least-recently-used worker credits, merged retries, re-queue on purge). Heartbeats
+//! go to every worker each interval; a worker silent for `interval x liveness`, or whose
+//! connection closes, is purged. Nothing the loop sends ever waits on a peer: a peer that
+//! stopped reading is skipped at once (see `common::send`).
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::frames;
 use common::guard::GuardStats;
-use common::heartbeat::Liveness;
 use common::link::Monitor;
 use common::send::{try_send, Sent};
 use common::watchdog::Watchdog;
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use tokio::time::{interval, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use zeromq::{RouterSocket, Socket, SocketRecv, ZmqMessage};
 
+use crate::books::{Books, ReplyFate};
 use crate::config::BrokerConfig;
-use crate::protocol::{self, FromWorker, Request, RequestKey, HEARTBEAT};
-use crate::queue::{Overflow, RequestQueue};
+use crate::protocol::{self, FromWorker, Request, HEARTBEAT};
 use crate::stats::BrokerStats;
 
 /// Errors that stop the broker before it serves.
@@ -36,21 +31,6 @@ pub enum BrokerError {
     Bind(#[from] common::guard::BindError),
     #[error(transparent)]
     Endpoint(#[from] common::endpoint::EndpointError),
-}
-
-/// The most requests one worker may hold or be offered (its READY credits): a peer that keeps
-/// sending READY cannot grow the broker's memory without bound.
-pub const MAX_CREDITS: usize = 10_000;
-
-#[derive(Debug)]
-struct Worker {
-    liveness: Liveness,
-    /// Its entries in the idle queue: requests it can take now.
-    credits: usize,
-    /// Requests this worker holds, to send elsewhere if it dies.
-    held: HashMap<RequestKey, Request>,
-    /// It said DISCONNECT: it answers what it holds and takes nothing more.
-    leaving: bool,
 }
 
 /// A broker whose sockets are bound; [`Broker::run`] serves until cancelled.
@@ -65,13 +45,7 @@ pub struct Broker {
     pub backend_endpoint: String,
     /// Counters of the guards in front of the sockets, if any.
     guards: Vec<Arc<GuardStats>>,
-    queue: RequestQueue,
-    /// Keys of every request queued or held by a worker: a request that arrives again while
-    /// its key is here is a retry of one the broker already owns.
-    owned: HashSet<RequestKey>,
-    idle: VecDeque<Bytes>,
-    workers: HashMap<Bytes, Worker>,
-    stats: BrokerStats,
+    books: Books,
 }
 
 impl std::fmt::Debug for Broker {
@@ -112,7 +86,7 @@ impl Broker {
             "broker bound"
         );
         Ok(Self {
-            queue: RequestQueue::new(config.max_queued),
+            books: Books::new(config.max_queued, config.heartbeat),
             config,
             frontend,
             backend,
@@ -124,10 +98,6 @@ impl Broker {
                 .into_iter()
                 .flatten()
                 .collect(),
-            owned: HashSet::new(),
-            idle: VecDeque::new(),
-            workers: HashMap::new(),
-            stats: BrokerStats::default(),
         })
     }
 
@@ -163,13 +133,13 @@ impl Broker {
                 () = shutdown.cancelled() => break,
                 msg = self.frontend.recv() => self.on_frontend(msg),
                 msg = self.backend.recv() => self.on_backend(msg),
-                worker = self.backend_monitor.disconnected() => self.purge(&worker, "disconnected"),
-                client = self.frontend_monitor.disconnected() => self.forget_client(&client, "gone"),
+                worker = self.backend_monitor.disconnected() => self.books.purge(&worker, "disconnected"),
+                client = self.frontend_monitor.disconnected() => self.books.forget_client(&client, "gone"),
                 _ = heartbeat.tick() => self.on_heartbeat(),
                 _ = stats_tick.tick() => {
                     self.refresh_guard_stats();
                     self.log_stats("stats");
-                    report(&self.stats);
+                    report(&self.books.stats);
                 }
             }
             self.dispatch();
@@ -177,44 +147,17 @@ impl Broker {
         self.drain(&watchdog).await;
         self.refresh_guard_stats();
         self.log_stats("final stats");
-        self.stats
+        self.books.stats
     }
 
     fn on_frontend(&mut self, msg: zeromq::ZmqResult<ZmqMessage>) {
         let Ok(msg) = msg else { return };
         let peer = msg.get(0).cloned().unwrap_or_default();
-        let request = match Request::parse(msg) {
-            Ok(request) => request,
+        match Request::parse(msg) {
+            Ok(request) => self.books.request(request),
             Err(e) => {
-                self.stats.bad_frontend += 1;
+                self.books.stats.bad_frontend += 1;
                 tracing::warn!(peer = %frames::show(&peer), error = %e, "bad message from client dropped");
-                return;
-            }
-        };
-        self.stats.requests_in += 1;
-        let key = request.key();
-        if self.owned.contains(&key) {
-            // A retry of a request still queued or with a worker: its reply answers both.
-            self.stats.merged += 1;
-            return;
-        }
-        match self.queue.push(request) {
-            Ok(()) => {
-                self.owned.insert(key);
-            }
-            Err(overflow) => {
-                self.stats.rejected += 1;
-                if let Overflow::Displaced(dropped) = overflow {
-                    self.owned.remove(&dropped.key());
-                    self.owned.insert(key);
-                }
-                if self.stats.rejected.is_power_of_two() {
-                    tracing::warn!(
-                        queued = self.queue.len(),
-                        rejected = self.stats.rejected,
-                        "queue full, dropping requests"
-                    );
-                }
             }
         }
     }
@@ -223,105 +166,35 @@ impl Broker {
         let Ok(msg) = msg else { return };
         let (worker_id, parsed) = FromWorker::parse(msg);
         match parsed {
-            Ok(FromWorker::Ready) => self.on_ready(worker_id),
-            Ok(FromWorker::Heartbeat) => {
-                if let Some(worker) = self.workers.get_mut(&worker_id) {
-                    worker.liveness.heard();
+            Ok(FromWorker::Ready) => self.books.ready(worker_id),
+            Ok(FromWorker::Heartbeat) => self.books.heard(&worker_id),
+            Ok(FromWorker::Disconnect) => self.books.leaving(&worker_id),
+            Ok(FromWorker::Reply(reply)) => {
+                if self.books.reply(&worker_id, &protocol::key_of(&reply)) == ReplyFate::Forward {
+                    self.reply_to_client(reply);
                 }
             }
-            Ok(FromWorker::Disconnect) => self.on_leaving(worker_id),
-            Ok(FromWorker::Reply(reply)) => self.on_reply(worker_id, reply),
             Err(e) => {
-                self.stats.bad_backend += 1;
+                self.books.stats.bad_backend += 1;
                 tracing::warn!(worker = %frames::show(&worker_id), error = %e, "bad message from worker dropped");
             }
         }
     }
 
-    fn on_ready(&mut self, worker_id: Bytes) {
-        let worker = self.workers.entry(worker_id.clone()).or_insert_with(|| {
-            tracing::info!(worker = %frames::show(&worker_id), "worker ready");
-            Worker {
-                liveness: Liveness::new(self.config.heartbeat),
-                credits: 0,
-                held: HashMap::new(),
-                leaving: false,
-            }
-        });
-        worker.liveness.heard();
-        if worker.leaving || worker.credits + worker.held.len() >= MAX_CREDITS {
-            self.stats.bad_backend += 1;
-            tracing::warn!(worker = %frames::show(&worker_id), "READY beyond {MAX_CREDITS} credits, or after DISCONNECT, dropped");
-        } else {
-            worker.credits += 1;
-            self.idle.push_back(worker_id);
-        }
-    }
-
-    /// The worker is stopping: no more requests for it; it stays until it has answered.
-    fn on_leaving(&mut self, worker_id: Bytes) {
-        let Some(worker) = self.workers.get_mut(&worker_id) else {
-            return;
-        };
-        worker.liveness.heard();
-        worker.leaving = true;
-        worker.credits = 0;
-        let held = worker.held.len();
-        self.idle.retain(|id| id != &worker_id);
-        tracing::info!(worker = %frames::show(&worker_id), held, "worker leaving");
-        if held == 0 {
-            self.workers.remove(&worker_id);
-        }
-    }
-
-    fn on_reply(&mut self, worker_id: Bytes, reply: ZmqMessage) {
-        let key = protocol::key_of(&reply);
-        let mut answered = false;
-        if let Some(worker) = self.workers.get_mut(&worker_id) {
-            worker.liveness.heard();
-            // Only a reply to a request it held frees a slot: a late reply from a request we
-            // already gave to someone else must not double-book it.
-            if worker.held.remove(&key).is_some() {
-                answered = true;
-                if !worker.leaving {
-                    worker.credits += 1;
-                    self.idle.push_back(worker_id);
-                } else if worker.held.is_empty() {
-                    self.workers.remove(&worker_id);
-                }
-            }
-        }
-        if !answered {
-            // A late reply from a worker purged meanwhile: it still answers the client, and
-            // the queued copy need not run. If the key is no longer owned, the request was
-            // answered already and this is a repeat.
-            if !self.owned.contains(&key) {
-                self.stats.stale_replies += 1;
-                return;
-            }
-            if self.queue.remove(&key).is_none() {
-                // Held by another worker, whose reply will free its slot.
-                self.reply_to_client(reply);
-                return;
-            }
-        }
-        self.owned.remove(&key);
-        self.reply_to_client(reply);
-    }
-
     fn reply_to_client(&mut self, reply: ZmqMessage) {
         let client = reply.get(0).cloned().unwrap_or_default();
+        let stats = &mut self.books.stats;
         match try_send(&mut self.frontend, reply) {
-            Sent::Queued => self.stats.replies_out += 1,
+            Sent::Queued => stats.replies_out += 1,
             Sent::Stalled => {
-                self.stats.undeliverable += 1;
-                self.stats.stalled += 1;
+                stats.undeliverable += 1;
+                stats.stalled += 1;
                 // Its queue is full: running its other requests now would only feed the same
                 // full queue. It may send them again once it reads.
-                self.forget_client(&client, "not reading");
+                self.books.forget_client(&client, "not reading");
             }
             Sent::Failed(e) => {
-                self.stats.undeliverable += 1;
+                stats.undeliverable += 1;
                 tracing::debug!(error = %e, "reply dropped");
             }
         }
@@ -329,83 +202,26 @@ impl Broker {
 
     /// Hands queued requests to idle workers, least recently used first.
     fn dispatch(&mut self) {
-        while !self.queue.is_empty() {
-            let Some(worker_id) = self.idle.pop_front() else {
-                return;
-            };
-            let Some(worker) = self.workers.get_mut(&worker_id) else {
-                continue; // a slot of a purged worker
-            };
-            worker.credits -= 1;
-            let request = self.queue.pop().expect("queue is not empty");
+        while let Some((worker_id, request)) = self.books.next_dispatch() {
             match try_send(&mut self.backend, request.to_worker(&worker_id)) {
-                Sent::Queued => {
-                    self.stats.dispatched += 1;
-                    if let Some(worker) = self.workers.get_mut(&worker_id) {
-                        worker.held.insert(request.key(), request);
-                    }
-                }
-                why => {
-                    self.queue.push_front(request);
-                    let why = if matches!(why, Sent::Stalled) {
-                        "not reading"
-                    } else {
-                        "send failed"
-                    };
-                    self.purge(&worker_id, why);
-                }
+                Sent::Queued => self.books.handed(&worker_id, request),
+                Sent::Stalled => self.books.not_handed(&worker_id, request, "not reading"),
+                Sent::Failed(_) => self.books.not_handed(&worker_id, request, "send failed"),
             }
         }
     }
 
     fn on_heartbeat(&mut self) {
-        let expired: Vec<Bytes> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| w.liveness.is_expired())
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in expired {
-            self.purge(&id, "heartbeat expired");
-        }
-        for id in self.workers.keys() {
+        self.books.purge_expired();
+        for id in self.books.worker_ids() {
             let msg = frames::message_of(vec![id.clone(), Bytes::from_static(HEARTBEAT)]);
             // A full queue is not fatal: liveness decides, not one heartbeat.
             let _ = try_send(&mut self.backend, msg);
         }
     }
 
-    /// Forgets a worker and puts the requests it held back at the front of the queue.
-    fn purge(&mut self, worker_id: &Bytes, why: &str) {
-        let Some(worker) = self.workers.remove(worker_id) else {
-            return;
-        };
-        self.stats.purged += 1;
-        self.idle.retain(|id| id != worker_id);
-        let requeued = worker.held.len();
-        for (_, request) in worker.held {
-            self.queue.push_front(request);
-        }
-        self.stats.requeued += requeued as u64;
-        tracing::warn!(worker = %frames::show(worker_id), why, requeued, "worker purged");
-    }
-
-    /// Drops the queued requests of a client that went away or stopped reading: nobody would
-    /// read the replies.
-    fn forget_client(&mut self, client: &Bytes, why: &str) {
-        let dropped = self.queue.remove_client(client);
-        for request in &dropped {
-            self.owned.remove(&request.key());
-        }
-        if !dropped.is_empty() {
-            self.stats.forgotten += dropped.len() as u64;
-            tracing::info!(client = %frames::show(client), why, dropped = dropped.len(), "client's queued requests dropped");
-        }
-    }
-
     async fn drain(&mut self, watchdog: &Watchdog) {
-        let held: usize = self.workers.values().map(|w| w.held.len()).sum();
-        let dropped = self.queue.drain().len();
+        let (held, dropped) = self.books.close();
         tracing::info!(
             held,
             dropped,
@@ -413,7 +229,7 @@ impl Broker {
         );
         let until = Instant::now() + self.config.drain;
         let mut tick = interval(Duration::from_millis(500));
-        while self.workers.values().any(|w| !w.held.is_empty()) {
+        while self.books.held() > 0 {
             watchdog.pet();
             tokio::select! {
                 () = tokio::time::sleep_until(until) => break,
@@ -425,18 +241,18 @@ impl Broker {
     }
 
     fn refresh_guard_stats(&mut self) {
-        self.stats.guard_refused = self.guards.iter().map(|g| g.refused()).sum();
+        self.books.stats.guard_refused = self.guards.iter().map(|g| g.refused()).sum();
     }
 
     fn log_stats(&self, what: &'static str) {
-        let s = &self.stats;
+        let s = &self.books.stats;
         tracing::info!(
             requests_in = s.requests_in,
             replies_out = s.replies_out,
             dispatched = s.dispatched,
-            workers = self.workers.len(),
-            idle = self.idle.len(),
-            queued = self.queue.len(),
+            workers = self.books.workers(),
+            idle = self.books.idle(),
+            queued = self.books.queued(),
             purged = s.purged,
             requeued = s.requeued,
             rejected = s.rejected,

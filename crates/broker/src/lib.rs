@@ -8,6 +8,7 @@
 //!
 //! Each role is a library function; the binaries only parse flags and print.
 
+pub mod books;
 pub mod broker;
 pub mod client;
 pub mod config;
