@@ -279,3 +279,161 @@ impl Books {
         self.workers.len()
     }
 }
+
+#[cfg(test)]
+mod model {
+    //! The books against a plain model under random sequences of events: no request lost,
+    //! none held twice, credits bounded and matching the idle queue, and every request still
+    //! owned served once a worker is there.
+
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Event {
+        Request {
+            client: u8,
+            id: u8,
+        },
+        Ready(u8),
+        /// Dispatch all that can be, each send taken or refused.
+        Dispatch {
+            refuse_every: u8,
+        },
+        /// A worker answers the n-th request it holds (or a random key, as a repeat would).
+        Reply {
+            worker: u8,
+            nth: u8,
+        },
+        Purge(u8),
+        Leaving(u8),
+        Forget(u8),
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            4 => (0..3u8, 0..12u8).prop_map(|(client, id)| Event::Request { client, id }),
+            3 => (0..3u8).prop_map(Event::Ready),
+            3 => (0..5u8).prop_map(|refuse_every| Event::Dispatch { refuse_every }),
+            4 => (0..3u8, 0..4u8).prop_map(|(worker, nth)| Event::Reply { worker, nth }),
+            1 => (0..3u8).prop_map(Event::Purge),
+            1 => (0..3u8).prop_map(Event::Leaving),
+            1 => (0..3u8).prop_map(Event::Forget),
+        ]
+    }
+
+    fn id(n: u8) -> Bytes {
+        Bytes::from(vec![b'W', n])
+    }
+
+    fn client(n: u8) -> Bytes {
+        Bytes::from(vec![b'C', n])
+    }
+
+    fn request(c: u8, id: u8) -> Request {
+        let frames = vec![client(c), Bytes::new(), Bytes::from(id.to_string())];
+        Request::parse(frames::message_of(frames)).expect("valid")
+    }
+
+    fn owned(books: &Books) -> BTreeSet<RequestKey> {
+        books.owned.iter().cloned().collect()
+    }
+
+    /// What must hold between any two events.
+    fn check(books: &Books) {
+        let mut held = BTreeSet::new();
+        for (wid, worker) in &books.workers {
+            for key in worker.held.keys() {
+                assert!(held.insert(key.clone()), "{key:?} held twice");
+            }
+            let in_idle = books.idle.iter().filter(|i| *i == wid).count();
+            assert_eq!(in_idle, worker.credits, "credits of {wid:?} vs idle queue");
+            assert!(worker.credits + worker.held.len() <= MAX_CREDITS);
+            assert!(!worker.leaving || worker.credits == 0);
+        }
+        let mut queued = BTreeSet::new();
+        let mut copy = books.queue.clone_for_test();
+        while let Some(r) = copy.pop() {
+            assert!(queued.insert(r.key()), "{:?} queued twice", r.key());
+            assert!(!held.contains(&r.key()), "{:?} queued and held", r.key());
+        }
+        assert_eq!(queued.len(), books.queue.len());
+        let both: BTreeSet<_> = queued.union(&held).cloned().collect();
+        assert_eq!(both, owned(books), "owned = queued + held");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn no_request_lost_or_held_twice(events in proptest::collection::vec(event(), 1..80)) {
+            let mut books = Books::new(6, Heartbeat::default());
+            for event in events {
+                let before = owned(&books);
+                let mut answered = BTreeSet::new();
+                match event.clone() {
+                    Event::Request { client: c, id } => books.request(request(c, id)),
+                    Event::Ready(w) => books.ready(id(w)),
+                    Event::Dispatch { refuse_every } => {
+                        let mut n = 0u8;
+                        while let Some((worker, request)) = books.next_dispatch() {
+                            n = n.wrapping_add(1);
+                            if refuse_every > 0 && n % refuse_every == 0 {
+                                books.not_handed(&worker, request, "refused");
+                            } else {
+                                books.handed(&worker, request);
+                            }
+                        }
+                    }
+                    Event::Reply { worker: w, nth } => {
+                        let key = books
+                            .workers
+                            .get(&id(w))
+                            .and_then(|wk| wk.held.keys().nth(nth as usize).cloned())
+                            .unwrap_or_else(|| request(nth % 3, nth).key());
+                        if books.reply(&id(w), &key) == ReplyFate::Forward {
+                            answered.insert(key);
+                        }
+                    }
+                    Event::Purge(w) => books.purge(&id(w), "test"),
+                    Event::Leaving(w) => books.leaving(&id(w)),
+                    Event::Forget(c) => books.forget_client(&client(c), "test"),
+                }
+                check(&books);
+                // A key leaves the books only answered or dropped on purpose: its client gone,
+                // or the newest of the longest queue displaced by a new request.
+                let after = owned(&books);
+                let left: Vec<&RequestKey> = before
+                    .difference(&after)
+                    .filter(|k| !answered.contains(*k))
+                    .collect();
+                match event {
+                    Event::Forget(c) => prop_assert!(left.iter().all(|k| k.0 == client(c))),
+                    Event::Request { .. } => prop_assert!(left.len() <= 1),
+                    _ => prop_assert!(left.is_empty(), "{:?} lost", left),
+                }
+            }
+            // A fresh worker with room for everything: every owned request is served, once.
+            let still: BTreeSet<RequestKey> = owned(&books);
+            let others: Vec<Bytes> = books.workers.keys().cloned().collect();
+            for w in others {
+                books.purge(&w, "finale");
+            }
+            let fresh = id(9);
+            for _ in 0..books.queued() {
+                books.ready(fresh.clone());
+            }
+            let mut served = BTreeSet::new();
+            while let Some((worker, request)) = books.next_dispatch() {
+                prop_assert!(served.insert(request.key()), "served twice");
+                books.handed(&worker, request.clone());
+                prop_assert_eq!(books.reply(&worker, &request.key()), ReplyFate::Forward);
+            }
+            prop_assert_eq!(&served, &still);
+            prop_assert!(books.owned.is_empty());
+            check(&books);
+        }
+    }
+}

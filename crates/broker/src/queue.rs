@@ -149,6 +149,17 @@ impl RequestQueue {
         request
     }
 
+    /// A copy, for tests that inspect the order without disturbing it.
+    #[cfg(test)]
+    pub fn clone_for_test(&self) -> Self {
+        Self {
+            capacity: self.capacity,
+            len: self.len,
+            by_client: self.by_client.clone(),
+            turns: self.turns.clone(),
+        }
+    }
+
     /// Empties the queue, returning what it held.
     pub fn drain(&mut self) -> Vec<Request> {
         self.turns.clear();
