@@ -223,4 +223,47 @@ mod tests {
         assert!(Reply::parse(&[b(b"42"), b(b"p")]).is_none());
         assert_eq!(request_body(3, b(b"p")), vec![b(b"3"), b(b"p")]);
     }
+
+    mod fuzz {
+        //! Every parser on arbitrary frames: no panic, and what parses round-trips.
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn frames() -> impl Strategy<Value = Vec<Bytes>> {
+            let frame = prop_oneof![
+                Just(Bytes::new()),
+                Just(Bytes::from_static(READY)),
+                Just(Bytes::from_static(HEARTBEAT)),
+                Just(Bytes::from_static(DISCONNECT)),
+                proptest::collection::vec(any::<u8>(), 0..12).prop_map(Bytes::from),
+            ];
+            proptest::collection::vec(frame, 1..7)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(3000))]
+            #[test]
+            fn parsers_never_panic_and_round_trip(frames in frames()) {
+                let msg = common::frames::message_of(frames.clone());
+                if let Ok(request) = Request::parse(msg.clone()) {
+                    prop_assert_eq!(request.client(), &frames[0]);
+                    let (worker, back) = FromWorker::parse(request.to_worker(&Bytes::from_static(b"W")));
+                    prop_assert_eq!(worker, Bytes::from_static(b"W"));
+                    match back {
+                        Ok(FromWorker::Reply(reply)) => prop_assert_eq!(key_of(&reply), request.key()),
+                        other => prop_assert!(false, "a request did not come back as a reply: {:?}", other),
+                    }
+                }
+                let (_, parsed) = FromWorker::parse(msg);
+                if let Ok(FromWorker::Reply(reply)) = parsed {
+                    prop_assert!(reply.len() >= 3);
+                }
+                if let Some(reply) = Reply::parse(&frames) {
+                    prop_assert_eq!(reply.payload, frames[2].clone());
+                }
+            }
+        }
+    }
 }

@@ -456,3 +456,91 @@ mod tests {
         assert!(!wanted(Mode::Never, "tcp://0.0.0.0:0").expect("valid"));
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! The inspector on random and mutated streams: it never panics, whatever it is fed and
+    //! however the stream is cut into reads, and what it lets through keeps to the limits.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A stream of frames, each `(flags, body length)`, after a valid greeting.
+    fn stream(frames: &[(u8, u16)]) -> Vec<u8> {
+        let mut s = vec![0u8; GREETING];
+        s[0] = 0xFF;
+        s[9] = 0x7F;
+        s[10] = 3;
+        for &(flags, len) in frames {
+            let flags = flags & (MORE | COMMAND);
+            if len > 255 {
+                s.push(flags | LONG);
+                s.extend(u64::from(len).to_be_bytes());
+            } else {
+                s.push(flags);
+                s.push(len as u8);
+            }
+            s.extend(std::iter::repeat_n(0xAB, len as usize));
+        }
+        s
+    }
+
+    /// The largest message of a well-formed stream, and its most frames.
+    fn largest(frames: &[(u8, u16)]) -> (u64, u32) {
+        let (mut bytes, mut count, mut most, mut max_frames) = (0u64, 0u32, 0u64, 0u32);
+        for &(flags, len) in frames {
+            if flags & COMMAND != 0 {
+                most = most.max(u64::from(len));
+                continue;
+            }
+            bytes += u64::from(len);
+            count += 1;
+            most = most.max(bytes);
+            max_frames = max_frames.max(count);
+            if flags & MORE == 0 {
+                bytes = 0;
+                count = 0;
+            }
+        }
+        (most, max_frames)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400), cut in 1usize..50) {
+            let mut inspector = Inspector::new(Limits { max_message_bytes: 300, max_frames: 4 });
+            for chunk in bytes.chunks(cut) {
+                if inspector.feed(chunk).is_err() {
+                    break;
+                }
+            }
+        }
+
+        #[test]
+        fn accepts_exactly_what_keeps_to_the_limits(
+            frames in proptest::collection::vec((any::<u8>(), 0u16..700), 0..12),
+            cut in 1usize..300,
+            flip in proptest::option::of((0usize..2000, any::<u8>())),
+        ) {
+            let limits = Limits { max_message_bytes: 1000, max_frames: 5 };
+            let mut bytes = stream(&frames);
+            let mutated = match flip {
+                Some((at, byte)) if at < bytes.len() && bytes[at] != byte => {
+                    bytes[at] = byte;
+                    true
+                }
+                _ => false,
+            };
+            let mut inspector = Inspector::new(limits);
+            let verdict = bytes.chunks(cut).try_for_each(|c| inspector.feed(c));
+            if !mutated {
+                let (most, max_frames) = largest(&frames);
+                let within = most <= limits.max_message_bytes && max_frames <= limits.max_frames;
+                prop_assert_eq!(verdict.is_ok(), within, "{:?}", verdict);
+            }
+        }
+    }
+}
