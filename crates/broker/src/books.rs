@@ -380,7 +380,7 @@ mod model {
                         let mut n = 0u8;
                         while let Some((worker, request)) = books.next_dispatch() {
                             n = n.wrapping_add(1);
-                            if refuse_every > 0 && n % refuse_every == 0 {
+                            if refuse_every > 0 && n.is_multiple_of(refuse_every) {
                                 books.not_handed(&worker, request, "refused");
                             } else {
                                 books.handed(&worker, request);
