@@ -57,10 +57,10 @@ pub struct Books {
 }
 
 impl Books {
-    pub fn new(max_queued: usize, heartbeat: Heartbeat) -> Self {
+    pub fn new(max_queued: usize, max_queued_bytes: usize, heartbeat: Heartbeat) -> Self {
         Self {
             heartbeat,
-            queue: RequestQueue::new(max_queued),
+            queue: RequestQueue::new(max_queued, max_queued_bytes),
             owned: HashSet::new(),
             idle: VecDeque::new(),
             workers: HashMap::new(),
@@ -85,7 +85,9 @@ impl Books {
             Err(overflow) => {
                 self.stats.rejected += 1;
                 if let Overflow::Displaced(dropped) = overflow {
-                    self.owned.remove(&dropped.key());
+                    for request in dropped {
+                        self.owned.remove(&request.key());
+                    }
                     self.owned.insert(key);
                 }
                 if self.stats.rejected.is_power_of_two() {
@@ -271,6 +273,10 @@ impl Books {
         self.queue.len()
     }
 
+    pub fn queued_bytes(&self) -> usize {
+        self.queue.bytes()
+    }
+
     pub fn idle(&self) -> usize {
         self.idle.len()
     }
@@ -369,7 +375,7 @@ mod model {
         #![proptest_config(ProptestConfig::with_cases(2000))]
         #[test]
         fn no_request_lost_or_held_twice(events in proptest::collection::vec(event(), 1..80)) {
-            let mut books = Books::new(6, Heartbeat::default());
+            let mut books = Books::new(6, 20, Heartbeat::default());
             for event in events {
                 let before = owned(&books);
                 let mut answered = BTreeSet::new();
@@ -411,7 +417,9 @@ mod model {
                     .collect();
                 match event {
                     Event::Forget(c) => prop_assert!(left.iter().all(|k| k.0 == client(c))),
-                    Event::Request { .. } => prop_assert!(left.len() <= 1),
+                    Event::Request { client: c, .. } => {
+                        prop_assert!(left.iter().all(|k| k.0 != client(c)), "the sender displaced itself")
+                    }
                     _ => prop_assert!(left.is_empty(), "{:?} lost", left),
                 }
             }

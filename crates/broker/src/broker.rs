@@ -86,7 +86,7 @@ impl Broker {
             "broker bound"
         );
         Ok(Self {
-            books: Books::new(config.max_queued, config.heartbeat),
+            books: Books::new(config.max_queued, config.max_queued_bytes, config.heartbeat),
             config,
             frontend,
             backend,
@@ -253,6 +253,7 @@ impl Broker {
             workers = self.books.workers(),
             idle = self.books.idle(),
             queued = self.books.queued(),
+            queued_bytes = self.books.queued_bytes(),
             purged = s.purged,
             requeued = s.requeued,
             rejected = s.rejected,

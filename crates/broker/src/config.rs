@@ -19,6 +19,8 @@ pub struct BrokerConfig {
     pub heartbeat: Heartbeat,
     /// Requests waiting for a worker beyond this are dropped (counted as `rejected`).
     pub max_queued: usize,
+    /// The same bound in bytes (all frames of the waiting requests).
+    pub max_queued_bytes: usize,
     /// A loop that does not come round for this long exits the process (status 70), so that
     /// a supervisor restarts it; at least three heartbeat intervals.
     pub watchdog: Duration,
@@ -38,6 +40,7 @@ impl Default for BrokerConfig {
             backend: DEFAULT_BACKEND.into(),
             heartbeat: Heartbeat::default(),
             max_queued: 10_000,
+            max_queued_bytes: 64 << 20,
             watchdog: Duration::from_secs(10),
             drain: Duration::from_secs(2),
             stats_every: Duration::from_secs(5),

@@ -26,6 +26,9 @@ struct Args {
     /// Requests waiting for a worker beyond this many are dropped (clients retry).
     #[arg(long, env = "BROKER_MAX_QUEUED", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     max_queued: u64,
+    /// Bytes of the requests waiting for a worker, at most (the flooding client gives way).
+    #[arg(long, env = "BROKER_MAX_QUEUED_BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(1024..))]
+    max_queued_bytes: u64,
     /// Seconds the loop may stall before the process exits with status 70 for a supervisor
     /// to restart it (at least three heartbeat intervals).
     #[arg(long, env = "BROKER_WATCHDOG_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
@@ -56,6 +59,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         backend: args.backend,
         heartbeat: args.heartbeat.heartbeat(),
         max_queued: args.max_queued as usize,
+        max_queued_bytes: args.max_queued_bytes as usize,
         watchdog: Duration::from_secs(args.watchdog_secs),
         drain: Duration::from_millis(args.drain_ms),
         stats_every: Duration::from_secs(args.stats_secs),

@@ -39,7 +39,11 @@ pub type RequestKey = (Bytes, Bytes);
 /// A client request, `[client-id][""][body...]`, kept as received: forwarding it to a worker
 /// only puts the worker's identity in front; no frame is copied.
 #[derive(Debug, Clone)]
-pub struct Request(ZmqMessage);
+pub struct Request {
+    msg: ZmqMessage,
+    /// Bytes of all its frames (what queueing it costs).
+    bytes: usize,
+}
 
 /// Checks `[client-id][""][body...]`.
 fn check_envelope(msg: &ZmqMessage) -> Result<(), Malformed> {
@@ -61,20 +65,26 @@ impl Request {
     /// Parses a message from the frontend ROUTER.
     pub fn parse(msg: ZmqMessage) -> Result<Self, Malformed> {
         check_envelope(&msg)?;
-        Ok(Self(msg))
+        let bytes = msg.iter().map(Bytes::len).sum();
+        Ok(Self { msg, bytes })
     }
 
     pub fn client(&self) -> &Bytes {
-        self.0.get(0).expect("checked envelope")
+        self.msg.get(0).expect("checked envelope")
+    }
+
+    /// Bytes of all its frames.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     pub fn key(&self) -> RequestKey {
-        key_of(&self.0)
+        key_of(&self.msg)
     }
 
     /// The message for the backend ROUTER: `[worker-id][client-id][""][body...]`.
     pub fn to_worker(&self, worker: &Bytes) -> ZmqMessage {
-        let mut msg = self.0.clone();
+        let mut msg = self.msg.clone();
         msg.push_front(worker.clone());
         msg
     }

@@ -3,9 +3,9 @@
 //! One FIFO for everyone lets a client that floods the broker put thousands of requests ahead
 //! of everybody else's. Here each client has its own queue and dispatch takes one request from
 //! each client in turn, so a newcomer waits for one request per busy client, not for the
-//! backlog. The bound is shared: when it is reached, a new request displaces the newest request
-//! of the client that has the most queued (so the flooder pays for its flood), unless that is
-//! the sender itself, whose new request is refused.
+//! backlog. The bounds, a count and a number of bytes, are shared: when one is reached, a new
+//! request displaces the newest requests of the client that has the most bytes queued (so the
+//! flooder pays for its flood), unless that is the sender itself, whose request is refused.
 
 use std::collections::VecDeque;
 
@@ -19,28 +19,49 @@ use crate::protocol::{Request, RequestKey};
 pub enum Overflow {
     /// The new request was refused (its client already has the most queued).
     Refused(Request),
-    /// The new request was queued; this one, the newest of the longest queue, was dropped.
-    Displaced(Request),
+    /// The new request was queued; these, the newest of the heaviest client, were dropped.
+    Displaced(Vec<Request>),
 }
 
-/// Requests per client, dispatched round robin over clients, at most `capacity` in all.
+/// One client's queued requests.
+#[derive(Debug, Clone, Default)]
+struct ClientQueue {
+    requests: VecDeque<Request>,
+    bytes: usize,
+}
+
+/// Requests per client, dispatched round robin over clients, at most `capacity` requests and
+/// `max_bytes` bytes in all.
 #[derive(Debug)]
 pub struct RequestQueue {
     capacity: usize,
+    max_bytes: usize,
     len: usize,
-    by_client: HashMap<Bytes, VecDeque<Request>>,
+    bytes: usize,
+    by_client: HashMap<Bytes, ClientQueue>,
     /// Clients with queued requests, in the order they are served.
     turns: VecDeque<Bytes>,
 }
 
 impl RequestQueue {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize, max_bytes: usize) -> Self {
         Self {
             capacity,
+            max_bytes,
             len: 0,
+            bytes: 0,
             by_client: HashMap::new(),
             turns: VecDeque::new(),
         }
+    }
+
+    /// Bytes queued.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn has_room_for(&self, bytes: usize) -> bool {
+        self.len < self.capacity && self.bytes + bytes <= self.max_bytes
     }
 
     pub fn len(&self) -> usize {
@@ -51,50 +72,64 @@ impl RequestQueue {
         self.len == 0
     }
 
-    /// Queues a new request at the back of its client's queue, within the bound.
+    /// Queues a new request at the back of its client's queue, within the bounds.
     pub fn push(&mut self, request: Request) -> Result<(), Overflow> {
-        if self.len < self.capacity {
+        let size = request.bytes();
+        if self.has_room_for(size) {
             self.push_back(request);
             return Ok(());
         }
-        let longest = self
+        let heaviest = self
             .by_client
             .iter()
-            .max_by_key(|(_, queue)| queue.len())
-            .map(|(client, queue)| (client.clone(), queue.len()));
-        let mine = self
-            .by_client
-            .get(request.client())
-            .map_or(0, VecDeque::len);
-        match longest {
-            Some((client, most)) if most > mine + 1 => {
-                let displaced = self
-                    .pop_back_of(&client)
-                    .expect("the longest queue is not empty");
-                self.push_back(request);
-                Err(Overflow::Displaced(displaced))
-            }
-            _ => Err(Overflow::Refused(request)),
+            .max_by_key(|(_, queue)| queue.bytes)
+            .map(|(client, queue)| (client.clone(), queue.bytes));
+        let mine = self.by_client.get(request.client()).map_or(0, |q| q.bytes);
+        let Some((client, most)) = heaviest.filter(|(_, most)| *most > mine + size) else {
+            return Err(Overflow::Refused(request));
+        };
+        // Take from the heaviest while it stays heavier than the sender would be.
+        let mut displaced = Vec::new();
+        let mut left = most;
+        while !self.has_room_for(size) && left > mine + size {
+            let Some(dropped) = self.pop_back_of(&client) else {
+                break;
+            };
+            left -= dropped.bytes();
+            displaced.push(dropped);
         }
+        if !self.has_room_for(size) {
+            // Not enough to take from fairly: put them back and refuse.
+            for request in displaced.into_iter().rev() {
+                self.push_back(request);
+            }
+            return Err(Overflow::Refused(request));
+        }
+        self.push_back(request);
+        Err(Overflow::Displaced(displaced))
     }
 
     fn push_back(&mut self, request: Request) {
         let queue = self.by_client.entry(request.client().clone()).or_default();
-        if queue.is_empty() {
+        if queue.requests.is_empty() {
             self.turns.push_back(request.client().clone());
         }
-        queue.push_back(request);
+        queue.bytes += request.bytes();
+        self.bytes += request.bytes();
+        queue.requests.push_back(request);
         self.len += 1;
     }
 
     /// Puts back a request that was with a worker: first of its client's, and that client
-    /// served first. May exceed the bound: the request was accepted once already.
+    /// served first. May exceed the bounds: the request was accepted once already.
     pub fn push_front(&mut self, request: Request) {
         let queue = self.by_client.entry(request.client().clone()).or_default();
-        if queue.is_empty() {
+        if queue.requests.is_empty() {
             self.turns.push_front(request.client().clone());
         }
-        queue.push_front(request);
+        queue.bytes += request.bytes();
+        self.bytes += request.bytes();
+        queue.requests.push_front(request);
         self.len += 1;
     }
 
@@ -105,24 +140,34 @@ impl RequestQueue {
             .by_client
             .get_mut(&client)
             .expect("a client in turn has a queue");
-        let request = queue.pop_front().expect("a client in turn has requests");
-        if queue.is_empty() {
+        let request = queue
+            .requests
+            .pop_front()
+            .expect("a client in turn has requests");
+        queue.bytes -= request.bytes();
+        if queue.requests.is_empty() {
             self.by_client.remove(&client);
         } else {
             self.turns.push_back(client);
         }
-        self.len -= 1;
+        self.taken(&request);
         Some(request)
+    }
+
+    fn taken(&mut self, request: &Request) {
+        self.len -= 1;
+        self.bytes -= request.bytes();
     }
 
     fn pop_back_of(&mut self, client: &Bytes) -> Option<Request> {
         let queue = self.by_client.get_mut(client)?;
-        let request = queue.pop_back()?;
-        if queue.is_empty() {
+        let request = queue.requests.pop_back()?;
+        queue.bytes -= request.bytes();
+        if queue.requests.is_empty() {
             self.by_client.remove(client);
             self.turns.retain(|c| c != client);
         }
-        self.len -= 1;
+        self.taken(&request);
         Some(request)
     }
 
@@ -132,21 +177,23 @@ impl RequestQueue {
             return Vec::new();
         };
         self.turns.retain(|c| c != client);
-        self.len -= queue.len();
-        queue.into()
+        self.len -= queue.requests.len();
+        self.bytes -= queue.bytes;
+        queue.requests.into()
     }
 
     /// Takes out the queued request with this key, if any (it was answered meanwhile).
     pub fn remove(&mut self, key: &RequestKey) -> Option<Request> {
         let queue = self.by_client.get_mut(&key.0)?;
-        let at = queue.iter().position(|r| r.key() == *key)?;
-        let request = queue.remove(at);
-        if queue.is_empty() {
+        let at = queue.requests.iter().position(|r| r.key() == *key)?;
+        let request = queue.requests.remove(at)?;
+        queue.bytes -= request.bytes();
+        if queue.requests.is_empty() {
             self.by_client.remove(&key.0);
             self.turns.retain(|c| c != &key.0);
         }
-        self.len -= 1;
-        request
+        self.taken(&request);
+        Some(request)
     }
 
     /// A copy, for tests that inspect the order without disturbing it.
@@ -154,7 +201,9 @@ impl RequestQueue {
     pub fn clone_for_test(&self) -> Self {
         Self {
             capacity: self.capacity,
+            max_bytes: self.max_bytes,
             len: self.len,
+            bytes: self.bytes,
             by_client: self.by_client.clone(),
             turns: self.turns.clone(),
         }
@@ -164,7 +213,11 @@ impl RequestQueue {
     pub fn drain(&mut self) -> Vec<Request> {
         self.turns.clear();
         self.len = 0;
-        self.by_client.drain().flat_map(|(_, q)| q).collect()
+        self.bytes = 0;
+        self.by_client
+            .drain()
+            .flat_map(|(_, q)| q.requests)
+            .collect()
     }
 }
 
@@ -196,7 +249,7 @@ mod tests {
 
     #[test]
     fn clients_take_turns() {
-        let mut q = RequestQueue::new(100);
+        let mut q = RequestQueue::new(100, usize::MAX);
         for id in 0..3 {
             q.push(req("A", id)).expect("room");
         }
@@ -211,7 +264,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_displaces_the_flooder_not_the_newcomer() {
-        let mut q = RequestQueue::new(4);
+        let mut q = RequestQueue::new(4, usize::MAX);
         for id in 0..4 {
             q.push(req("F", id)).expect("room");
         }
@@ -219,7 +272,12 @@ mod tests {
         assert!(matches!(q.push(req("F", 9)), Err(Overflow::Refused(_))));
         // ...a newcomer displaces the flooder's newest.
         match q.push(req("N", 0)) {
-            Err(Overflow::Displaced(r)) => assert_eq!(r.key(), key("F", 3)),
+            Err(Overflow::Displaced(r)) => {
+                assert_eq!(
+                    r.iter().map(Request::key).collect::<Vec<_>>(),
+                    [key("F", 3)]
+                )
+            }
             other => panic!("expected a displacement, got {other:?}"),
         }
         assert_eq!(q.len(), 4);
@@ -231,7 +289,7 @@ mod tests {
 
     #[test]
     fn requeued_requests_go_first_and_removals_keep_the_count() {
-        let mut q = RequestQueue::new(10);
+        let mut q = RequestQueue::new(10, usize::MAX);
         q.push(req("A", 1)).expect("room");
         q.push(req("B", 1)).expect("room");
         q.push_front(req("B", 0));
@@ -245,5 +303,40 @@ mod tests {
         q.push(req("C", 0)).expect("room");
         assert_eq!(q.drain().len(), 1);
         assert_eq!(q.len(), 0);
+    }
+
+    fn sized(client: &'static str, id: u64, payload: usize) -> Request {
+        let frames = vec![
+            Bytes::from_static(client.as_bytes()),
+            Bytes::new(),
+            Bytes::from(id.to_string()),
+            Bytes::from(vec![0u8; payload]),
+        ];
+        Request::parse(common::frames::message_of(frames)).expect("valid request")
+    }
+
+    #[test]
+    fn the_byte_bound_displaces_as_many_as_it_takes_and_no_more() {
+        let small = sized("F", 0, 100).bytes();
+        let mut q = RequestQueue::new(100, 10 * small);
+        for id in 0..10 {
+            q.push(sized("F", id, 100)).expect("room");
+        }
+        assert_eq!(q.bytes(), 10 * small);
+        // Three of the flooder's make room for one three times their size (less the key).
+        match q.push(sized("N", 0, 3 * small - 10)) {
+            Err(Overflow::Displaced(r)) => assert_eq!(r.len(), 3),
+            other => panic!("expected a displacement, got {other:?}"),
+        }
+        assert!(q.bytes() <= 10 * small);
+        // A request bigger than all the flooder could fairly give up is refused, and the
+        // flooder keeps what it had.
+        let before = q.len();
+        assert!(matches!(
+            q.push(sized("M", 0, 9 * small)),
+            Err(Overflow::Refused(_))
+        ));
+        assert_eq!(q.len(), before);
+        assert!(q.bytes() <= 10 * small);
     }
 }
