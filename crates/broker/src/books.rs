@@ -73,22 +73,24 @@ impl Books {
     pub fn request(&mut self, request: Request) {
         self.stats.requests_in += 1;
         let key = request.key();
-        if self.owned.contains(&key) {
+        if !self.owned.insert(key.clone()) {
             // A retry of a request still queued or with a worker: its reply answers both.
             self.stats.merged += 1;
             return;
         }
         match self.queue.push(request) {
-            Ok(()) => {
-                self.owned.insert(key);
-            }
+            Ok(()) => {}
             Err(overflow) => {
                 self.stats.rejected += 1;
-                if let Overflow::Displaced(dropped) = overflow {
-                    for request in dropped {
-                        self.owned.remove(&request.key());
+                match overflow {
+                    Overflow::Displaced(dropped) => {
+                        for request in dropped {
+                            self.owned.remove(&request.key());
+                        }
                     }
-                    self.owned.insert(key);
+                    Overflow::Refused(_) => {
+                        self.owned.remove(&key);
+                    }
                 }
                 if self.stats.rejected.is_power_of_two() {
                     tracing::warn!(
