@@ -1,0 +1,75 @@
+//! Issue 6, item 11: an output survives a crash of the host once it has its final name. Checked
+//! on the system calls themselves: a helper test does one atomic write under `strace`, which must
+//! show the temp file synced before the rename and the directory synced after it.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+const DIR_VAR: &str = "PIPELINE_DURABILITY_DIR";
+
+#[test]
+#[ignore = "helper: run under strace by write_atomic_syncs_the_file_and_its_directory"]
+fn one_atomic_write() {
+    let dir = PathBuf::from(std::env::var(DIR_VAR).unwrap());
+    pipeline::files::write_atomic(&dir.join("out/a.png"), b"image bytes", "probe").unwrap();
+}
+
+#[test]
+fn write_atomic_syncs_the_file_and_its_directory() {
+    let strace = Command::new("strace").arg("-V").output();
+    if !strace.is_ok_and(|o| o.status.success()) {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "strace is required in CI (apt-get install strace)"
+        );
+        eprintln!("SKIPPED: strace is not installed - fsync of outputs not checked");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("pipeline-durability-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("strace.log");
+    let status = Command::new("strace")
+        .args([
+            "-f",
+            "-y",
+            "-e",
+            "trace=fsync,fdatasync,rename,renameat,renameat2",
+            "-o",
+        ])
+        .arg(&log)
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "one_atomic_write",
+            "--ignored",
+            "--test-threads",
+            "1",
+        ])
+        .env(DIR_VAR, &dir)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the helper failed under strace");
+    let trace = std::fs::read_to_string(&log).unwrap();
+    let calls: Vec<&str> = trace
+        .lines()
+        .filter(|l| l.contains("fsync(") || l.contains("rename"))
+        .collect();
+    let out = dir.join("out");
+    let file_sync = calls
+        .iter()
+        .position(|l| l.contains("sync(") && l.contains(".pipeline-tmp>"));
+    let rename = calls.iter().position(|l| l.contains("rename"));
+    let dir_sync = calls
+        .iter()
+        .position(|l| l.contains("sync(") && l.contains(&format!("<{}>", out.display())));
+    let _ = std::fs::remove_dir_all(&dir);
+    match (file_sync, rename, dir_sync) {
+        (Some(f), Some(r), Some(d)) if f < r && r < d => {}
+        _ => panic!(
+            "expected fsync(temp) < rename < fsync(dir), got:\n{}",
+            calls.join("\n")
+        ),
+    }
+}
