@@ -7,16 +7,6 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use support::*;
 
-fn count(summary: &serde_json::Value, field: &str) -> u64 {
-    summary[field]
-        .as_u64()
-        .unwrap_or_else(|| panic!("summary has no {field}: {summary}"))
-}
-
-fn by_worker(summary: &serde_json::Value, id: &str) -> u64 {
-    summary["by_worker"][id].as_u64().unwrap_or(0)
-}
-
 fn signal(p: &Proc, sig: Signal) {
     kill(Pid::from_raw(p.pid() as i32), sig).unwrap();
 }

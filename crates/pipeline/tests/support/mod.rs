@@ -404,3 +404,15 @@ fn pipe(
         }
     }
 }
+
+/// A count of the JSON summary.
+pub fn count(summary: &serde_json::Value, field: &str) -> u64 {
+    summary[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("summary has no {field}: {summary}"))
+}
+
+/// How many images the summary credits to worker `id`.
+pub fn by_worker(summary: &serde_json::Value, id: &str) -> u64 {
+    summary["by_worker"][id].as_u64().unwrap_or(0)
+}
