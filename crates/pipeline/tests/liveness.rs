@@ -138,14 +138,21 @@ fn a_worker_holds_one_task_connection_after_a_master_restart() {
         &["--filter", "invert", "--stop-workers"],
     );
     let port = port_of(&eps[0]);
-    let mut most = 0;
+    let (mut most, mut seen) = (0, std::collections::BTreeSet::new());
     wait_until("the second batch", || {
-        most = most.max(connections_to(w.pid(), port));
+        let now = connections_to(w.pid(), port);
+        most = most.max(now.len());
+        seen.extend(now);
         second.exited()
     });
     assert!(second.wait().success(), "{}", second.stderr());
     assert_eq!(count(&second.summary(), "done"), 20);
     assert_eq!(most, 1, "the worker held {most} task connections at once");
+    assert_eq!(
+        seen.len(),
+        1,
+        "the worker tore down its task link to the new master needlessly"
+    );
     assert!(w.wait().success(), "{}", w.stderr());
 }
 

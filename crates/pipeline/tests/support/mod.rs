@@ -252,8 +252,9 @@ pub fn assert_outputs(output: &Path, expected: &[String]) {
     }
 }
 
-/// Established TCP connections of process `pid` to the local port `port` (read from `/proc`).
-pub fn connections_to(pid: u32, port: u16) -> usize {
+/// Established TCP connections of process `pid` to the local port `port` (read from `/proc`),
+/// as socket inode numbers: a connection keeps its inode for as long as it lives.
+pub fn connections_to(pid: u32, port: u16) -> Vec<String> {
     let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|dir| {
             dir.flatten()
@@ -284,7 +285,8 @@ pub fn connections_to(pid: u32, port: u16) -> usize {
                 && cols[3] == "01"
                 && inodes.contains(&cols[9])
         })
-        .count()
+        .map(|cols| cols[9].clone())
+        .collect()
 }
 
 /// `n` free loopback ports, as `tcp://` endpoints, for masters that must restart on the same ones.
