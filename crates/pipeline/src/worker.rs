@@ -542,3 +542,25 @@ pub fn default_id() -> String {
         .unwrap_or_else(|| "worker".to_string());
     format!("{host}-{}", std::process::id())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_of_a_replaced_batch_are_not_wanted() {
+        let current = CurrentBatch::default();
+        assert!(
+            current.is("a"),
+            "before any batch is heard of, every output is wanted"
+        );
+        assert!(!current.set("a"), "the first batch replaces nothing");
+        assert!(current.is("a"));
+        assert!(
+            current.set("b"),
+            "a restarted master's batch replaces the old one"
+        );
+        assert!(!current.is("a"));
+        assert!(current.is("b"));
+    }
+}

@@ -189,6 +189,12 @@ impl Books {
         });
         state.free = report.free;
         state.liveness = Liveness::new(expiry);
+        if report.event == Event::Hello {
+            // A worker says hello again after rebuilding its links: reports it sent on the old
+            // ones may be lost (a partition), so what it accepted goes back. The first answer
+            // still wins if its own arrives after all.
+            self.requeue_worker(&worker);
+        }
         let (batch, id) = match &report.event {
             Event::Accept { batch, id }
             | Event::Defer { batch, id }
@@ -300,10 +306,10 @@ impl Books {
         self.unacked = 0;
     }
 
-    /// Expires what ran out: workers silent for their liveness window (their tasks go back,
-    /// their names are returned), tasks unacknowledged for `ack_window` and tasks accepted
-    /// `task_timeout` ago; and releases parked tasks that waited long enough.
-    pub(super) fn expire(&mut self, ack_window: Duration, task_timeout: Duration) -> Vec<String> {
+    /// Expires what ran out: workers silent for their liveness window (their tasks go back),
+    /// tasks unacknowledged for `ack_window` and tasks accepted `task_timeout` ago; and releases
+    /// parked tasks that waited long enough.
+    pub(super) fn expire(&mut self, ack_window: Duration, task_timeout: Duration) -> Expired {
         let lost: Vec<String> = self
             .workers
             .iter()
@@ -316,6 +322,7 @@ impl Books {
             self.requeue_worker(worker);
         }
         let now = Instant::now();
+        let mut unacked = 0;
         for (i, e) in self.entries.iter_mut().enumerate() {
             let expired = match &e.status {
                 Status::Sent { at } => now.duration_since(*at) > ack_window,
@@ -325,6 +332,7 @@ impl Books {
             if expired {
                 if matches!(e.status, Status::Sent { .. }) {
                     self.unacked -= 1;
+                    unacked += 1;
                 }
                 tracing::info!(path = %e.rel, "task lease expired, re-sending");
                 e.status = Status::Pending;
@@ -335,7 +343,7 @@ impl Books {
         let (due, later): (Vec<_>, Vec<_>) = self.parked.drain(..).partition(|(t, _)| *t <= now);
         self.parked = later;
         self.pending.extend(due.into_iter().map(|(_, i)| i));
-        lost
+        Expired { lost, unacked }
     }
 
     /// The workers currently alive.
@@ -361,6 +369,15 @@ impl Books {
             },
         }
     }
+}
+
+/// What [`Books::expire`] found.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct Expired {
+    /// Workers silent for their liveness window.
+    pub lost: Vec<String>,
+    /// Tasks that no worker acknowledged within the window: lost in a connection nobody reads.
+    pub unacked: usize,
 }
 
 /// The books' share of the summary.
@@ -453,8 +470,8 @@ mod tests {
         }
         b.on_report(&report("w", 1, accept(0)));
         tokio::time::advance(Duration::from_millis(350)).await;
-        let lost = b.expire(Duration::from_secs(60), Duration::from_secs(60));
-        assert_eq!(lost, ["w"]);
+        let expired = b.expire(Duration::from_secs(60), Duration::from_secs(60));
+        assert_eq!(expired.lost, ["w"]);
         assert_eq!(b.workers(), 0);
         b.requeue_unacked();
         assert_eq!(
@@ -467,6 +484,18 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_second_hello_sends_the_accepted_tasks_again() {
+        let mut b = Books::new("b".into(), 3, vec!["a.png".into()]);
+        b.on_report(&report("w", 1, Event::Hello));
+        let id = b.next_to_send().expect("credit");
+        b.sent(id);
+        b.on_report(&report("w", 0, accept(0)));
+        b.on_report(&report("w", 1, Event::Hello));
+        assert_eq!(b.tally().resent, 1);
+        assert_eq!(b.next_to_send(), Some(0));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn task_timeout_resends_an_accepted_task() {
         let mut b = Books::new("b".into(), 3, vec!["a.png".into()]);
         b.on_report(&report("w", 1, Event::Hello));
@@ -475,9 +504,10 @@ mod tests {
         b.on_report(&report("w", 0, accept(0)));
         tokio::time::advance(Duration::from_millis(90)).await;
         b.on_report(&report("w", 1, Event::Heartbeat));
-        assert!(b
-            .expire(Duration::from_secs(60), Duration::from_millis(50))
-            .is_empty());
+        assert_eq!(
+            b.expire(Duration::from_secs(60), Duration::from_millis(50)),
+            Expired::default()
+        );
         assert_eq!(b.tally().resent, 1);
         assert_eq!(b.next_to_send(), Some(0));
     }

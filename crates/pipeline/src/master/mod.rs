@@ -9,7 +9,8 @@
 //! This file runs one batch: it checks the inputs, binds the three sockets (with keepalive and
 //! `TCP_USER_TIMEOUT`), and turns one loop that moves reports into the books and tasks out of
 //! them. A worker the books lose (silent for its liveness window) gets its tasks re-sent, and
-//! the ventilator cuts its task link so that PUSH stops dealing to it.
+//! the ventilator cuts the task links so that PUSH stops dealing to it; so does a task that no
+//! worker acknowledged within that window.
 
 mod books;
 mod controller;
@@ -118,20 +119,40 @@ impl MasterError {
     }
 }
 
-/// Binds `socket` on a listener with TCP keepalive and `TCP_USER_TIMEOUT` (`keepalive` idle,
+/// A socket bound on a listener with TCP keepalive and `TCP_USER_TIMEOUT` (`keepalive` idle,
 /// four of them before a connection with unacknowledged data is aborted): a worker lost behind a
 /// partition releases its connection in seconds, not after the ~15 minutes of retransmissions.
-async fn bind_keepalive<S: Socket>(
-    socket: &mut S,
-    endpoint: &str,
-    keepalive: Duration,
-) -> Result<String, MasterError> {
-    let listener = common::endpoint::bind_keepalive(endpoint, keepalive)?;
-    socket
-        .bind_listener(listener)
-        .await
-        .map(|bound| bound.to_string())
-        .map_err(MasterError::bind(endpoint))
+struct Bound<S> {
+    socket: S,
+    endpoint: String,
+}
+
+impl<S: Socket> Bound<S> {
+    async fn bind(endpoint: &str, keepalive: Duration) -> Result<Self, MasterError> {
+        let listener = common::endpoint::bind_keepalive(endpoint, keepalive)?;
+        Self::on(listener, endpoint).await
+    }
+
+    /// A new socket accepting on `listener` (bound for `endpoint`).
+    async fn on(listener: std::net::TcpListener, endpoint: &str) -> Result<Self, MasterError> {
+        let mut socket = S::new();
+        let bound = socket
+            .bind_listener(listener)
+            .await
+            .map_err(MasterError::bind(endpoint))?;
+        Ok(Self {
+            socket,
+            endpoint: bound.to_string(),
+        })
+    }
+}
+
+impl<S> std::fmt::Debug for Bound<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bound")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The bound endpoints, as printed on the `ready` line.
@@ -390,11 +411,11 @@ impl Master<'_> {
                             heartbeat_ms: self.cfg.heartbeat.interval.as_millis() as u64,
                         });
                     }
-                    let lost = self
+                    let expired = self
                         .books
                         .expire(self.cfg.heartbeat.expiry(), self.cfg.task_timeout);
-                    if !lost.is_empty() {
-                        self.cut_task_links(&lost).await;
+                    if !expired.lost.is_empty() || expired.unacked > 0 {
+                        self.cut_task_links(&expired).await;
                     }
                 }
             }
@@ -404,12 +425,14 @@ impl Master<'_> {
         true
     }
 
-    /// A worker went silent: it may be hung with its task connection open, and PUSH would go on
-    /// dealing it every n-th task. Cut every task link; live workers reconnect at once.
-    async fn cut_task_links(&mut self, lost: &[String]) {
+    /// A worker went silent, or a task vanished without an acknowledgement: a task connection
+    /// is open that nobody reads (a hung worker, or one a worker left behind a partition), and
+    /// PUSH would go on dealing it every n-th task. Cut every task link; live workers reconnect
+    /// at once.
+    async fn cut_task_links(&mut self, why: &books::Expired) {
         match self.ventilator.cut().await {
             Ok(()) => {
-                tracing::info!(?lost, "task links cut, live workers reconnect");
+                tracing::info!(lost = ?why.lost, unacked = why.unacked, "task links cut, live workers reconnect");
                 self.books.requeue_unacked();
             }
             Err(e) => tracing::error!(error = %e, "cannot renew the task socket"),

@@ -5,7 +5,8 @@
 //! worker (SIGSTOP, a stuck host) takes its share into a connection nobody reads. zmq.rs can
 //! neither close one peer nor tell which connection is whose, and its per-peer queues (100,000
 //! messages) never fill under the credit flow, so a non-waiting send never sees such a peer as
-//! stalled either. So when the books lose a worker, the ventilator [rebinds](Ventilator::cut):
+//! stalled either. So when the books lose a worker, or a task goes unacknowledged for the liveness
+//! window (it went into a connection nobody reads), the ventilator [rebinds](Ventilator::cut):
 //! a new PUSH on the same listening socket, the old one closed with every connection it had.
 //! Live workers notice the closed link and reconnect within their backoff; the hung one cannot,
 //! and gets nothing more until it runs again and reconnects.
@@ -18,7 +19,7 @@ use bytes::Bytes;
 use common::send::{try_send, Sent};
 use zeromq::{PushSocket, Socket, ZmqMessage};
 
-use super::{MasterError, Transfer};
+use super::{Bound, MasterError, Transfer};
 use crate::protocol::Task;
 
 /// How long a closed PUSH keeps its connections before it is dropped: a worker whose handshake
@@ -62,78 +63,63 @@ impl TaskSource {
 }
 
 /// The bound task PUSH.
+#[derive(Debug)]
 pub(super) struct Ventilator {
-    push: PushSocket,
+    bound: Bound<PushSocket>,
     /// The listening socket, kept so that a rebind never gives up the port.
     listener: TcpListener,
-    endpoint: String,
-}
-
-impl std::fmt::Debug for Ventilator {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ventilator")
-            .field("endpoint", &self.endpoint)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Ventilator {
     /// Binds the task PUSH on `endpoint` with keepalive and `TCP_USER_TIMEOUT` (`keepalive`).
     pub(super) async fn bind(endpoint: &str, keepalive: Duration) -> Result<Self, MasterError> {
         let listener = common::endpoint::bind_keepalive(endpoint, keepalive)?;
-        let clone = listener.try_clone().map_err(|source| MasterError::Listen {
-            endpoint: endpoint.to_string(),
-            source,
-        })?;
-        let mut push = PushSocket::new();
-        let bound = push
-            .bind_listener(clone)
-            .await
-            .map_err(MasterError::bind(endpoint))?;
-        Ok(Self {
-            push,
-            listener,
-            endpoint: bound.to_string(),
-        })
+        let bound = Bound::on(clone_of(&listener, endpoint)?, endpoint).await?;
+        Ok(Self { bound, listener })
     }
 
     pub(super) fn endpoint(&self) -> &str {
-        &self.endpoint
+        &self.bound.endpoint
     }
 
     /// Hands a task to the next worker in the rotation without ever waiting on it.
     pub(super) fn send(&mut self, msg: ZmqMessage) -> Sent {
-        try_send(&mut self.push, msg)
+        try_send(&mut self.bound.socket, msg)
     }
 
     /// Cuts every task connection by moving to a new PUSH on the same listening socket: the way
     /// to stop dealing to a worker that is connected but does not read. Tasks queued on the old
     /// socket are lost with it; the caller puts them back.
     pub(super) async fn cut(&mut self) -> Result<(), MasterError> {
-        let clone = self
-            .listener
-            .try_clone()
-            .map_err(|source| MasterError::Listen {
-                endpoint: self.endpoint.clone(),
-                source,
-            })?;
+        let endpoint = self.bound.endpoint.clone();
+        let clone = clone_of(&self.listener, &endpoint)?;
         // Stop the old accept loop first, so that the listening socket has one owner.
-        let _ = self.push.unbind_all().await;
-        let mut fresh = PushSocket::new();
-        if let Err(e) = fresh.bind_listener(clone).await {
-            // Keep the old socket listening again rather than lose the task endpoint.
-            if let Ok(again) = self.listener.try_clone() {
-                let _ = self.push.bind_listener(again).await;
+        let _ = self.bound.socket.unbind_all().await;
+        let fresh = match Bound::on(clone, &endpoint).await {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                // Keep the old socket listening again rather than lose the task endpoint.
+                if let Ok(again) = self.listener.try_clone() {
+                    let _ = self.bound.socket.bind_listener(again).await;
+                }
+                return Err(e);
             }
-            return Err(MasterError::bind(&self.endpoint)(e));
-        }
-        let old = std::mem::replace(&mut self.push, fresh);
+        };
+        let old = std::mem::replace(&mut self.bound, fresh);
         tokio::spawn(async move {
             tokio::time::sleep(HANDSHAKE_GRACE).await;
             drop(old);
         });
         Ok(())
     }
+}
+
+/// A second handle on the listening socket, for zmq.rs to own.
+fn clone_of(listener: &TcpListener, endpoint: &str) -> Result<TcpListener, MasterError> {
+    listener.try_clone().map_err(|source| MasterError::Listen {
+        endpoint: endpoint.to_string(),
+        source,
+    })
 }
 
 async fn read_bounded(path: &Path, max: u64) -> Result<Bytes, String> {
