@@ -406,6 +406,18 @@ mod tests {
         }
     }
 
+    /// Books of one image, sent to worker `w` (one slot) and, if `accepted`, accepted by it.
+    fn one_task(accepted: bool) -> Books {
+        let mut b = Books::new("b".into(), 3, vec!["a.png".into()]);
+        b.on_report(&report("w", 1, Event::Hello));
+        let id = b.next_to_send().expect("credit");
+        b.sent(id);
+        if accepted {
+            b.on_report(&report("w", 0, accept(0)));
+        }
+        b
+    }
+
     fn accept(id: u64) -> Event {
         Event::Accept {
             batch: "b".into(),
@@ -433,10 +445,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_first_answer_wins_and_other_batches_are_ignored() {
-        let mut b = Books::new("b".into(), 3, vec!["a.png".into()]);
-        b.on_report(&report("w", 1, Event::Hello));
-        let id = b.next_to_send().expect("credit");
-        b.sent(id);
+        let mut b = one_task(false);
         let old = Event::Done {
             batch: "old".into(),
             id: 0,
@@ -485,11 +494,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_second_hello_sends_the_accepted_tasks_again() {
-        let mut b = Books::new("b".into(), 3, vec!["a.png".into()]);
-        b.on_report(&report("w", 1, Event::Hello));
-        let id = b.next_to_send().expect("credit");
-        b.sent(id);
-        b.on_report(&report("w", 0, accept(0)));
+        let mut b = one_task(true);
         b.on_report(&report("w", 1, Event::Hello));
         assert_eq!(b.tally().resent, 1);
         assert_eq!(b.next_to_send(), Some(0));
@@ -497,11 +502,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn task_timeout_resends_an_accepted_task() {
-        let mut b = Books::new("b".into(), 3, vec!["a.png".into()]);
-        b.on_report(&report("w", 1, Event::Hello));
-        let id = b.next_to_send().expect("credit");
-        b.sent(id);
-        b.on_report(&report("w", 0, accept(0)));
+        let mut b = one_task(true);
         tokio::time::advance(Duration::from_millis(90)).await;
         b.on_report(&report("w", 1, Event::Heartbeat));
         assert_eq!(
