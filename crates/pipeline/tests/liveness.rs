@@ -217,14 +217,22 @@ fn task_timeout_resends_a_stuck_task() {
 }
 
 /// Issue 7: a worker whose links to the master go silent without any socket event (a partition)
-/// notices that the master's heartbeats stopped and connects again.
+/// notices that the master's heartbeats stopped and connects again. The master's own window is
+/// ten times longer (40 x 250 ms), so it never gives the worker up: the batch finishes only if
+/// the master also stops dealing into the worker's old task connection (a task unacknowledged
+/// for its window cuts the task links) and re-sends what the worker had accepted when it says
+/// hello again (the done reports sent on the old link are lost).
 #[test]
 fn a_worker_reconnects_when_the_master_heartbeats_stop() {
     const IMAGES: usize = 30;
     let dir = Scratch::new("silent-master");
     let (input, output) = (dir.path("in"), dir.path("out"));
     let expected = samples(&input, IMAGES, 24);
-    let (mut m, connect) = master(&input, &output, &["--filter", "invert", "--stop-workers"]);
+    let (mut m, connect) = master(
+        &input,
+        &output,
+        &["--filter", "invert", "--stop-workers", "--liveness", "40"],
+    );
     let relays: Vec<Relay> = connect.split(',').map(Relay::start).collect();
     let via: Vec<&str> = relays.iter().map(|r| r.endpoint.as_str()).collect();
     let mut w = worker(&via.join(","), "w1", &["--delay-ms", "50"]);
