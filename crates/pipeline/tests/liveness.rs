@@ -139,19 +139,27 @@ fn a_worker_holds_one_task_connection_after_a_master_restart() {
     );
     let port = port_of(&eps[0]);
     let (mut most, mut seen) = (0, std::collections::BTreeSet::new());
+    // What changed and when, for the failure message: (ms since the master was ready, inodes).
+    let (start, mut timeline) = (std::time::Instant::now(), Vec::new());
     wait_until("the second batch", || {
         let now = connections_to(w.pid(), port);
+        if timeline.last().map(|(_, n)| n) != Some(&now) {
+            timeline.push((start.elapsed().as_millis(), now.clone()));
+        }
         most = most.max(now.len());
         seen.extend(now);
         second.exited()
     });
     assert!(second.wait().success(), "{}", second.stderr());
     assert_eq!(count(&second.summary(), "done"), 20);
-    assert_eq!(most, 1, "the worker held {most} task connections at once");
+    assert_eq!(
+        most, 1,
+        "the worker held {most} task connections at once: {timeline:?}"
+    );
     assert_eq!(
         seen.len(),
         1,
-        "the worker tore down its task link to the new master needlessly"
+        "the worker tore down its task link to the new master needlessly: {timeline:?}"
     );
     assert!(w.wait().success(), "{}", w.stderr());
 }
