@@ -40,11 +40,23 @@ fn is_temp(path: &Path) -> bool {
         .is_some_and(|n| n.ends_with(TEMP_SUFFIX))
 }
 
-/// Writes `bytes` to `dest` so that readers see either no file or the whole file: a temp file
-/// next to it (same filesystem, so the rename is atomic), flushed, then renamed over `dest`.
+/// Writes `bytes` to `dest` so that readers see either no file or the whole file, also after a
+/// crash of the host: a temp file next to it (same filesystem, so the rename is atomic), synced,
+/// renamed over `dest`, and the directory synced so that the rename itself is on disk.
 /// Two writers of the same `dest` (a task done twice after a re-send) each rename a complete
 /// file: the last rename wins and there is still exactly one file.
 pub fn write_atomic(dest: &Path, bytes: &[u8], writer_tag: &str) -> std::io::Result<()> {
+    write_atomic_if(dest, bytes, writer_tag, || true).map(|_| ())
+}
+
+/// [`write_atomic`], but `keep` is asked just before the rename: when it says no (the output is
+/// no longer wanted, e.g. its batch is over), the temp file is removed and `Ok(false)` returned.
+pub fn write_atomic_if(
+    dest: &Path,
+    bytes: &[u8],
+    writer_tag: &str,
+    keep: impl FnOnce() -> bool,
+) -> std::io::Result<bool> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let parent = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent)?;
@@ -60,13 +72,33 @@ pub fn write_atomic(dest: &Path, bytes: &[u8], writer_tag: &str) -> std::io::Res
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
-        f.flush()?;
-        std::fs::rename(&tmp, dest)
+        // Without it a crash can leave a renamed but empty or partial file: the rename may
+        // reach the disk before the data.
+        f.sync_all()?;
+        if !keep() {
+            std::fs::remove_file(&tmp)?;
+            return Ok(false);
+        }
+        std::fs::rename(&tmp, dest)?;
+        sync_dir(parent)?;
+        Ok(true)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Whether `path` exists and was modified after `time`.
+pub fn modified_after(path: &Path, time: std::time::SystemTime) -> bool {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .is_ok_and(|m| m > time)
+}
+
+/// Makes a rename (or creation) in `dir` durable: the entry lives in the directory's own data.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Temp files under `root`: left by writers that died mid-write (or still writing).

@@ -7,11 +7,20 @@
 //! carries `free`, from which the master computes how many tasks it may have in flight.
 //!
 //! Reconnection: `zeromq` 0.7 PUSH/PULL never reconnect. The report PUSH is rebuilt on loss; the
-//! task PULL is connected again in place (dropping a `PullSocket` leaves its connections open and
-//! the master would keep dealing tasks into them). The control SUB reconnects by itself.
+//! task PULL is connected again in place when its connection drops (dropping a `PullSocket`
+//! leaves its connections open and the master would keep dealing tasks into them). The control
+//! SUB reconnects by itself, but with a backoff that grows to 30 s: when the master's heartbeats
+//! stop for the liveness window, every link is closed and built afresh (the task PULL's
+//! connections closed explicitly, or each leftover one would earn extra round-robin turns).
+//!
+//! Batches: a task belongs to its master's batch. When the worker hears of a newer batch (a
+//! heartbeat or a task of a restarted master), queued tasks of the old one are dropped, and one
+//! still running discards its output instead of renaming it over the new batch's.
 
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::heartbeat::{Heartbeat, Liveness};
@@ -76,6 +85,53 @@ pub enum WorkerError {
 
 type Outcome = (Task, Result<Option<Bytes>, String>);
 
+/// The batch the worker serves now, shared with running jobs.
+#[derive(Debug, Clone, Default)]
+struct CurrentBatch(Arc<Mutex<Option<String>>>);
+
+impl CurrentBatch {
+    /// Notes that `batch` is current; true when it replaces another one.
+    fn set(&self, batch: &str) -> bool {
+        let Ok(mut current) = self.0.lock() else {
+            return false;
+        };
+        let replaced = current.as_deref().is_some_and(|b| b != batch);
+        if current.as_deref() != Some(batch) {
+            *current = Some(batch.to_string());
+        }
+        replaced
+    }
+
+    /// Whether an output of `batch` is still wanted (yes until another batch is heard of).
+    fn is(&self, batch: &str) -> bool {
+        self.0
+            .lock()
+            .map(|current| current.as_deref().is_none_or(|b| b == batch))
+            .unwrap_or(true)
+    }
+}
+
+/// The task PULL and its monitor.
+struct TaskLink {
+    pull: PullSocket,
+    monitor: Monitor,
+}
+
+impl TaskLink {
+    fn new(connect_timeout: Duration) -> Self {
+        let mut options = SocketOptions::default();
+        options.connect_timeout(connect_timeout);
+        let mut pull = PullSocket::with_options(options);
+        let monitor = Monitor::new(pull.monitor());
+        Self { pull, monitor }
+    }
+
+    /// Closes every connection of the PULL: `PullSocket` has no `Drop` that does it.
+    fn close(self) {
+        self.pull.backend().shutdown();
+    }
+}
+
 /// Runs the worker until the master says `stop` or `cancel` fires.
 pub async fn run(
     config: WorkerConfig,
@@ -91,9 +147,11 @@ struct Worker {
     cfg: WorkerConfig,
     tag: String,
     backoff: Backoff,
-    queue: VecDeque<(Task, Option<Bytes>)>,
+    /// Tasks accepted and not started, with the time each arrived.
+    queue: VecDeque<(Task, Option<Bytes>, SystemTime)>,
     jobs: JoinSet<Outcome>,
     results: Option<(PushSocket, Monitor)>,
+    batch: CurrentBatch,
     done: u64,
 }
 
@@ -113,6 +171,7 @@ impl Worker {
             queue: VecDeque::new(),
             jobs: JoinSet::new(),
             results: None,
+            batch: CurrentBatch::default(),
             done: 0,
         }
     }
@@ -164,12 +223,12 @@ impl Worker {
     }
 
     /// Connects the one task PULL socket again and again until it succeeds or `cancel` fires.
-    async fn connect_tasks(&mut self, pull: &mut PullSocket, cancel: &CancellationToken) -> bool {
+    async fn connect_tasks(&mut self, link: &mut TaskLink, cancel: &CancellationToken) -> bool {
         let mut attempts = 0u32;
         loop {
             let r = tokio::select! {
                 () = cancel.cancelled() => return false,
-                r = pull.connect(&self.cfg.tasks) => r,
+                r = link.pull.connect(&self.cfg.tasks) => r,
             };
             match r {
                 Ok(()) => {
@@ -192,33 +251,37 @@ impl Worker {
         }
     }
 
-    async fn serve(&mut self, cancel: &CancellationToken) -> Result<WorkerExit, WorkerError> {
-        let mut control = match self.cfg.control.clone() {
-            Some(ep) => {
-                let got = link::connect(
-                    &ep,
-                    &self.cfg.reconnect,
-                    &mut self.backoff,
-                    cancel,
-                    SubSocket::with_options,
-                )
-                .await;
-                let Some(mut c) = got else {
-                    return Ok(WorkerExit::Cancelled);
-                };
-                c.socket
-                    .subscribe("")
-                    .await
-                    .map_err(WorkerError::Subscribe)?;
-                Some(c.socket)
-            }
-            None => None,
+    async fn connect_control(
+        &mut self,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Option<SubSocket>>, WorkerError> {
+        let Some(ep) = self.cfg.control.clone() else {
+            return Ok(Some(None));
         };
-        let mut options = SocketOptions::default();
-        options.connect_timeout(self.cfg.reconnect.connect_timeout);
-        let mut pull = PullSocket::with_options(options);
-        let mut pull_monitor = Monitor::new(pull.monitor());
-        if !self.connect_tasks(&mut pull, cancel).await {
+        let got = link::connect(
+            &ep,
+            &self.cfg.reconnect,
+            &mut self.backoff,
+            cancel,
+            SubSocket::with_options,
+        )
+        .await;
+        let Some(mut c) = got else {
+            return Ok(None);
+        };
+        c.socket
+            .subscribe("")
+            .await
+            .map_err(WorkerError::Subscribe)?;
+        Ok(Some(Some(c.socket)))
+    }
+
+    async fn serve(&mut self, cancel: &CancellationToken) -> Result<WorkerExit, WorkerError> {
+        let Some(mut control) = self.connect_control(cancel).await? else {
+            return Ok(WorkerExit::Cancelled);
+        };
+        let mut tasks = TaskLink::new(self.cfg.reconnect.connect_timeout);
+        if !self.connect_tasks(&mut tasks, cancel).await {
             return Ok(WorkerExit::Cancelled);
         }
         let mut master = Liveness::new(self.cfg.heartbeat);
@@ -226,8 +289,12 @@ impl Worker {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::info!(worker = %self.cfg.id, slots = self.cfg.slots(), "worker ready");
         loop {
-            if self.results.is_none() && !self.connect_results(cancel).await {
-                return Ok(WorkerExit::Cancelled);
+            if self.results.is_none() {
+                if !self.connect_results(cancel).await {
+                    return Ok(WorkerExit::Cancelled);
+                }
+                // However long reconnecting took, the master gets a full window from here.
+                master.heard();
             }
             tokio::select! {
                 () = cancel.cancelled() => return Ok(WorkerExit::Cancelled),
@@ -236,7 +303,8 @@ impl Worker {
                         tracing::info!("master says stop");
                         return Ok(WorkerExit::Stopped);
                     }
-                    Some(Control::Heartbeat { heartbeat_ms, .. }) => {
+                    Some(Control::Heartbeat { batch, heartbeat_ms }) => {
+                        self.serve_batch(&batch);
                         master = Liveness::new(Heartbeat {
                             interval: Duration::from_millis(heartbeat_ms.max(1)),
                             liveness: self.cfg.heartbeat.liveness,
@@ -244,7 +312,7 @@ impl Worker {
                     }
                     None => {}
                 },
-                msg = pull.recv() => match msg {
+                msg = tasks.pull.recv() => match msg {
                     Ok(msg) => {
                         master.heard();
                         self.on_task(&msg).await;
@@ -255,11 +323,12 @@ impl Worker {
                 Some(joined) = self.jobs.join_next(), if !self.jobs.is_empty() => {
                     self.on_outcome(joined).await;
                 }
-                _ = pull_monitor.disconnected() => {
+                _ = tasks.monitor.disconnected() => {
                     tracing::info!("task link lost, reconnecting");
-                    if !self.connect_tasks(&mut pull, cancel).await {
+                    if !self.connect_tasks(&mut tasks, cancel).await {
                         return Ok(WorkerExit::Cancelled);
                     }
+                    master.heard();
                 }
                 () = results_lost(&mut self.results) => {
                     tracing::info!("report link lost, reconnecting");
@@ -268,18 +337,38 @@ impl Worker {
                 _ = tick.tick() => {
                     if control.is_some() && master.is_expired() {
                         // A master that went silent without a socket event (partition, or a
-                        // restart we did not see): start both links afresh.
+                        // restart we did not see): start every link afresh.
                         tracing::info!(silent_ms = master.silent_for().as_millis() as u64, "master silent, reconnecting");
-                        master = Liveness::new(self.cfg.heartbeat);
                         self.results = None;
-                        if !self.connect_tasks(&mut pull, cancel).await {
+                        drop(control);
+                        control = match self.connect_control(cancel).await? {
+                            Some(c) => c,
+                            None => return Ok(WorkerExit::Cancelled),
+                        };
+                        std::mem::replace(&mut tasks, TaskLink::new(self.cfg.reconnect.connect_timeout)).close();
+                        if !self.connect_tasks(&mut tasks, cancel).await {
                             return Ok(WorkerExit::Cancelled);
                         }
+                        master = Liveness::new(self.cfg.heartbeat);
                     } else {
                         self.send(Event::Heartbeat, None).await;
                     }
                 }
             }
+        }
+    }
+
+    /// Notes the master's batch; when it is a new one, queued tasks of the old one are dropped
+    /// (their master is gone) and running ones will discard their outputs.
+    fn serve_batch(&mut self, batch: &str) {
+        if self.batch.set(batch) {
+            let before = self.queue.len();
+            self.queue.retain(|(t, _, _)| t.batch == batch);
+            tracing::info!(
+                batch,
+                dropped = before - self.queue.len(),
+                "new batch: earlier tasks dropped"
+            );
         }
     }
 
@@ -292,19 +381,20 @@ impl Worker {
             }
         };
         let (batch, id) = (task.batch.clone(), task.id);
+        self.serve_batch(&batch);
         if self.free() == 0 {
             tracing::debug!(id, "full, deferring task");
             self.send(Event::Defer { batch, id }, None).await;
             return;
         }
-        self.queue.push_back((task, image));
+        self.queue.push_back((task, image, SystemTime::now()));
         self.start_queued();
         self.send(Event::Accept { batch, id }, None).await;
     }
 
     fn start_queued(&mut self) {
         while self.jobs.len() < self.cfg.threads as usize {
-            let Some((task, image)) = self.queue.pop_front() else {
+            let Some((task, image, received)) = self.queue.pop_front() else {
                 return;
             };
             let (max, tag, dry) = (
@@ -313,6 +403,7 @@ impl Worker {
                 self.cfg.dry_run,
             );
             let delay = self.cfg.delay;
+            let current = self.batch.clone();
             self.jobs.spawn_blocking(move || {
                 if !delay.is_zero() {
                     std::thread::sleep(delay);
@@ -320,7 +411,16 @@ impl Worker {
                 let result = if dry {
                     Ok(None)
                 } else {
-                    execute(&task, image, max, &tag)
+                    // Not over an output of a newer batch (a restarted master), nor over one
+                    // written since this task arrived (a copy of it done elsewhere).
+                    let wanted = || {
+                        current.is(&task.batch)
+                            && !task
+                                .output
+                                .as_deref()
+                                .is_some_and(|p| files::modified_after(Path::new(p), received))
+                    };
+                    execute(&task, image, max, &tag, &wanted)
                 };
                 (task, result)
             });
@@ -400,12 +500,14 @@ async fn results_lost(results: &mut Option<(PushSocket, Monitor)>) {
 }
 
 /// Processes one task on the calling (blocking) thread: `Ok(Some(bytes))` when the output goes
-/// back inline, `Ok(None)` when it was written to the shared filesystem.
+/// back inline, `Ok(None)` when it was written to the shared filesystem. `wanted` is asked just
+/// before the output replaces the final file: no means a newer output is in place, which stays.
 pub fn execute(
     task: &Task,
     image: Option<Bytes>,
     max_decode_bytes: u64,
     writer_tag: &str,
+    wanted: &dyn Fn() -> bool,
 ) -> Result<Option<Bytes>, String> {
     let input = match (image, &task.input) {
         (Some(bytes), _) => bytes,
@@ -420,8 +522,11 @@ pub fn execute(
         .map_err(|e| e.to_string())?;
     match &task.output {
         Some(path) => {
-            files::write_atomic(std::path::Path::new(path), &out, writer_tag)
+            let kept = files::write_atomic_if(Path::new(path), &out, writer_tag, wanted)
                 .map_err(|e| format!("cannot write {path}: {e}"))?;
+            if !kept {
+                tracing::info!(batch = %task.batch, path = %task.path, "a newer output is in place, ours discarded");
+            }
             Ok(None)
         }
         None => Ok(Some(Bytes::from(out))),
@@ -436,4 +541,26 @@ pub fn default_id() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "worker".to_string());
     format!("{host}-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_of_a_replaced_batch_are_not_wanted() {
+        let current = CurrentBatch::default();
+        assert!(
+            current.is("a"),
+            "before any batch is heard of, every output is wanted"
+        );
+        assert!(!current.set("a"), "the first batch replaces nothing");
+        assert!(current.is("a"));
+        assert!(
+            current.set("b"),
+            "a restarted master's batch replaces the old one"
+        );
+        assert!(!current.is("a"));
+        assert!(current.is("b"));
+    }
 }

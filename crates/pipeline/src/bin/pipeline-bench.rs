@@ -182,7 +182,8 @@ fn baseline(
                     input: Some(input.join(rel).to_string_lossy().into_owned()),
                     output: Some(output.join(rel).to_string_lossy().into_owned()),
                 };
-                if let Err(e) = pipeline::worker::execute(&task, None, 512 << 20, "base") {
+                if let Err(e) = pipeline::worker::execute(&task, None, 512 << 20, "base", &|| true)
+                {
                     eprintln!("baseline: {rel}: {e}");
                 }
             });

@@ -117,6 +117,11 @@ impl Proc {
         }
     }
 
+    /// Whether the process has exited (without waiting).
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_some()
+    }
+
     /// Waits for the process to exit; collects the rest of stdout.
     pub fn wait(&mut self) -> ExitStatus {
         let deadline = Instant::now() + DEADLINE;
@@ -189,28 +194,8 @@ pub fn worker_bin() -> &'static str {
 
 /// Starts a master on port-0 endpoints with `--json` and short heartbeats.
 pub fn master(input: &Path, output: &Path, extra: &[&str]) -> (Proc, String) {
-    let mut args = vec![
-        "--input",
-        input.to_str().expect("utf-8 path"),
-        "--output",
-        output.to_str().expect("utf-8 path"),
-        "--tasks-bind",
-        "tcp://127.0.0.1:0",
-        "--results-bind",
-        "tcp://127.0.0.1:0",
-        "--control-bind",
-        "tcp://127.0.0.1:0",
-        "--heartbeat-ms",
-        "250",
-        "--liveness",
-        "4",
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let mut m = Proc::spawn(master_bin(), &args);
-    let fields = m.ready();
-    let connect = fields["connect"].clone();
-    (m, connect)
+    let any = "tcp://127.0.0.1:0".to_string();
+    master_on(&[any.clone(), any.clone(), any], input, output, extra)
 }
 
 pub fn worker(connect: &str, id: &str, extra: &[&str]) -> Proc {
@@ -265,4 +250,171 @@ pub fn assert_outputs(output: &Path, expected: &[String]) {
     for rel in expected {
         image::open(output.join(rel)).unwrap_or_else(|e| panic!("{rel} does not decode: {e}"));
     }
+}
+
+/// Established TCP connections of process `pid` to the local port `port` (read from `/proc`),
+/// as socket inode numbers: a connection keeps its inode for as long as it lives.
+pub fn connections_to(pid: u32, port: u16) -> Vec<String> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .filter_map(|link| {
+                    let l = link.to_string_lossy().into_owned();
+                    l.strip_prefix("socket:[")
+                        .and_then(|rest| rest.strip_suffix(']'))
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let port_hex = format!(":{port:04X}");
+    ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|t| std::fs::read_to_string(format!("/proc/{pid}/net/{t}")).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        })
+        .filter(|cols| {
+            cols.len() > 9
+                && cols[2].ends_with(&port_hex)
+                && cols[3] == "01"
+                && inodes.contains(&cols[9])
+        })
+        .map(|cols| cols[9].clone())
+        .collect()
+}
+
+/// `n` free loopback ports, as `tcp://` endpoints, for masters that must restart on the same ones.
+pub fn free_endpoints(n: usize) -> Vec<String> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| format!("tcp://{}", l.local_addr().unwrap()))
+        .collect()
+}
+
+/// A master on the given endpoints (tasks, results, control) with the test timing (250 ms x 4
+/// unless `extra` says otherwise) and `--json`; returns it once ready, with its `connect=`.
+pub fn master_on(eps: &[String], input: &Path, output: &Path, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec![
+        "--input",
+        input.to_str().expect("utf-8 path"),
+        "--output",
+        output.to_str().expect("utf-8 path"),
+        "--tasks-bind",
+        &eps[0],
+        "--results-bind",
+        &eps[1],
+        "--control-bind",
+        &eps[2],
+        "--heartbeat-ms",
+        "250",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    if !extra.contains(&"--liveness") {
+        args.extend_from_slice(&["--liveness", "4"]);
+    }
+    let mut m = Proc::spawn(master_bin(), &args);
+    let connect = m.ready()["connect"].clone();
+    (m, connect)
+}
+
+/// The port of a `tcp://host:port` endpoint.
+pub fn port_of(endpoint: &str) -> u16 {
+    endpoint.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// A loopback TCP relay in front of one endpoint that can turn every connection it carries into
+/// a black hole (bytes read and dropped both ways, nothing closed: a partition without socket
+/// events), while connections made afterwards are relayed normally.
+#[derive(Debug)]
+pub struct Relay {
+    pub endpoint: String,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Relay {
+    pub fn start(upstream: &str) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("tcp://{}", listener.local_addr().unwrap());
+        let target = upstream.trim_start_matches("tcp://").to_string();
+        let generation = Arc::new(AtomicU64::new(0));
+        let gen = generation.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                let born = gen.load(Ordering::SeqCst);
+                for (from, to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let gen = gen.clone();
+                    std::thread::spawn(move || pipe(from, to, &gen, born));
+                }
+            }
+        });
+        Self {
+            endpoint,
+            generation,
+        }
+    }
+
+    /// Every connection open now goes silent for good.
+    pub fn blackhole(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn pipe(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    gen: &std::sync::atomic::AtomicU64,
+    born: u64,
+) {
+    use std::io::{Read, Write};
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                if gen.load(std::sync::atomic::Ordering::SeqCst) == born {
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+                // A black hole passes no close either: keep `to` open until the test ends.
+                std::thread::sleep(Duration::from_secs(3600));
+                return;
+            }
+            Ok(n) => n,
+        };
+        if gen.load(std::sync::atomic::Ordering::SeqCst) == born && to.write_all(&buf[..n]).is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// A count of the JSON summary.
+pub fn count(summary: &serde_json::Value, field: &str) -> u64 {
+    summary[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("summary has no {field}: {summary}"))
+}
+
+/// How many images the summary credits to worker `id`.
+pub fn by_worker(summary: &serde_json::Value, id: &str) -> u64 {
+    summary["by_worker"][id].as_u64().unwrap_or(0)
 }

@@ -1,0 +1,531 @@
+//! The master: ventilator and sink in one process (zguide `taskvent` + `tasksink` + the
+//! `taskwork2` kill switch), each a module of its own around the batch's books:
+//!
+//! - [`ventilator`]: the bound PUSH that deals tasks, and the task messages;
+//! - [`sink`]: the bound PULL that collects worker reports, and inline outputs;
+//! - [`controller`]: the bound PUB for heartbeats and `stop`;
+//! - [`books`]: every task's state, the workers' credits and liveness (no I/O).
+//!
+//! This file runs one batch: it checks the inputs, binds the three sockets (with keepalive and
+//! `TCP_USER_TIMEOUT`), and turns one loop that moves reports into the books and tasks out of
+//! them. A worker the books lose (silent for its liveness window) gets its tasks re-sent, and
+//! the ventilator cuts the task links so that PUSH stops dealing to it; so does a task that no
+//! worker acknowledged within that window.
+
+mod books;
+mod controller;
+mod sink;
+mod ventilator;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::heartbeat::Heartbeat;
+use common::send::Sent;
+use common::CancellationToken;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+use tokio::time::Instant;
+use zeromq::{Socket, ZmqError};
+
+use crate::files;
+use crate::filter::Chain;
+use crate::protocol::{Control, Event};
+use books::{Answer, Books};
+use controller::Controller;
+use sink::Sink;
+use ventilator::{TaskSource, Ventilator};
+
+/// How image bytes reach workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transfer {
+    /// Tasks carry absolute paths: workers share the master's filesystem (same host, or the
+    /// same mount points elsewhere) and write outputs themselves.
+    Path,
+    /// Tasks carry the image bytes and reports carry the output bytes; the master writes.
+    Inline,
+}
+
+/// Validated master settings.
+#[derive(Debug, Clone)]
+pub struct MasterConfig {
+    /// Input tree; `None` generates the built-in sample set in a temporary directory.
+    pub input: Option<PathBuf>,
+    pub output: PathBuf,
+    pub filter: Chain,
+    pub tasks_bind: String,
+    pub results_bind: String,
+    pub control_bind: String,
+    pub transfer: Transfer,
+    /// Larger files are reported as failed in inline mode (bounds memory per task).
+    pub max_image_bytes: u64,
+    pub heartbeat: Heartbeat,
+    /// A task accepted this long ago without an answer is sent again.
+    pub task_timeout: Duration,
+    /// Broadcast `stop` once the batch is complete.
+    pub stop_workers: bool,
+    /// Send nothing until this many workers said hello (zguide: start the batch once the
+    /// workers are there); afterwards workers may come and go.
+    pub min_workers: usize,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+}
+
+/// Why a batch cannot start. Nothing has been written when one of these is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum MasterError {
+    #[error("input directory {0} does not exist or is not a directory")]
+    MissingInput(PathBuf),
+    #[error("cannot list input directory {path}")]
+    ListInput {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("output directory {path} is not writable")]
+    Output {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the sample images in {path}")]
+    Sample {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Endpoint(#[from] common::endpoint::EndpointError),
+    #[error("cannot bind {endpoint}")]
+    Bind {
+        endpoint: String,
+        #[source]
+        source: ZmqError,
+    },
+    #[error("cannot listen on {endpoint}")]
+    Listen {
+        endpoint: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl MasterError {
+    fn bind(endpoint: &str) -> impl FnOnce(ZmqError) -> Self {
+        let endpoint = endpoint.to_string();
+        move |source| Self::Bind { endpoint, source }
+    }
+}
+
+/// A socket bound on a listener with TCP keepalive and `TCP_USER_TIMEOUT` (`keepalive` idle,
+/// four of them before a connection with unacknowledged data is aborted): a worker lost behind a
+/// partition releases its connection in seconds, not after the ~15 minutes of retransmissions.
+struct Bound<S> {
+    socket: S,
+    endpoint: String,
+}
+
+impl<S: Socket> Bound<S> {
+    async fn bind(endpoint: &str, keepalive: Duration) -> Result<Self, MasterError> {
+        let listener = common::endpoint::bind_keepalive(endpoint, keepalive)?;
+        Self::on(listener, endpoint).await
+    }
+
+    /// A new socket accepting on `listener` (bound for `endpoint`).
+    async fn on(listener: std::net::TcpListener, endpoint: &str) -> Result<Self, MasterError> {
+        let mut socket = S::new();
+        let bound = socket
+            .bind_listener(listener)
+            .await
+            .map_err(MasterError::bind(endpoint))?;
+        Ok(Self {
+            socket,
+            endpoint: bound.to_string(),
+        })
+    }
+}
+
+impl<S> std::fmt::Debug for Bound<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bound")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The bound endpoints, as printed on the `ready` line.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    pub tasks: String,
+    pub results: String,
+    pub control: String,
+    pub batch: String,
+    pub total: usize,
+}
+
+impl Endpoints {
+    /// `tasks,results,control` with wildcard hosts replaced by loopback: the value of
+    /// `pipeline-worker --connect` on this host.
+    pub fn connect(&self) -> String {
+        [&self.tasks, &self.results, &self.control]
+            .map(|e| e.replace("0.0.0.0", "127.0.0.1"))
+            .join(",")
+    }
+
+    /// Prints the `ready` line on stdout.
+    pub fn announce(&self) {
+        let connect = self.connect();
+        let total = self.total.to_string();
+        common::ready::announce(&[
+            ("tasks", &self.tasks),
+            ("results", &self.results),
+            ("control", &self.control),
+            ("connect", &connect),
+            ("batch", &self.batch),
+            ("total", &total),
+        ]);
+    }
+}
+
+/// One file that produced no output, and why.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Failure {
+    pub path: String,
+    pub reason: String,
+}
+
+/// The batch's outcome; `--json` prints it as one line.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub batch: String,
+    pub total: usize,
+    pub done: usize,
+    pub failed: usize,
+    pub failures: Vec<Failure>,
+    pub by_worker: BTreeMap<String, u64>,
+    /// First task sent to last answer.
+    pub elapsed_ms: u64,
+    /// `done / elapsed`.
+    pub images_per_s: f64,
+    /// From the `ready` line to the end, including waiting for workers.
+    pub wall_ms: u64,
+    /// Tasks sent again after a worker loss, a lost acknowledgement or a timeout.
+    pub resent: u64,
+    /// Tasks a full worker handed back (PUSH round robin hit a busy worker).
+    pub deferred: u64,
+    pub workers: usize,
+    pub interrupted: bool,
+    pub filter: String,
+    pub transfer: Transfer,
+}
+
+impl Summary {
+    /// Human-readable form, several lines.
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "{} of {} images done, {} failed in {:.2} s ({:.1} images/s, wall {:.2} s), {} re-sent, {} worker(s)\n",
+            self.done,
+            self.total,
+            self.failed,
+            self.elapsed_ms as f64 / 1000.0,
+            self.images_per_s,
+            self.wall_ms as f64 / 1000.0,
+            self.resent,
+            self.workers,
+        );
+        for (w, n) in &self.by_worker {
+            s.push_str(&format!("  worker {w}: {n}\n"));
+        }
+        for f in &self.failures {
+            s.push_str(&format!("  failed {}: {}\n", f.path, f.reason));
+        }
+        if self.interrupted {
+            s.push_str("  interrupted before the end of the batch\n");
+        }
+        s
+    }
+}
+
+/// Checks the inputs, binds the sockets, calls `on_ready` and runs the batch to its end (or
+/// until `cancel`). A preparation error leaves nothing written.
+pub async fn run(
+    config: MasterConfig,
+    cancel: CancellationToken,
+    on_ready: impl FnOnce(&Endpoints),
+) -> Result<Summary, MasterError> {
+    let (input, sample_dir) = match &config.input {
+        Some(dir) => (dir.clone(), None),
+        None => {
+            let dir = std::env::temp_dir().join(format!("pipeline-sample-{}", std::process::id()));
+            crate::sample::generate(&dir, 36, 320).map_err(|source| MasterError::Sample {
+                path: dir.clone(),
+                source,
+            })?;
+            tracing::info!(dir = %dir.display(), "no --input: generated 36 sample images");
+            (dir.clone(), Some(dir))
+        }
+    };
+    let result = run_on(&config, &input, cancel, on_ready).await;
+    if let Some(dir) = sample_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    result
+}
+
+async fn run_on(
+    config: &MasterConfig,
+    input: &Path,
+    cancel: CancellationToken,
+    on_ready: impl FnOnce(&Endpoints),
+) -> Result<Summary, MasterError> {
+    if !input.is_dir() {
+        return Err(MasterError::MissingInput(input.to_path_buf()));
+    }
+    let input = std::fs::canonicalize(input).map_err(|source| MasterError::ListInput {
+        path: input.to_path_buf(),
+        source,
+    })?;
+    // Order matters for "nothing half done": list the input, bind every socket, and only then
+    // create the output directory, so a failure before it leaves no trace.
+    let output_guess = std::fs::canonicalize(&config.output).ok();
+    let rels = files::list_files(&input, output_guess.as_deref()).map_err(|source| {
+        MasterError::ListInput {
+            path: input.clone(),
+            source,
+        }
+    })?;
+    // Keepalive probes are whole seconds.
+    let keepalive = config.heartbeat.interval.max(Duration::from_secs(1));
+    let ventilator = Ventilator::bind(&config.tasks_bind, keepalive).await?;
+    let sink = Sink::bind(&config.results_bind, keepalive).await?;
+    let controller = Controller::bind(&config.control_bind, keepalive).await?;
+    files::check_writable(&config.output).map_err(|source| MasterError::Output {
+        path: config.output.clone(),
+        source,
+    })?;
+    let output = std::fs::canonicalize(&config.output).map_err(|source| MasterError::Output {
+        path: config.output.clone(),
+        source,
+    })?;
+    let batch = format!("{:016x}", rand::random::<u64>());
+    let endpoints = Endpoints {
+        tasks: ventilator.endpoint().to_string(),
+        results: sink.endpoint().to_string(),
+        control: controller.endpoint().to_string(),
+        batch: batch.clone(),
+        total: rels.len(),
+    };
+    on_ready(&endpoints);
+    tracing::info!(tasks = %endpoints.tasks, results = %endpoints.results, control = %endpoints.control, images = rels.len(), "master ready");
+
+    let rels = rels
+        .into_iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    let mut m = Master {
+        cfg: config,
+        books: Books::new(batch.clone(), config.heartbeat.liveness, rels),
+        source: TaskSource {
+            input,
+            output,
+            batch,
+            filter: config.filter.to_string(),
+            transfer: config.transfer,
+            max_image_bytes: config.max_image_bytes,
+        },
+        ventilator,
+        sink,
+        controller,
+        started: false,
+        progress: progress_bar(config.progress),
+    };
+    m.progress.set_length(m.books.total() as u64);
+    let started = Instant::now();
+    let interrupted = !m.serve(&cancel).await;
+    m.progress.finish_and_clear();
+    let removed = files::remove_temp_files(&m.source.output);
+    if removed > 0 {
+        tracing::info!(removed, "removed temp files left by lost workers");
+    }
+    if m.cfg.stop_workers && !interrupted {
+        m.stop_workers(&cancel).await;
+    }
+    Ok(m.summary(started, interrupted))
+}
+
+fn progress_bar(visible: bool) -> ProgressBar {
+    if !visible {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        ProgressStyle::with_template("{bar:40} {pos}/{len} images  {per_sec}  ETA {eta}  {msg}")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// One batch in progress: the books between the ventilator, the sink and the controller.
+struct Master<'a> {
+    cfg: &'a MasterConfig,
+    books: Books,
+    source: TaskSource,
+    ventilator: Ventilator,
+    sink: Sink,
+    controller: Controller,
+    /// `min_workers` was reached once.
+    started: bool,
+    progress: ProgressBar,
+}
+
+impl Master<'_> {
+    /// Runs until every task has an answer (true) or `cancel` fires (false).
+    async fn serve(&mut self, cancel: &CancellationToken) -> bool {
+        let period = self.cfg.heartbeat.interval.min(Duration::from_millis(100));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_beat = Instant::now() - self.cfg.heartbeat.interval;
+        while !self.books.is_complete() {
+            tokio::select! {
+                () = cancel.cancelled() => return false,
+                (report, image) = self.sink.recv() => {
+                    if let Some(Answer::Done { id, worker }) = self.books.on_report(&report) {
+                        let outcome = match (self.cfg.transfer, image) {
+                            (Transfer::Path, _) => Ok(()),
+                            (Transfer::Inline, Some(bytes)) => {
+                                sink::write_output(&self.source.output, self.books.rel(id), bytes).await
+                            }
+                            (Transfer::Inline, None) => Err("worker returned no image".to_string()),
+                        };
+                        self.books.finish(id, outcome, Some(worker));
+                    }
+                }
+                _ = tick.tick() => {
+                    if last_beat.elapsed() >= self.cfg.heartbeat.interval {
+                        last_beat = Instant::now();
+                        self.controller.publish(&Control::Heartbeat {
+                            batch: self.source.batch.clone(),
+                            heartbeat_ms: self.cfg.heartbeat.interval.as_millis() as u64,
+                        });
+                    }
+                    let expired = self
+                        .books
+                        .expire(self.cfg.heartbeat.expiry(), self.cfg.task_timeout);
+                    if !expired.lost.is_empty() || expired.unacked > 0 {
+                        self.cut_task_links(&expired).await;
+                    }
+                }
+            }
+            self.pump().await;
+            self.progress.set_position(self.books.finished() as u64);
+        }
+        true
+    }
+
+    /// A worker went silent, or a task vanished without an acknowledgement: a task connection
+    /// is open that nobody reads (a hung worker, or one a worker left behind a partition), and
+    /// PUSH would go on dealing it every n-th task. Cut every task link; live workers reconnect
+    /// at once.
+    async fn cut_task_links(&mut self, why: &books::Expired) {
+        match self.ventilator.cut().await {
+            Ok(()) => {
+                tracing::info!(lost = ?why.lost, unacked = why.unacked, "task links cut, live workers reconnect");
+                self.books.requeue_unacked();
+            }
+            Err(e) => tracing::error!(error = %e, "cannot renew the task socket"),
+        }
+    }
+
+    /// Sends pending tasks while workers have announced room for them.
+    async fn pump(&mut self) {
+        if !self.started {
+            if self.books.workers() < self.cfg.min_workers.max(1) {
+                return;
+            }
+            self.started = true;
+            tracing::info!(workers = self.books.workers(), "dispatching");
+        }
+        while let Some(i) = self.books.next_to_send() {
+            let msg = match self.source.message(i, self.books.rel(i)).await {
+                Ok(msg) => msg,
+                Err(reason) => {
+                    self.books.finish(i, Err(reason), None);
+                    continue;
+                }
+            };
+            match self.ventilator.send(msg) {
+                Sent::Queued => self.books.sent(i),
+                Sent::Stalled => {
+                    // That worker's queue is full: the message was dropped and the worker left
+                    // the rotation; the task goes to the next one.
+                    tracing::warn!("a worker stopped reading its tasks");
+                    self.books.unsent(i);
+                }
+                Sent::Failed(e) => {
+                    // No task link yet (the `hello` came first): retry on the next event.
+                    tracing::debug!(error = %e, "cannot send task yet");
+                    self.books.unsent(i);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Broadcasts `stop` every 100 ms until every worker known said `bye`, for at most one
+    /// liveness window. Workers the master never heard of obey too (they all SUB to the same
+    /// PUB); when it knows none (an empty batch), it waits the window for workers to show up
+    /// and stops those.
+    async fn stop_workers(&mut self, cancel: &CancellationToken) {
+        let window = self.cfg.heartbeat.expiry().max(Duration::from_secs(1));
+        let deadline = Instant::now() + window;
+        let mut known: HashSet<String> = self.books.worker_names().into_iter().collect();
+        let await_any = known.is_empty();
+        let mut byes = 0;
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tracing::info!(workers = known.len(), "telling workers to stop");
+        while !(known.is_empty() && (byes > 0 || !await_any)) {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep_until(deadline) => return,
+                _ = tick.tick() => self.controller.publish(&Control::Stop),
+                (report, _) = self.sink.recv() => {
+                    if report.event == Event::Bye {
+                        known.remove(&report.worker);
+                        byes += 1;
+                    } else {
+                        known.insert(report.worker);
+                    }
+                }
+            }
+        }
+    }
+
+    fn summary(&self, started: Instant, interrupted: bool) -> Summary {
+        let t = self.books.tally();
+        let secs = t.elapsed.as_secs_f64();
+        Summary {
+            batch: self.source.batch.clone(),
+            total: self.books.total(),
+            done: t.done,
+            failed: t.failures.len(),
+            failures: t.failures,
+            workers: t.by_worker.len(),
+            by_worker: t.by_worker,
+            elapsed_ms: t.elapsed.as_millis() as u64,
+            images_per_s: if secs > 0.0 {
+                (t.done as f64 / secs * 10.0).round() / 10.0
+            } else {
+                0.0
+            },
+            wall_ms: started.elapsed().as_millis() as u64,
+            resent: t.resent,
+            deferred: t.deferred,
+            interrupted,
+            filter: self.source.filter.clone(),
+            transfer: self.cfg.transfer,
+        }
+    }
+}

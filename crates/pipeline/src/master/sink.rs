@@ -1,0 +1,51 @@
+//! The sink (zguide `tasksink`): the master's bound PULL, which fair-queues every worker's
+//! reports, and the writer of outputs that come back inline.
+
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use zeromq::{PullSocket, SocketRecv};
+
+use super::{Bound, MasterError};
+use crate::files;
+use crate::protocol::Report;
+
+/// The bound report PULL.
+#[derive(Debug)]
+pub(super) struct Sink(Bound<PullSocket>);
+
+impl Sink {
+    pub(super) async fn bind(endpoint: &str, keepalive: Duration) -> Result<Self, MasterError> {
+        Bound::bind(endpoint, keepalive).await.map(Self)
+    }
+
+    pub(super) fn endpoint(&self) -> &str {
+        &self.0.endpoint
+    }
+
+    /// The next well-formed report and, for an inline `done`, the output bytes. Malformed
+    /// messages and per-peer errors are logged and skipped. Cancel-safe.
+    pub(super) async fn recv(&mut self) -> (Report, Option<Bytes>) {
+        loop {
+            match self.0.socket.recv().await {
+                Ok(msg) => match Report::from_message(&msg) {
+                    Ok(report) => return report,
+                    Err(e) => tracing::warn!(error = %e, "ignoring malformed report"),
+                },
+                Err(e) => tracing::debug!(error = %e, "report link error"),
+            }
+        }
+    }
+}
+
+/// Writes an output that came back inline, off the runtime threads.
+pub(super) async fn write_output(output: &Path, rel: &str, bytes: Bytes) -> Result<(), String> {
+    let dest = output.join(rel);
+    tokio::task::spawn_blocking(move || {
+        files::write_atomic(&dest, &bytes, "master")
+            .map_err(|e| format!("cannot write {}: {e}", dest.display()))
+    })
+    .await
+    .map_err(|e| format!("writer failed: {e}"))?
+}
