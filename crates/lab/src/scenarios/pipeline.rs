@@ -223,7 +223,9 @@ fn disk_failures(summary: &Value, input: &Path, output: &Path, failed: &[&str]) 
     }
     if !bad.is_empty() {
         wrong.push(format!(
-            "every output decodes, is the size of its input and gray: {bad:?}"
+            "every output decodes, is the size of its input and gray: {} are not, e.g. {:?}",
+            bad.len(),
+            &bad[..bad.len().min(3)]
         ));
     }
     if reported != failed || u(summary, "failed") != failed.len() as u64 {
@@ -302,7 +304,7 @@ async fn worker_crash(lab: &Lab) -> Result<Verdict> {
     first_output(&batch.output, Duration::from_secs(60)).await?;
     victim.kill().await?;
     let _w2 = batch.worker("w2", &[])?;
-    let (code, summary) = batch.finish_within(Duration::from_secs(120)).await?;
+    let (code, summary) = batch.finish_within(Duration::from_secs(60)).await?;
     let mut v = Verdict::new("pipeline-worker-crash", "processes");
     judge(&mut v, &summary, &batch, &[]);
     v.expect(code == Some(0), format!("master exits 0, got {code:?}"));
