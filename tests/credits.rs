@@ -8,7 +8,7 @@ use std::time::Duration;
 use broker::protocol::{HEARTBEAT, READY};
 use broker::ClientSummary;
 use bytes::Bytes;
-use integration::{broker, heavy, spawn_client, stop_broker, worker};
+use integration::{broker, four_requests_held, heavy, spawn_client, stop_broker};
 use lab::broker_stats;
 use zeromq::{DealerSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
@@ -46,29 +46,11 @@ async fn finish_client(client: &mut lab::process::Proc) -> (ClientSummary, bool)
 #[tokio::test(flavor = "multi_thread")]
 async fn capacity_k_worker_holds_k_requests_at_once() {
     let _g = heavy().await;
-    let (mut broker, frontend, backend) = broker("capacity", &[]).await;
-    let mut w = worker(
-        "capacity",
-        &backend,
-        &["--capacity", "4", "--work-ms", "3000", "--id", "wide"],
-    );
-    w.ready(WITHIN).await.expect("worker announced");
-    let mut c = spawn_client(
-        "capacity",
-        &frontend,
-        4,
-        &["--concurrency", "4", "--timeout-ms", "60000"],
-    );
-    // A count, not a timing: four requests handed out before any reply came back.
-    broker_stats::wait_for(&broker, WITHIN, "four dispatched, none answered", |c| {
-        c.get("dispatched") == 4 && c.get("replies_out") == 0
-    })
-    .await
-    .expect("the worker holds four requests at once");
+    let (mut broker, _worker, mut c) = four_requests_held("capacity", &[]).await;
     let (summary, ok) = finish_client(&mut c).await;
     assert!(ok, "{summary:?}");
     assert_eq!((summary.answered, summary.retries), (4, 0));
-    assert_eq!(summary.by_worker.get("wide"), Some(&4));
+    assert_eq!(summary.by_worker.get("busy"), Some(&4));
     stop_broker(&mut broker).await;
 }
 

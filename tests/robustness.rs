@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use broker::ClientSummary;
 use bytes::Bytes;
-use integration::{broker, client, heavy, spawn_client, stop_broker, worker};
+use integration::{broker, client, four_requests_held, heavy, spawn_client, stop_broker, worker};
 use lab::broker_stats;
 use lab::Signal;
 use zeromq::{DealerSocket, Socket, SocketSend, ZmqMessage};
@@ -187,25 +187,9 @@ async fn sigterm_drains_in_flight_and_exits_zero() {
 #[tokio::test(flavor = "multi_thread")]
 async fn broker_sigterm_forwards_the_replies_in_flight() {
     let _g = heavy().await;
-    let (mut broker, frontend, backend) = broker("broker-drain", &["--drain-ms", "20000"]).await;
-    let mut w = worker(
-        "broker-drain",
-        &backend,
-        &["--work-ms", "3000", "--capacity", "4", "--id", "busy"],
-    );
-    w.ready(WITHIN).await.expect("worker announced");
-    let mut c = spawn_client(
-        "broker-drain",
-        &frontend,
-        4,
-        &["--concurrency", "4", "--timeout-ms", "60000"],
-    );
-    // All four with the worker and none answered: SIGTERM now finds replies in flight.
-    broker_stats::wait_for(&broker, WITHIN, "four requests with the worker", |c| {
-        c.get("dispatched") == 4 && c.get("replies_out") == 0
-    })
-    .await
-    .expect("requests in flight");
+    // SIGTERM finds four replies in flight.
+    let (mut broker, _worker, mut c) =
+        four_requests_held("broker-drain", &["--drain-ms", "20000"]).await;
     let stats = stop_broker(&mut broker).await;
     assert_eq!(stats.get("replies_out"), 4, "{stats:?}");
     let status = c.wait(Duration::from_secs(30)).await.expect("client ends");

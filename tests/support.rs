@@ -99,25 +99,18 @@ pub async fn stop_broker(broker: &mut Proc) -> lab::broker_stats::Counters {
     lab::broker_stats::final_stats(broker).expect("final stats")
 }
 
+/// Starts role `role` (`client`, `worker`) with `args` then `extra`; its log under `<test>-<role>`.
+fn spawn_role(role: &str, test: &str, args: &[&str], extra: &[&str]) -> Proc {
+    let args: Vec<String> = args.iter().chain(extra).map(|s| s.to_string()).collect();
+    let logs = log_dir(&format!("{test}-{role}"));
+    Proc::spawn(role, &bins().path(role), &args, &logs).expect(role)
+}
+
 /// A client sending `requests` to `frontend` (`--json`), with extra flags.
 pub fn spawn_client(test: &str, frontend: &str, requests: u64, extra: &[&str]) -> Proc {
-    let mut args: Vec<String> = [
-        "--connect",
-        frontend,
-        "--requests",
-        &requests.to_string(),
-        "--json",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    Proc::spawn(
-        "client",
-        &bins().path("client"),
-        &args,
-        &log_dir(&format!("{test}-client")),
-    )
-    .expect("client")
+    let requests = requests.to_string();
+    let args = ["--connect", frontend, "--requests", &requests, "--json"];
+    spawn_role("client", test, &args, extra)
 }
 
 /// Runs a client to the end: its summary and whether it exited 0.
@@ -134,13 +127,35 @@ pub async fn client(
 
 /// A worker connected to `backend`, with extra flags (not waited for: see [`Proc::ready`]).
 pub fn worker(test: &str, backend: &str, extra: &[&str]) -> Proc {
-    let mut args: Vec<String> = ["--connect", backend].map(String::from).to_vec();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    Proc::spawn(
-        "worker",
-        &bins().path("worker"),
-        &args,
-        &log_dir(&format!("{test}-worker")),
+    spawn_role("worker", test, &["--connect", backend], extra)
+}
+
+/// A broker (with `broker_extra` flags) whose one worker, named `busy`, holds four requests of a
+/// client at once: `--capacity 4`, 3 s of work each, and the broker's counters show four
+/// dispatched and none answered (a count, not a timing). Returns broker, worker and client.
+pub async fn four_requests_held(test: &str, broker_extra: &[&str]) -> (Proc, Proc, Proc) {
+    let (broker, frontend, backend) = broker(test, broker_extra).await;
+    let mut w = worker(
+        test,
+        &backend,
+        &["--capacity", "4", "--work-ms", "3000", "--id", "busy"],
+    );
+    w.ready(Duration::from_secs(20))
+        .await
+        .expect("worker announced");
+    let c = spawn_client(
+        test,
+        &frontend,
+        4,
+        &["--concurrency", "4", "--timeout-ms", "60000"],
+    );
+    lab::broker_stats::wait_for(
+        &broker,
+        Duration::from_secs(20),
+        "four dispatched, none answered",
+        |c| c.get("dispatched") == 4 && c.get("replies_out") == 0,
     )
-    .expect("worker")
+    .await
+    .expect("the worker holds four requests at once");
+    (broker, w, c)
 }
