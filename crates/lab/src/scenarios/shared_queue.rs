@@ -301,10 +301,12 @@ fn judge_client(
     .expect(exit_ok, "client exits 0");
 }
 
-/// After a fault, only what was in flight at each reconnect may be sent again: more means a
-/// request was lost elsewhere and the client had to time out on it (a stall of its own).
+/// After a fault, only what was in flight when it hit may be sent again, each request at most
+/// twice: once by its own timeout while the link still looks alive (a reply to another request
+/// came just before the fault), once at the reconnect. More means a request was lost elsewhere
+/// and the client had to time out on it (a stall of its own).
 fn retries_allowed(s: &ClientSummary, concurrency: u64) -> u64 {
-    concurrency * s.reconnects
+    concurrency * (s.reconnects + 1)
 }
 
 async fn one_worker(lab: &Lab) -> Result<Verdict> {
