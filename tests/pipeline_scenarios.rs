@@ -1,5 +1,6 @@
 //! The seed's Divide and Conquer experiments as the lab runs them: real master and worker
-//! processes, the master's summary checked against the files on disk.
+//! processes, the master's summary checked against the files on disk (names, decoding, the
+//! filter's effect: see the lab's verdicts).
 
 use integration::{figure, scenario};
 use lab::scenarios::PartitionMode;
@@ -39,6 +40,14 @@ async fn worker_killed_mid_batch_loses_nothing() {
 async fn corrupt_files_are_reported_and_the_batch_goes_on() {
     let v = run("pipeline-corrupt").await;
     assert_eq!(figure(&v, "failed"), 3);
+    let mut failed: Vec<&str> = v.figures["failures"]
+        .as_array()
+        .expect("failures")
+        .iter()
+        .filter_map(|f| f["path"].as_str())
+        .collect();
+    failed.sort_unstable();
+    assert_eq!(failed, ["nested/garbage.jpg", "notes.txt", "truncated.png"]);
     assert_eq!(
         figure(&v, "done") + figure(&v, "failed"),
         figure(&v, "total")

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Parser;
 use lab::process::Bins;
 use lab::scenarios::{self, Lab, PartitionMode};
@@ -71,7 +71,7 @@ async fn run(args: Args) -> Result<bool> {
             .collect::<Result<Vec<_>>>()?
     };
     if !args.no_build {
-        build_roles()?;
+        lab::process::build_roles()?;
     }
     let lab = Lab {
         bins: Bins::locate()?,
@@ -107,29 +107,4 @@ async fn run(args: Args) -> Result<bool> {
         eprintln!("logs of the children: {}", lab.log_dir.display());
     }
     Ok(failed == 0)
-}
-
-/// When run through cargo (`cargo run -p lab`), build the role binaries with the same profile
-/// first: cargo builds only the package it runs.
-fn build_roles() -> Result<()> {
-    let Some(cargo) = option_env!("CARGO") else {
-        return Ok(());
-    };
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    if !root.join("Cargo.toml").exists() {
-        return Ok(());
-    }
-    let mut cmd = std::process::Command::new(cargo);
-    cmd.current_dir(&root)
-        .args(["build", "--quiet", "--workspace", "--bins"]);
-    if !cfg!(debug_assertions) {
-        cmd.arg("--release");
-    }
-    let status = cmd
-        .status()
-        .context("cannot run cargo to build the role binaries")?;
-    if !status.success() {
-        bail!("building the role binaries failed");
-    }
-    Ok(())
 }

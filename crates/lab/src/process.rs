@@ -57,6 +57,33 @@ impl Bins {
     }
 }
 
+/// When built by cargo, builds every role binary of the workspace with this crate's profile
+/// (debug or release), so that nothing spawns a stale binary: `cargo run -p lab` and
+/// `cargo test -p integration` build only their own package. Without cargo (an installed
+/// binary), does nothing.
+pub fn build_roles() -> Result<()> {
+    let Some(cargo) = option_env!("CARGO") else {
+        return Ok(());
+    };
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    if !root.join("Cargo.toml").exists() {
+        return Ok(());
+    }
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.current_dir(&root)
+        .args(["build", "--quiet", "--workspace", "--bins"]);
+    if !cfg!(debug_assertions) {
+        cmd.arg("--release");
+    }
+    let status = cmd
+        .status()
+        .context("cannot run cargo to build the role binaries")?;
+    if !status.success() {
+        bail!("building the role binaries failed");
+    }
+    Ok(())
+}
+
 /// A running child. Killed (SIGKILL) when dropped.
 #[derive(Debug)]
 pub struct Proc {
@@ -65,6 +92,8 @@ pub struct Proc {
     pid: i32,
     lines: watch::Receiver<Vec<String>>,
     log: PathBuf,
+    /// Where this child's lines start in `log` (a log file may hold earlier runs).
+    log_start: u64,
     exit: Option<ExitStatus>,
     /// Reads stdout into `lines`; ends at EOF.
     reader: Option<tokio::task::JoinHandle<()>>,
@@ -86,6 +115,7 @@ impl Proc {
             .append(true)
             .open(&log)
             .with_context(|| format!("cannot open {}", log.display()))?;
+        let log_start = stderr.metadata().map(|m| m.len()).unwrap_or(0);
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -114,6 +144,7 @@ impl Proc {
             pid,
             lines,
             log,
+            log_start,
             exit: None,
             reader: Some(reader),
         })
@@ -206,9 +237,16 @@ impl Proc {
         self.wait(Duration::from_secs(10)).await.map(|_| ())
     }
 
+    /// What this child wrote on stderr so far.
+    pub fn log_text(&self) -> String {
+        let bytes = std::fs::read(&self.log).unwrap_or_default();
+        let start = (self.log_start as usize).min(bytes.len());
+        String::from_utf8_lossy(&bytes[start..]).into_owned()
+    }
+
     /// The last lines of the child's stderr log.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let text = self.log_text();
         let lines: Vec<&str> = text.lines().collect();
         let start = lines.len().saturating_sub(30);
         format!(

@@ -34,6 +34,7 @@ fn lists_every_seed_experiment() {
         "broker-restart",
         "partition",
         "worker-crash",
+        "worker-hang",
         "pipeline-one-worker",
         "pipeline-workers",
         "pipeline-worker-crash",
