@@ -20,11 +20,11 @@ struct Args {
     #[arg(long, env = "PUBLISHER_ID", default_value = "publisher", value_parser = parse_id)]
     id: String,
     /// Zip codes, comma-separated.
-    #[arg(long, env = "PUBLISHER_ZIPS", value_parser = parse_zip_list, conflicts_with = "zip_range")]
-    zips: Option<Vec<Zip>>,
+    #[arg(long, env = "PUBLISHER_ZIPS", value_parser = |s: &str| parse_zip_list(s).map(ZipList), conflicts_with = "zip_range")]
+    zips: Option<ZipList>,
     /// Zip codes A to B inclusive (default 10000-10009).
-    #[arg(long, env = "PUBLISHER_ZIP_RANGE", value_parser = parse_zip_range)]
-    zip_range: Option<Vec<Zip>>,
+    #[arg(long, env = "PUBLISHER_ZIP_RANGE", value_parser = |s: &str| parse_zip_range(s).map(ZipList))]
+    zip_range: Option<ZipList>,
     /// Updates per second, all zips together (0: as fast as possible).
     #[arg(long, env = "PUBLISHER_RATE", default_value_t = 100.0)]
     rate: f64,
@@ -43,6 +43,10 @@ struct Args {
     #[command(flatten)]
     reconnect: ReconnectArgs,
 }
+
+/// A parsed zip list (a newtype: clap takes `Option<Vec<_>>` for a repeated flag).
+#[derive(Debug, Clone)]
+struct ZipList(Vec<Zip>);
 
 fn parse_id(text: &str) -> Result<String, String> {
     if !text.is_empty()
@@ -68,6 +72,7 @@ async fn main() -> ExitCode {
     let zips = args
         .zips
         .or(args.zip_range)
+        .map(|list| list.0)
         .unwrap_or_else(|| (10_000..10_010).filter_map(Zip::new).collect());
     let config = PublisherConfig {
         connect: args.connect,
