@@ -13,6 +13,7 @@ pub mod config;
 pub mod protocol;
 pub mod proxy;
 pub mod publisher;
+pub mod stall;
 pub mod stats;
 pub mod subscriber;
 pub mod subscriptions;

@@ -6,8 +6,9 @@
 //! counts subscriptions (see [`crate::subscriptions`]), re-sends last values to new
 //! subscriptions, heartbeats subscribers on the proxy's own topic and delivers the queue.
 //! zmq.rs's XPUB `send()` writes to each matching subscriber in turn and waits for a full
-//! one, so a subscriber that stops reading holds the fanout until the kernel cuts it
-//! (`TCP_USER_TIMEOUT` = `stall_timeout` on its connection); meanwhile intake goes on.
+//! one, so a subscriber that stops reading holds the fanout until it is cut: by the kernel
+//! (`TCP_USER_TIMEOUT` = `stall_timeout` on its connection) or, failing that, by the proxy
+//! after `stall_timeout` of waiting ([`crate::stall`]); meanwhile intake goes on.
 //! No peer's error stops either task (unlike `zeromq::proxy`).
 
 use std::collections::HashMap;
@@ -30,6 +31,7 @@ use zeromq::{
 
 use crate::config::ProxyConfig;
 use crate::protocol::{self, Subscription};
+use crate::stall;
 use crate::stats::ProxyStats;
 use crate::subscriptions::{Change, Subscriptions};
 
@@ -156,6 +158,9 @@ impl Proxy {
         shutdown: CancellationToken,
         mut report: impl FnMut(&ProxyStats),
     ) -> ProxyStats {
+        let xpub_port = common::endpoint::resolve(&self.xpub_endpoint)
+            .map(|a| a.port())
+            .unwrap_or_default();
         let Self {
             config,
             xsub,
@@ -188,6 +193,7 @@ impl Proxy {
             upstream: upstream_tx,
             instance,
             intake,
+            xpub_port,
         };
         fanout
             .run(data_rx, xpub_events, &shutdown, &mut report)
@@ -265,6 +271,8 @@ struct Fanout {
     stats: ProxyStats,
     instance: u64,
     intake: Arc<Intake>,
+    /// The XPUB's port, to find its connections in `/proc/net/tcp`.
+    xpub_port: u16,
 }
 
 impl Fanout {
@@ -321,12 +329,24 @@ impl Fanout {
         }
     }
 
-    /// One send on the XPUB, abandoned on shutdown (it may wait on a stalled subscriber).
+    /// One send on the XPUB. It waits while a matching subscriber's buffers are full: every
+    /// `stall_timeout` of waiting, the subscribers that stopped reading are cut (see
+    /// [`crate::stall`]). Abandoned on shutdown.
     async fn send(&mut self, msg: ZmqMessage, shutdown: &CancellationToken) {
-        let sent = tokio::select! {
-            () = shutdown.cancelled() => return,
-            r = self.xpub.send(msg) => r,
+        let (port, stall) = (self.xpub_port, self.config.stall_timeout);
+        let mut cut = 0;
+        let sent = {
+            let send = self.xpub.send(msg);
+            tokio::pin!(send);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    r = &mut send => break r,
+                    () = tokio::time::sleep(stall) => cut += stall::cut_stalled(port, stall::MIN_QUEUE),
+                }
+            }
         };
+        self.stats.stalled_cut += cut as u64;
         if let Err(e) = sent {
             self.stats.peer_errors += 1;
             tracing::info!(error = %e, "send to a subscriber failed");
@@ -423,6 +443,7 @@ impl Fanout {
             messages_in = s.messages_in,
             messages_out = s.messages_out,
             dropped = s.dropped,
+            stalled_cut = s.stalled_cut,
             cached_sent = s.cached_sent,
             subscribes = s.subscribes,
             unsubscribes = s.unsubscribes,

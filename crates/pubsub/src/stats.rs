@@ -11,6 +11,8 @@ pub struct ProxyStats {
     pub messages_out: u64,
     /// Messages dropped because the queue toward subscribers was full.
     pub dropped: u64,
+    /// Subscriber connections cut because they stopped reading while a send waited on them.
+    pub stalled_cut: u64,
     /// Last values re-sent for new subscriptions.
     pub cached_sent: u64,
     pub heartbeats: u64,

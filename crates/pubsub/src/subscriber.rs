@@ -42,6 +42,8 @@ pub struct SubscriberSummary {
     pub reconnects: u64,
     /// The longest time between two updates, from the first one on.
     pub longest_silence_ms: u64,
+    /// From start to the first update (a late joiner with the last value cache: at once).
+    pub first_update_ms: Option<u64>,
     pub heartbeats: u64,
     /// Messages that were neither an update nor a heartbeat.
     pub bad: u64,
@@ -60,6 +62,7 @@ enum LinkEnd {
 
 struct State {
     config: SubscriberConfig,
+    started: Instant,
     tracker: Tracker,
     summary: SubscriberSummary,
     temperature_sums: BTreeMap<String, i64>,
@@ -79,9 +82,15 @@ impl State {
             return;
         }
         let now = Instant::now();
-        if let Some(last) = self.last_update {
-            let silence = now.duration_since(last).as_millis() as u64;
-            self.summary.longest_silence_ms = self.summary.longest_silence_ms.max(silence);
+        match self.last_update {
+            Some(last) => {
+                let silence = now.duration_since(last).as_millis() as u64;
+                self.summary.longest_silence_ms = self.summary.longest_silence_ms.max(silence);
+            }
+            None => {
+                self.summary.first_update_ms =
+                    Some(now.duration_since(self.started).as_millis() as u64);
+            }
         }
         self.last_update = Some(now);
         self.summary.received += 1;
@@ -126,11 +135,17 @@ impl State {
                     let Ok(msg) = msg else { return LinkEnd::Lost("receive failed") };
                     liveness.heard();
                     match Incoming::parse(&msg.into_vec()) {
-                        Ok(Incoming::Update(update)) => self.on_update(update, on_update),
+                        Ok(Incoming::Update(update)) => {
+                            // A last value can come before the first heartbeat.
+                            if self.summary.received == 0 && self.proxies.is_empty() {
+                                on_ready();
+                            }
+                            self.on_update(update, on_update);
+                        }
                         Ok(Incoming::Heartbeat(instance)) => {
                             self.summary.heartbeats += 1;
                             if !self.proxies.contains(&instance) {
-                                if self.proxies.is_empty() {
+                                if self.proxies.is_empty() && self.summary.received == 0 {
                                     on_ready();
                                 }
                                 self.proxies.push(instance);
@@ -156,7 +171,7 @@ impl State {
 }
 
 /// Receives until `count` updates, `duration`, or `shutdown`. `on_ready` runs once, when the
-/// proxy is first heard (every subscription is in place); `on_update` for each new update,
+/// proxy is first heard (every subscription is in place) or a first (last-value) update comes; `on_update` for each new update,
 /// with the running average temperature of its zip.
 pub async fn run(
     config: SubscriberConfig,
@@ -176,6 +191,7 @@ pub async fn run(
     let mut backoff = Backoff::new(config.reconnect.min, config.reconnect.max);
     let mut state = State {
         config,
+        started,
         tracker: Tracker::default(),
         summary: SubscriberSummary::default(),
         temperature_sums: BTreeMap::new(),
