@@ -27,6 +27,7 @@ pub fn scenarios() -> Vec<Scenario> {
         Scenario { name: "zip-filter", about: "proxy seed 3: subscribers receive only the zips they subscribed to", run: |l| Box::pin(zip_filter(l)) },
         Scenario { name: "proxy-restart", about: "proxy seed 4: proxy killed (SIGKILL) and restarted; publishers and subscribers resume by themselves", run: |l| Box::pin(proxy_restart(l)) },
         Scenario { name: "pubsub-partition", about: "proxy seed 5: partition between the proxy and both sides, then healed", run: |l| Box::pin(partition(l)) },
+        Scenario { name: "pubsub-partition-restart", about: "a partition during which the proxy is killed and restarted, then healed", run: |l| Box::pin(partition_restart(l)) },
         Scenario { name: "late-joiner", about: "a subscriber joining late gets the last value of each zip at once (last value cache)", run: |l| Box::pin(late_joiner(l)) },
         Scenario { name: "stalled-subscriber", about: "a subscriber stopped (SIGSTOP) does not stall the others nor the proxy's intake", run: |l| Box::pin(stalled_subscriber(l)) },
     ]
@@ -417,6 +418,16 @@ async fn proxy_restart(lab: &Lab) -> Result<Verdict> {
 }
 
 async fn partition(lab: &Lab) -> Result<Verdict> {
+    partitioned("pubsub-partition", lab, false).await
+}
+
+async fn partition_restart(lab: &Lab) -> Result<Verdict> {
+    partitioned("pubsub-partition-restart", lab, true).await
+}
+
+/// Cuts publishers and subscribers off the proxy for the outage (restarting the proxy
+/// meanwhile if `restart`), heals, and judges the recovery.
+async fn partitioned(name: &str, lab: &Lab, restart: bool) -> Result<Verdict> {
     let use_netns = match lab.partition {
         PartitionMode::Netns => true,
         PartitionMode::Relay => false,
@@ -431,7 +442,7 @@ async fn partition(lab: &Lab) -> Result<Verdict> {
     } else {
         Setup::Relay
     };
-    let topo = Topology::start(lab, "pubsub-partition", setup, &[]).await?;
+    let mut topo = Topology::start(lab, name, setup, &[]).await?;
     let mut s1 = topo.subscriber("s1", "10001,10002", &[]).await?;
     let cut = lab.outage.unwrap_or(Duration::from_millis(4500));
     let count = ((cut.as_secs_f64() + 8.0) * 400.0) as u64;
@@ -447,13 +458,19 @@ async fn partition(lab: &Lab) -> Result<Verdict> {
     tokio::time::sleep(Duration::from_millis(2000)).await;
     topo.net.set_partitioned(true).await?;
     let started = Instant::now();
-    tokio::time::sleep(cut).await;
+    if restart {
+        tokio::time::sleep(cut / 3).await;
+        topo.restart_proxy(Duration::from_millis(500)).await?;
+        tokio::time::sleep_until(started + cut).await;
+    } else {
+        tokio::time::sleep(cut).await;
+    }
     topo.net.set_partitioned(false).await?;
     let outage = started.elapsed();
     let sent = vec![finish::<PublisherSummary>(&mut p).await?];
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let a: SubscriberSummary = stop(&mut s1).await?;
-    let mut v = Verdict::new("pubsub-partition", topo.net.mode());
+    let mut v = Verdict::new(name, topo.net.mode());
     v.figure("sent", sum_sent(&sent))
         .figure("publisher_reconnects", sent[0].reconnects);
     judge_subscriber(&mut v, "s1", &a, &["10001", "10002"], &sent, false);
