@@ -62,21 +62,23 @@ async fn connect(
     }
     let policy = config.reconnect;
     let mut backoff = Backoff::new(policy.min, policy.max);
-    // The listener first: subscriptions reach it no later than the data socket.
-    let listen = link::connect(
-        &config.connect,
-        &policy,
-        &mut backoff,
-        &stop,
-        XPubSocket::with_options,
-    )
-    .await?;
+    // The data socket first: the XSUB sends it every subscription it holds as it connects,
+    // before the listener exists, so a subscription the listener hears has been sent to the
+    // data socket already.
     let data = link::connect(
         &config.connect,
         &policy,
         &mut backoff,
         &stop,
         PubSocket::with_options,
+    )
+    .await?;
+    let listen = link::connect(
+        &config.connect,
+        &policy,
+        &mut backoff,
+        &stop,
+        XPubSocket::with_options,
     )
     .await?;
     Some(Link {
