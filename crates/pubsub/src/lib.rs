@@ -24,3 +24,11 @@ pub use proxy::{Proxy, ProxyError};
 pub use publisher::PublisherSummary;
 pub use stats::ProxyStats;
 pub use subscriber::SubscriberSummary;
+
+/// Prints `value` as one JSON line on stdout: the binaries' `--json` contract.
+pub fn print_json<T: serde::Serialize>(value: &T) {
+    match serde_json::to_string(value) {
+        Ok(line) => println!("{line}"),
+        Err(e) => tracing::warn!(error = %e, "cannot encode as JSON"),
+    }
+}

@@ -74,10 +74,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     ]);
     let print = |stats: &ProxyStats| {
         if args.json {
-            match serde_json::to_string(stats) {
-                Ok(line) => println!("{line}"),
-                Err(e) => tracing::warn!(error = %e, "cannot print stats"),
-            }
+            pubsub::print_json(stats);
         }
     };
     let stats = proxy.run_reporting(shutdown, print).await;

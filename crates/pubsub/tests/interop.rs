@@ -8,8 +8,6 @@ use pubsub::{PublisherSummary, SubscriberSummary};
 mod support;
 use support::*;
 
-const LOOPBACK: &str = "tcp://127.0.0.1:0";
-
 /// A stock SUB subscribed through the proxy to one zip receives exactly that zip's updates
 /// (and never the proxy's heartbeats).
 #[tokio::test(flavor = "multi_thread")]
@@ -87,24 +85,14 @@ async fn stalled_subscriber_is_cut_and_the_others_go_on() {
     }
     let _g = heavy().await;
     let logs = logs("stalled");
-    let px = proxy(
-        &logs,
-        "proxy",
-        LOOPBACK,
-        LOOPBACK,
-        &["--json", "--stats-secs", "1", "--stall-timeout-ms", "2000"],
-    )
-    .await;
+    let px = proxy_with_stats(&logs, &["--stall-timeout-ms", "2000"]).await;
     let mut healthy = subscriber(&logs, "healthy", &px.xpub, "10001", &[]).await;
     let mut stalled = python(&logs, "py-stalled", "stalled_sub.py", &[&px.xpub, "10001"]);
     stalled
         .ready(READY_WITHIN)
         .await
         .expect("stalled sub ready");
-    await_stats(&px.proc, READY_WITHIN, |s| {
-        s.topics == [("10001".to_string(), 2)]
-    })
-    .await;
+    await_topic(&px.proc, "10001", 2).await;
     // About 700 KB/s of updates: the stalled connection's buffers fill within seconds.
     let mut p = publisher(
         &logs,

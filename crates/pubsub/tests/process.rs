@@ -9,8 +9,6 @@ use pubsub::{PublisherSummary, SubscriberSummary};
 mod support;
 use support::*;
 
-const LOOPBACK: &str = "tcp://127.0.0.1:0";
-
 fn zips(s: &SubscriberSummary) -> BTreeSet<String> {
     s.by_zip.keys().cloned().collect()
 }
@@ -75,20 +73,10 @@ async fn subscribers_get_exactly_their_zips_from_every_publisher() {
 async fn one_subscriber_leaving_keeps_the_topic_for_the_others() {
     let _g = heavy().await;
     let logs = logs("counted");
-    let px = proxy(
-        &logs,
-        "proxy",
-        LOOPBACK,
-        LOOPBACK,
-        &["--json", "--stats-secs", "1", "--max-topics", "3"],
-    )
-    .await;
+    let px = proxy_with_stats(&logs, &["--max-topics", "3"]).await;
     let mut a = subscriber(&logs, "sub-a", &px.xpub, "10001", &[]).await;
     let mut b = subscriber(&logs, "sub-b", &px.xpub, "10001", &[]).await;
-    await_stats(&px.proc, READY_WITHIN, |s| {
-        s.topics == [("10001".to_string(), 2)]
-    })
-    .await;
+    await_topic(&px.proc, "10001", 2).await;
     let mut p = publisher(
         &logs,
         "p1",
@@ -106,10 +94,7 @@ async fn one_subscriber_leaving_keeps_the_topic_for_the_others() {
     // Both receive for a while, then A leaves.
     await_stats(&px.proc, READY_WITHIN, |s| s.messages_out >= 100).await;
     let a: SubscriberSummary = stop(&mut a).await;
-    let after_a = await_stats(&px.proc, READY_WITHIN, |s| {
-        s.topics == [("10001".to_string(), 1)]
-    })
-    .await;
+    let after_a = await_topic(&px.proc, "10001", 1).await;
     assert_eq!(after_a.forwarded, 1, "the topic was not withdrawn upstream");
     // B goes on receiving: at least 200 more updates (one second) after A left.
     let out_then = after_a.messages_out;
@@ -197,14 +182,7 @@ async fn bad_input_is_counted_and_never_fatal() {
 
     let _g = heavy().await;
     let logs = logs("bad-input");
-    let px = proxy(
-        &logs,
-        "proxy",
-        LOOPBACK,
-        LOOPBACK,
-        &["--json", "--stats-secs", "1"],
-    )
-    .await;
+    let px = proxy_with_stats(&logs, &[]).await;
     for endpoint in [&px.xsub, &px.xpub] {
         let addr = endpoint.trim_start_matches("tcp://");
         // Garbage, then a greeting cut short.

@@ -280,6 +280,24 @@ fn judge_subscriber(
     );
 }
 
+/// Waits for every publisher to finish, lets the last updates arrive, then stops every
+/// subscriber: their summaries, in order.
+async fn collect(
+    publishers: &mut [Proc],
+    subscribers: &mut [Proc],
+) -> Result<(Vec<PublisherSummary>, Vec<SubscriberSummary>)> {
+    let mut sent = Vec::new();
+    for p in publishers {
+        sent.push(finish::<PublisherSummary>(p).await?);
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let mut got = Vec::new();
+    for s in subscribers {
+        got.push(stop::<SubscriberSummary>(s).await?);
+    }
+    Ok((sent, got))
+}
+
 fn sum_sent(publishers: &[PublisherSummary]) -> u64 {
     publishers.iter().map(|p| p.sent).sum()
 }
@@ -307,17 +325,12 @@ async fn many_pubsub(lab: &Lab) -> Result<Verdict> {
         ];
         pubs.push(topo.publisher(name, &flags).await?);
     }
-    let mut sent = Vec::new();
-    for p in &mut pubs {
-        sent.push(finish::<PublisherSummary>(p).await?);
-    }
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (sent, got) = collect(&mut pubs, &mut subs).await?;
     let mut v = Verdict::new("many-pubsub", topo.net.mode());
     v.figure("sent", sum_sent(&sent));
-    for ((name, zips), sub) in plan.iter().zip(&mut subs) {
-        let s: SubscriberSummary = stop(sub).await?;
+    for ((name, zips), s) in plan.iter().zip(&got) {
         let zips: Vec<&str> = zips.split(',').collect();
-        judge_subscriber(&mut v, name, &s, &zips, &sent, true);
+        judge_subscriber(&mut v, name, s, &zips, &sent, true);
     }
     Ok(v)
 }
@@ -326,7 +339,7 @@ async fn weather(lab: &Lab) -> Result<Verdict> {
     let topo = Topology::start(lab, "weather", Setup::Local, &[]).await?;
     let zips: Vec<String> = (10000..10010).map(|z| z.to_string()).collect();
     let zips: Vec<&str> = zips.iter().map(String::as_str).collect();
-    let mut sub = topo.subscriber("s1", &zips.join(","), &[]).await?;
+    let sub = topo.subscriber("s1", &zips.join(","), &[]).await?;
     let flags = [
         "--zip-range",
         "10000-10009",
@@ -335,13 +348,12 @@ async fn weather(lab: &Lab) -> Result<Verdict> {
         "--count",
         "10000",
     ];
-    let mut p = topo.publisher("p1", &flags).await?;
-    let sent = vec![finish::<PublisherSummary>(&mut p).await?];
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let s: SubscriberSummary = stop(&mut sub).await?;
+    let p = topo.publisher("p1", &flags).await?;
+    let (sent, got) = collect(&mut [p], &mut [sub]).await?;
+    let s = &got[0];
     let mut v = Verdict::new("weather", topo.net.mode());
     v.figure("sent", sum_sent(&sent));
-    judge_subscriber(&mut v, "s1", &s, &zips, &sent, true);
+    judge_subscriber(&mut v, "s1", s, &zips, &sent, true);
     let averages: BTreeMap<&str, f64> = s
         .by_zip
         .iter()
@@ -360,8 +372,8 @@ async fn weather(lab: &Lab) -> Result<Verdict> {
 
 async fn zip_filter(lab: &Lab) -> Result<Verdict> {
     let topo = Topology::start(lab, "zip-filter", Setup::Local, &[]).await?;
-    let mut a = topo.subscriber("s1", "10001", &[]).await?;
-    let mut b = topo.subscriber("s2", "10002", &[]).await?;
+    let a = topo.subscriber("s1", "10001", &[]).await?;
+    let b = topo.subscriber("s2", "10002", &[]).await?;
     let flags = [
         "--zip-range",
         "10000-10009",
@@ -370,15 +382,13 @@ async fn zip_filter(lab: &Lab) -> Result<Verdict> {
         "--count",
         "6000",
     ];
-    let mut p = topo.publisher("p1", &flags).await?;
-    let sent = vec![finish::<PublisherSummary>(&mut p).await?];
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let p = topo.publisher("p1", &flags).await?;
+    let (sent, got) = collect(&mut [p], &mut [a, b]).await?;
+    let (a, b) = (&got[0], &got[1]);
     let mut v = Verdict::new("zip-filter", topo.net.mode());
     v.figure("sent", sum_sent(&sent));
-    let a: SubscriberSummary = stop(&mut a).await?;
-    let b: SubscriberSummary = stop(&mut b).await?;
-    judge_subscriber(&mut v, "s1", &a, &["10001"], &sent, true);
-    judge_subscriber(&mut v, "s2", &b, &["10002"], &sent, true);
+    judge_subscriber(&mut v, "s1", a, &["10001"], &sent, true);
+    judge_subscriber(&mut v, "s2", b, &["10002"], &sent, true);
     v.expect(
         a.received + b.received < sum_sent(&sent) / 4,
         "the other eight zips were filtered out",

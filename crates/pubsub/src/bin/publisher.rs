@@ -94,10 +94,7 @@ async fn main() -> ExitCode {
         summary.id, summary.sent, summary.unsent, summary.reconnects, summary.elapsed_ms
     );
     if args.json {
-        match serde_json::to_string(&summary) {
-            Ok(line) => println!("{line}"),
-            Err(e) => eprintln!("error: cannot encode summary: {e}"),
-        }
+        pubsub::print_json(&summary);
     }
     ExitCode::SUCCESS
 }

@@ -89,10 +89,7 @@ async fn main() -> ExitCode {
         summary.longest_silence_ms
     );
     if args.json {
-        match serde_json::to_string(&summary) {
-            Ok(line) => println!("{line}"),
-            Err(e) => eprintln!("error: cannot encode summary: {e}"),
-        }
+        pubsub::print_json(&summary);
     }
     ExitCode::SUCCESS
 }

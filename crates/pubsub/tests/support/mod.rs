@@ -39,6 +39,9 @@ pub fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
+/// Free ports on loopback.
+pub const LOOPBACK: &str = "tcp://127.0.0.1:0";
+
 /// A running proxy and its endpoints.
 pub struct Proxy {
     pub proc: Proc,
@@ -58,6 +61,19 @@ pub async fn proxy(logs: &Path, name: &str, xsub: &str, xpub: &str, extra: &[&st
         xsub: ready["xsub"].clone(),
         xpub: ready["xpub"].clone(),
     }
+}
+
+/// A proxy on free loopback ports printing its stats as JSON every second, with extra flags.
+pub async fn proxy_with_stats(logs: &Path, extra: &[&str]) -> Proxy {
+    let mut flags = vec!["--json", "--stats-secs", "1"];
+    flags.extend_from_slice(extra);
+    proxy(logs, "proxy", LOOPBACK, LOOPBACK, &flags).await
+}
+
+/// Waits until the proxy counts `n` subscribers of `prefix`, and no other prefix.
+pub async fn await_topic(proxy: &Proc, prefix: &str, n: u64) -> pubsub::ProxyStats {
+    let want = [(prefix.to_string(), n)];
+    await_stats(proxy, READY_WITHIN, |s| s.topics == want).await
 }
 
 /// Starts a subscriber printing its JSON summary and waits until it hears the proxy (every
