@@ -47,7 +47,7 @@ struct Args {
     stats_secs: u64,
 }
 
-#[tokio::main(flavor = "current_thread")]
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     common::logging::init("pubsub=info,common=info");

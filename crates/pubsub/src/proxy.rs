@@ -338,15 +338,23 @@ impl Fanout {
         let sent = {
             let send = self.xpub.send(msg);
             tokio::pin!(send);
-            loop {
-                tokio::select! {
+            // Nearly always ready at once: no timer then.
+            match futures::FutureExt::now_or_never(&mut send) {
+                Some(r) => r,
+                None => loop {
+                    tokio::select! {
                     () = shutdown.cancelled() => return,
                     r = &mut send => break r,
                     () = tokio::time::sleep(stall) => cut += stall::cut_stalled(port, stall::MIN_QUEUE),
-                }
+                    }
+                },
             }
         };
         self.stats.stalled_cut += cut as u64;
+        self.on_sent(sent);
+    }
+
+    fn on_sent(&mut self, sent: ZmqResult<()>) {
         if let Err(e) = sent {
             self.stats.peer_errors += 1;
             tracing::info!(error = %e, "send to a subscriber failed");
