@@ -121,3 +121,8 @@ publisher *args:
 # Start a weather subscriber on the default XPUB
 subscriber *args:
     cargo run --release -p pubsub --bin subscriber -- {{args}}
+
+# Pub/sub benchmark: our proxy against libzmq's zmq_proxy and no proxy (release build)
+pubsub-bench:
+    cargo build --release -p pubsub
+    ./target/release/pubsub-bench

@@ -16,7 +16,12 @@ fn run(bin: &str, args: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn help_on_every_binary() {
-    for bin in [PROXY, PUBLISHER, SUBSCRIBER] {
+    for bin in [
+        PROXY,
+        PUBLISHER,
+        SUBSCRIBER,
+        env!("CARGO_BIN_EXE_pubsub-bench"),
+    ] {
         let (code, out, _) = run(bin, &["--help"]);
         assert_eq!(code, 0, "{bin} --help");
         assert!(out.contains("Usage:"), "{bin} --help prints usage: {out}");

@@ -60,3 +60,9 @@ async fn late_joiner_gets_last_values_at_once() {
     let v = run("late-joiner", PartitionMode::Relay).await;
     assert!(v.passed, "{}", v.render());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stopped_subscriber_is_cut_and_the_others_go_on() {
+    let v = run("stalled-subscriber", PartitionMode::Relay).await;
+    assert!(v.passed, "{}", v.render());
+}
