@@ -1,8 +1,8 @@
 //! Weather pub/sub through an XSUB/XPUB proxy (seed: "Proxy", experiments 1-5).
 //!
 //! ```text
-//!  publisher PUB(+XPUB) ──► xsub XSUB ─┐       ┌─ XPUB xpub ◄── subscriber SUB
-//!  publisher PUB(+XPUB) ──►            └ proxy ┘            ◄── subscriber SUB
+//!  publisher PUB(+XPUB) ──► xsub XSUB ─┐       ┌─ XPUB xpub ◄── subscriber XSUB
+//!  publisher PUB(+XPUB) ──►            └ proxy ┘            ◄── subscriber XSUB
 //! ```
 //!
 //! Updates flow left to right, subscriptions right to left (counted by the proxy), and the

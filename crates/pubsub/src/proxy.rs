@@ -395,6 +395,12 @@ impl Fanout {
         match &sub {
             Subscription::Subscribe(_) => self.stats.subscribes += 1,
             Subscription::Unsubscribe(_) => self.stats.unsubscribes += 1,
+            Subscription::Release { proxy, .. } if *proxy != self.instance => {
+                // Made to a proxy that has since restarted: its counts died with it.
+                self.stats.stale_releases += 1;
+                return;
+            }
+            Subscription::Release { .. } => self.stats.releases += 1,
         }
         match self.subscriptions.apply(&sub) {
             Change::Upstream(change) => {
@@ -455,6 +461,7 @@ impl Fanout {
             cached_sent = s.cached_sent,
             subscribes = s.subscribes,
             unsubscribes = s.unsubscribes,
+            releases = s.releases,
             forwarded = s.forwarded,
             refused = s.refused,
             topics = s.topics.len(),

@@ -19,6 +19,10 @@ pub struct ProxyStats {
     /// Subscribe and unsubscribe messages received from subscribers.
     pub subscribes: u64,
     pub unsubscribes: u64,
+    /// Subscriptions of lost connections released by our subscribers on their new connection;
+    /// and releases meant for another proxy instance (ignored).
+    pub releases: u64,
+    pub stale_releases: u64,
     /// Subscription changes forwarded to publishers.
     pub forwarded: u64,
     /// Subscriptions to new prefixes refused because the table was full.

@@ -1,12 +1,14 @@
-//! The weather subscriber: a SUB on the proxy's XPUB, subscribed to its zips and to the
-//! proxy's heartbeat topic.
+//! The weather subscriber: an XSUB (a SUB that can also send) on the proxy's XPUB, subscribed to
+//! its zips and to the proxy's heartbeat topic.
 //!
 //! It averages the temperature per zip and accounts for every update by its sequence number
 //! (see [`crate::tracker`]). A closed connection, or silence (no update, no heartbeat) for
 //! `interval x liveness`, ends the link: the socket is dropped and a fresh one connects and
 //! subscribes again (zmq.rs's own SUB reconnection backs off to 30 s and never hears a proxy
-//! that restarted behind a partition). On a clean stop it unsubscribes first, so the proxy's
-//! counts drop.
+//! that restarted behind a partition). The proxy cannot see that the old connection's
+//! subscriptions are gone, so once the new connection hears the same proxy instance the old
+//! one heard, the subscriber sends a RELEASE for each of them. On a clean stop it
+//! unsubscribes first. Either way the proxy's counts stay exact.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -17,10 +19,10 @@ use common::link::{self, Backoff};
 use serde::{Deserialize, Serialize};
 use tokio::time::{interval, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use zeromq::{Socket, SocketRecv, SubSocket};
+use zeromq::{Socket, SocketRecv, SocketSend, XSubSocket};
 
 use crate::config::SubscriberConfig;
-use crate::protocol::{Incoming, Update, HEARTBEAT_TOPIC};
+use crate::protocol::{Incoming, Subscription, Update, HEARTBEAT_TOPIC};
 use crate::tracker::{Seen, StreamSummary, Tracker};
 
 /// Per zip, in the summary.
@@ -56,7 +58,8 @@ pub struct SubscriberSummary {
 }
 
 enum LinkEnd {
-    Lost(&'static str),
+    /// With the proxy instance this link heard, if any: its subscriptions are counted there.
+    Lost(&'static str, Option<u64>),
     Finished,
 }
 
@@ -68,6 +71,8 @@ struct State {
     temperature_sums: BTreeMap<String, i64>,
     last_update: Option<Instant>,
     proxies: Vec<u64>,
+    /// A lost link's subscriptions are still counted by this proxy instance.
+    to_release: Option<u64>,
 }
 
 impl State {
@@ -103,9 +108,27 @@ impl State {
         on_update(&update, entry.avg_temperature);
     }
 
+    /// On a new link that hears `instance`: if a lost link's subscriptions are still counted
+    /// by that same proxy, count them out.
+    async fn release(&mut self, socket: &mut XSubSocket, instance: u64) {
+        if self.to_release.take() != Some(instance) {
+            return;
+        }
+        for zip in &self.config.zips {
+            let release = Subscription::Release {
+                proxy: instance,
+                prefix: zip.topic(),
+            };
+            if socket.send(release.to_message()).await.is_err() {
+                return;
+            }
+        }
+        tracing::debug!("released the lost link's subscriptions");
+    }
+
     async fn serve(
         &mut self,
-        socket: &mut SubSocket,
+        socket: &mut XSubSocket,
         monitor: &mut link::Monitor,
         stop: &CancellationToken,
         on_ready: &mut dyn FnMut(),
@@ -113,14 +136,15 @@ impl State {
     ) -> LinkEnd {
         for zip in &self.config.zips {
             if socket.subscribe(&zip.to_string()).await.is_err() {
-                return LinkEnd::Lost("cannot subscribe");
+                return LinkEnd::Lost("cannot subscribe", None);
             }
         }
         // Last: once a heartbeat arrives, the proxy has every zip subscription too.
         let heartbeat_topic = String::from_utf8_lossy(HEARTBEAT_TOPIC).into_owned();
         if socket.subscribe(&heartbeat_topic).await.is_err() {
-            return LinkEnd::Lost("cannot subscribe");
+            return LinkEnd::Lost("cannot subscribe", None);
         }
+        let mut heard: Option<u64> = None;
         let mut liveness = Liveness::new(self.config.heartbeat);
         let mut tick = interval(self.config.heartbeat.interval / 2);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -130,9 +154,9 @@ impl State {
             }
             tokio::select! {
                 () = stop.cancelled() => return LinkEnd::Finished,
-                _ = monitor.disconnected() => return LinkEnd::Lost("connection closed"),
+                _ = monitor.disconnected() => return LinkEnd::Lost("connection closed", heard),
                 msg = socket.recv() => {
-                    let Ok(msg) = msg else { return LinkEnd::Lost("receive failed") };
+                    let Ok(msg) = msg else { return LinkEnd::Lost("receive failed", heard) };
                     liveness.heard();
                     match Incoming::parse(&msg.into_vec()) {
                         Ok(Incoming::Update(update)) => {
@@ -144,6 +168,10 @@ impl State {
                         }
                         Ok(Incoming::Heartbeat(instance)) => {
                             self.summary.heartbeats += 1;
+                            if heard.is_none() {
+                                heard = Some(instance);
+                                self.release(socket, instance).await;
+                            }
                             if !self.proxies.contains(&instance) {
                                 if self.proxies.is_empty() && self.summary.received == 0 {
                                     on_ready();
@@ -162,7 +190,7 @@ impl State {
                 }
                 _ = tick.tick() => {
                     if liveness.is_expired() {
-                        return LinkEnd::Lost("proxy silent");
+                        return LinkEnd::Lost("proxy silent", heard);
                     }
                 }
             }
@@ -197,6 +225,7 @@ pub async fn run(
         temperature_sums: BTreeMap::new(),
         last_update: None,
         proxies: Vec::new(),
+        to_release: None,
     };
     let endpoint = state.config.connect.clone();
     let policy = state.config.reconnect;
@@ -206,7 +235,7 @@ pub async fn run(
             &policy,
             &mut backoff,
             &stop,
-            SubSocket::with_options,
+            XSubSocket::with_options,
         )
         .await
         else {
@@ -227,7 +256,10 @@ pub async fn run(
                 leave(&mut socket, &state.config).await;
                 break;
             }
-            LinkEnd::Lost(why) => {
+            LinkEnd::Lost(why, heard) => {
+                if heard.is_some() {
+                    state.to_release = heard;
+                }
                 state.summary.reconnects += 1;
                 tracing::warn!(why, "proxy link lost, reconnecting");
                 drop(socket);
@@ -252,7 +284,7 @@ pub async fn run(
 }
 
 /// Unsubscribes everything so the proxy's counts drop, and lets that leave (bounded).
-async fn leave(socket: &mut SubSocket, config: &SubscriberConfig) {
+async fn leave(socket: &mut XSubSocket, config: &SubscriberConfig) {
     let topics = config
         .zips
         .iter()

@@ -61,17 +61,19 @@ impl Subscriptions {
                     Change::Upstream(sub.clone())
                 }
             },
-            Subscription::Unsubscribe(_) => match self.counts.get_mut(prefix) {
-                None => Change::Unknown,
-                Some(n) if *n > 1 => {
-                    *n -= 1;
-                    Change::Counted
+            Subscription::Unsubscribe(_) | Subscription::Release { .. } => {
+                match self.counts.get_mut(prefix) {
+                    None => Change::Unknown,
+                    Some(n) if *n > 1 => {
+                        *n -= 1;
+                        Change::Counted
+                    }
+                    Some(_) => {
+                        self.counts.remove(prefix);
+                        Change::Upstream(Subscription::Unsubscribe(prefix.clone()))
+                    }
                 }
-                Some(_) => {
-                    self.counts.remove(prefix);
-                    Change::Upstream(sub.clone())
-                }
-            },
+            }
         }
     }
 
@@ -124,6 +126,19 @@ mod tests {
         assert_eq!(s.apply(&unsub("10001")), Change::Upstream(unsub("10001")));
         assert_eq!(s.apply(&unsub("10001")), Change::Unknown);
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn a_release_counts_out_like_an_unsubscribe() {
+        let mut s = Subscriptions::new(10);
+        s.apply(&sub("10001"));
+        s.apply(&sub("10001"));
+        let release = |p: &'static str| Subscription::Release {
+            proxy: 1,
+            prefix: Bytes::from_static(p.as_bytes()),
+        };
+        assert_eq!(s.apply(&release("10001")), Change::Counted);
+        assert_eq!(s.apply(&release("10001")), Change::Upstream(unsub("10001")));
     }
 
     #[test]

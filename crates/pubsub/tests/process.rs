@@ -232,3 +232,30 @@ async fn bad_input_is_counted_and_never_fatal() {
     let _: PublisherSummary = stop(&mut p).await;
     drop(rogue);
 }
+
+/// A subscriber whose link is lost and which reconnects on a fresh socket leaves no count
+/// behind: on the new link it releases what the old one subscribed (the proxy cannot tell).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscriber_that_reconnects_leaves_no_count_behind() {
+    let _g = heavy().await;
+    let logs = logs("release");
+    let fast = ["--heartbeat-ms", "200", "--liveness", "3"];
+    let px = proxy_with_stats(&logs, &fast).await;
+    let addr = common::endpoint::resolve(&px.xpub).expect("xpub address");
+    let relay = lab::relay::Relay::start(addr).await.expect("relay");
+    let mut flags = fast.to_vec();
+    flags.extend(["--reconnect-max-ms", "200"]);
+    let mut a = subscriber(&logs, "sub-a", &relay.endpoint(), "10001", &flags).await;
+    await_topic(&px.proc, "10001", 1).await;
+    // Silence longer than the subscriber's liveness (600 ms): it reconnects.
+    relay.set_partitioned(true);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    relay.set_partitioned(false);
+    let released = await_stats(&px.proc, READY_WITHIN, |s| s.releases >= 1).await;
+    let settled = await_topic(&px.proc, "10001", 1).await;
+    assert_eq!(released.stale_releases, 0);
+    assert_eq!(settled.forwarded, 1, "never withdrawn upstream meanwhile");
+    let a: SubscriberSummary = stop(&mut a).await;
+    assert!(a.reconnects >= 1, "{a:?}");
+    await_stats(&px.proc, READY_WITHIN, |s| s.topics.is_empty()).await;
+}
