@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::protocol::{Update, Zip};
 
+/// Streams tracked at most: a subscriber fed by ever new publisher names stays bounded. Updates
+/// of streams beyond it are shown but not accounted for.
+pub const MAX_STREAMS: usize = 100_000;
+
 /// What one update was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Seen {
@@ -60,6 +64,9 @@ impl Tracker {
     pub fn on_update(&mut self, u: &Update) -> Seen {
         let key = (u.publisher.clone(), u.zip);
         let Some(s) = self.streams.get_mut(&key) else {
+            if self.streams.len() >= MAX_STREAMS {
+                return Seen::New { missed: 0 };
+            }
             self.streams.insert(
                 key,
                 Stream {
@@ -154,6 +161,15 @@ mod tests {
         assert_eq!((s.first, s.last, s.received, s.gaps), (5, 10, 3, 3));
         // received + gaps covers first..=last exactly.
         assert_eq!(s.received + s.gaps, s.last - s.first + 1);
+    }
+
+    #[test]
+    fn the_number_of_streams_is_bounded() {
+        let mut t = Tracker::default();
+        for i in 0..=MAX_STREAMS {
+            t.on_update(&u(&format!("p{i}"), 1, 1));
+        }
+        assert_eq!(t.summaries().len(), MAX_STREAMS);
     }
 
     #[test]

@@ -455,7 +455,8 @@ async fn partitioned(name: &str, lab: &Lab, restart: bool) -> Result<Verdict> {
     };
     let setup = if use_netns {
         Setup::Netns(
-            TestHost::create(1)
+            // A host number per scenario: a namespace deleted just before may linger a moment.
+            TestHost::create(if restart { 2 } else { 1 })
                 .await
                 .context("cannot create the test host (needs root and iproute2)")?,
         )
