@@ -102,6 +102,10 @@ pubsub-partition mode="auto":
 pubsub-partition-restart mode="auto":
     cargo run --release -p lab -- --partition {{mode}} pubsub-partition-restart
 
+# A partition between the proxy and its publishers only, or its subscribers only (relay)
+pubsub-partition-side:
+    cargo run --release -p lab -- pubsub-partition-publishers pubsub-partition-subscribers
+
 # A late joiner gets the last value of each zip at once
 late-joiner:
     cargo run --release -p lab -- late-joiner

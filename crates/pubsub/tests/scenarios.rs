@@ -66,3 +66,14 @@ async fn stopped_subscriber_is_cut_and_the_others_go_on() {
     let v = run("stalled-subscriber", PartitionMode::Relay).await;
     assert!(v.passed, "{}", v.render());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn partition_of_either_side_alone_is_recovered() {
+    for name in [
+        "pubsub-partition-publishers",
+        "pubsub-partition-subscribers",
+    ] {
+        let v = run(name, PartitionMode::Relay).await;
+        assert!(v.passed, "{}", v.render());
+    }
+}
