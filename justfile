@@ -77,3 +77,56 @@ bench:
 # The test suite, as CI runs it
 test:
     cargo test --workspace
+
+# Seed proxy 1: three publishers and three subscribers through one proxy
+many-pubsub:
+    cargo run --release -p lab -- many-pubsub
+
+# Seed proxy 2: a weather publisher of ten zips, averages per zip
+weather:
+    cargo run --release -p lab -- weather
+
+# Seed proxy 3: subscribers receive only their zips
+zip-filter:
+    cargo run --release -p lab -- zip-filter
+
+# Seed proxy 4: kill the proxy (SIGKILL) and restart it
+proxy-restart:
+    cargo run --release -p lab -- proxy-restart
+
+# Seed proxy 5: partition between the proxy and both sides (netns as root, else a relay)
+pubsub-partition mode="auto":
+    cargo run --release -p lab -- --partition {{mode}} pubsub-partition
+
+# A partition during which the proxy is killed and restarted
+pubsub-partition-restart mode="auto":
+    cargo run --release -p lab -- --partition {{mode}} pubsub-partition-restart
+
+# A partition between the proxy and its publishers only, or its subscribers only (relay)
+pubsub-partition-side:
+    cargo run --release -p lab -- pubsub-partition-publishers pubsub-partition-subscribers
+
+# A late joiner gets the last value of each zip at once
+late-joiner:
+    cargo run --release -p lab -- late-joiner
+
+# A stopped subscriber (SIGSTOP) does not stall the others
+stalled-subscriber:
+    cargo run --release -p lab -- stalled-subscriber
+
+# Start a pub/sub proxy on the default endpoints (XSUB 5555, XPUB 5556)
+proxy *args:
+    cargo run --release -p pubsub -- {{args}}
+
+# Start a weather publisher on the default XSUB
+publisher *args:
+    cargo run --release -p pubsub --bin publisher -- {{args}}
+
+# Start a weather subscriber on the default XPUB
+subscriber *args:
+    cargo run --release -p pubsub --bin subscriber -- {{args}}
+
+# Pub/sub benchmark: our proxy against libzmq's zmq_proxy and no proxy (release build)
+pubsub-bench:
+    cargo build --release -p pubsub
+    ./target/release/pubsub-bench

@@ -2,6 +2,7 @@
 //! and returns a [`Verdict`] with the figures that prove the outcome.
 
 pub mod pipeline;
+pub mod pubsub;
 pub mod shared_queue;
 
 use std::path::PathBuf;
@@ -56,6 +57,7 @@ pub struct Scenario {
 pub fn all() -> Vec<Scenario> {
     let mut all = shared_queue::scenarios();
     all.extend(pipeline::scenarios());
+    all.extend(pubsub::scenarios());
     all
 }
 

@@ -1,0 +1,86 @@
+//! Validated settings of the three roles (no clap types here; the binaries map flags to these).
+
+use std::time::Duration;
+
+use common::heartbeat::Heartbeat;
+use common::link::Reconnect;
+
+use crate::protocol::Zip;
+
+/// Publishers connect here (the proxy's XSUB). The broker has 5559/5560, the pipeline
+/// 5557/5558/5561.
+pub const DEFAULT_XSUB: &str = "tcp://127.0.0.1:5555";
+/// Subscribers connect here (the proxy's XPUB).
+pub const DEFAULT_XPUB: &str = "tcp://127.0.0.1:5556";
+
+/// The XSUB/XPUB proxy.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub xsub: String,
+    pub xpub: String,
+    /// Heartbeats to subscribers and publishers go out every `heartbeat.interval`.
+    pub heartbeat: Heartbeat,
+    /// Updates read from publishers and not yet sent to subscribers, at most (beyond: dropped
+    /// and counted, like libzmq's high-water mark).
+    pub queue: usize,
+    /// Distinct subscription prefixes held at most.
+    pub max_topics: usize,
+    /// TCP_USER_TIMEOUT on subscriber connections: one that keeps a zero window (stopped
+    /// reading) or leaves data unacknowledged this long is cut by the kernel.
+    pub stall_timeout: Duration,
+    /// Re-send the last update of each topic to a new subscription (last value cache).
+    pub last_value_cache: bool,
+    /// The loop may stall this long before the process exits with status 70.
+    pub watchdog: Duration,
+    pub stats_every: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            xsub: DEFAULT_XSUB.into(),
+            xpub: DEFAULT_XPUB.into(),
+            heartbeat: Heartbeat::default(),
+            queue: 100_000,
+            max_topics: 100_000,
+            stall_timeout: Duration::from_millis(2000),
+            last_value_cache: true,
+            watchdog: Duration::from_secs(10),
+            stats_every: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A weather publisher.
+#[derive(Debug, Clone)]
+pub struct PublisherConfig {
+    pub connect: String,
+    /// Name carried in every update (no spaces).
+    pub id: String,
+    pub zips: Vec<Zip>,
+    /// Updates per second, all zips together; 0: as fast as possible.
+    pub rate: f64,
+    /// Stop after this many updates; `None`: until stopped.
+    pub count: Option<u64>,
+    /// Wait until a subscription reaches this publisher before the first update, at most this
+    /// long (`None`: start at once).
+    pub wait_subscriber: Option<Duration>,
+    /// Expect the proxy's heartbeats at this rhythm; silence means a lost link.
+    pub heartbeat: Heartbeat,
+    pub reconnect: Reconnect,
+}
+
+/// A weather subscriber.
+#[derive(Debug, Clone)]
+pub struct SubscriberConfig {
+    pub connect: String,
+    pub zips: Vec<Zip>,
+    /// Stop after this many updates (duplicates not counted).
+    pub count: Option<u64>,
+    /// Stop after this long.
+    pub duration: Option<Duration>,
+    /// Print each update and the running average on stdout.
+    pub print_updates: bool,
+    pub heartbeat: Heartbeat,
+    pub reconnect: Reconnect,
+}

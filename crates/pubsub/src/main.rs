@@ -1,0 +1,83 @@
+//! `proxy`: the XSUB/XPUB proxy. Binds the XSUB (publishers) and XPUB (subscribers), prints
+//! `ready xsub=... xpub=...` on stdout, serves until Ctrl-C or SIGTERM; with `--json`, its
+//! counters as JSON lines (every `--stats-secs` and at exit).
+
+use std::time::Duration;
+
+use clap::Parser;
+use common::cli::HeartbeatArgs;
+use pubsub::config::{DEFAULT_XPUB, DEFAULT_XSUB};
+use pubsub::{Proxy, ProxyConfig, ProxyStats};
+
+/// Pub/sub proxy: XSUB for publishers, XPUB for subscribers, counted subscriptions,
+/// heartbeats on its own topic, last value cache.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Endpoint publishers connect to (port 0 picks a free port).
+    #[arg(long, env = "PROXY_XSUB", default_value = DEFAULT_XSUB, value_parser = common::endpoint::parse_tcp)]
+    xsub: String,
+    /// Endpoint subscribers connect to (port 0 picks a free port).
+    #[arg(long, env = "PROXY_XPUB", default_value = DEFAULT_XPUB, value_parser = common::endpoint::parse_tcp)]
+    xpub: String,
+    #[command(flatten)]
+    heartbeat: HeartbeatArgs,
+    /// Updates waiting for subscribers beyond this many are dropped (counted).
+    #[arg(long, env = "PROXY_QUEUE", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    queue: u64,
+    /// Distinct subscription prefixes held at most; beyond, new ones are refused.
+    #[arg(long, env = "PROXY_MAX_TOPICS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_topics: u64,
+    /// Milliseconds a subscriber may keep its window closed (stopped reading) or leave data
+    /// unacknowledged before the kernel cuts it (TCP_USER_TIMEOUT); delivery to everyone waits
+    /// that long at most.
+    #[arg(long, env = "PROXY_STALL_TIMEOUT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..))]
+    stall_timeout_ms: u64,
+    /// Do not re-send the last update of each topic to new subscriptions.
+    #[arg(long, env = "PROXY_NO_LAST_VALUE")]
+    no_last_value: bool,
+    /// Seconds the loop may stall before the process exits with status 70.
+    #[arg(long, env = "PROXY_WATCHDOG_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    watchdog_secs: u64,
+    /// Print the counters as one JSON line on stdout every --stats-secs and at exit.
+    #[arg(long)]
+    json: bool,
+    /// Seconds between stats lines.
+    #[arg(long, env = "PROXY_STATS_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    stats_secs: u64,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    common::logging::init("pubsub=info,common=info");
+    common::cli::exit_code(run(args).await.map(|()| std::process::ExitCode::SUCCESS))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let shutdown = common::shutdown::on_signals();
+    let config = ProxyConfig {
+        xsub: args.xsub,
+        xpub: args.xpub,
+        heartbeat: args.heartbeat.heartbeat(),
+        queue: args.queue as usize,
+        max_topics: args.max_topics as usize,
+        stall_timeout: Duration::from_millis(args.stall_timeout_ms),
+        last_value_cache: !args.no_last_value,
+        watchdog: Duration::from_secs(args.watchdog_secs),
+        stats_every: Duration::from_secs(args.stats_secs),
+    };
+    let proxy = Proxy::bind(config).await?;
+    common::ready::announce(&[
+        ("xsub", &proxy.xsub_endpoint),
+        ("xpub", &proxy.xpub_endpoint),
+    ]);
+    let print = |stats: &ProxyStats| {
+        if args.json {
+            pubsub::print_json(stats);
+        }
+    };
+    let stats = proxy.run_reporting(shutdown, print).await;
+    print(&stats);
+    Ok(())
+}

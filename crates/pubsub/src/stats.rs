@@ -1,0 +1,39 @@
+//! Counters the proxy logs every `--stats-secs` and at exit (and prints as JSON with `--json`).
+
+use serde::{Deserialize, Serialize};
+
+/// Proxy counters since start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyStats {
+    /// Messages read from publishers.
+    pub messages_in: u64,
+    /// Messages handed to the XPUB (each reaches every matching subscriber).
+    pub messages_out: u64,
+    /// Messages dropped because the queue toward subscribers was full.
+    pub dropped: u64,
+    /// Subscriber connections cut because they stopped reading while a send waited on them.
+    pub stalled_cut: u64,
+    /// Last values re-sent for new subscriptions.
+    pub cached_sent: u64,
+    pub heartbeats: u64,
+    /// Subscribe and unsubscribe messages received from subscribers.
+    pub subscribes: u64,
+    pub unsubscribes: u64,
+    /// Subscriptions of lost connections released by our subscribers on their new connection;
+    /// and releases meant for another proxy instance (ignored).
+    pub releases: u64,
+    pub stale_releases: u64,
+    /// Subscription changes forwarded to publishers.
+    pub forwarded: u64,
+    /// Subscriptions to new prefixes refused because the table was full.
+    pub refused: u64,
+    /// Malformed messages from subscribers (not a subscription), and unknown unsubscribes.
+    pub bad_xpub: u64,
+    /// Receive errors reported by either socket (peer reset, bad handshake...).
+    pub peer_errors: u64,
+    /// Connections accepted from publishers and from subscribers.
+    pub publishers_seen: u64,
+    pub subscribers_seen: u64,
+    /// Prefixes currently asked for upstream, with their subscriber counts.
+    pub topics: Vec<(String, u64)>,
+}

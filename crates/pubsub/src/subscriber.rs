@@ -1,0 +1,303 @@
+//! The weather subscriber: an XSUB (a SUB that can also send) on the proxy's XPUB, subscribed to
+//! its zips and to the proxy's heartbeat topic.
+//!
+//! It averages the temperature per zip and accounts for every update by its sequence number
+//! (see [`crate::tracker`]). A closed connection, or silence (no update, no heartbeat) for
+//! `interval x liveness`, ends the link: the socket is dropped and a fresh one connects and
+//! subscribes again (zmq.rs's own SUB reconnection backs off to 30 s and never hears a proxy
+//! that restarted behind a partition). The proxy cannot see that the old connection's
+//! subscriptions are gone, so once the new connection hears the same proxy instance the old
+//! one heard, the subscriber sends a RELEASE for each of them. On a clean stop it
+//! unsubscribes first. Either way the proxy's counts stay exact.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::frames;
+use common::heartbeat::Liveness;
+use common::link::{self, Backoff};
+use serde::{Deserialize, Serialize};
+use tokio::time::{interval, Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use zeromq::{Socket, SocketRecv, SocketSend, XSubSocket};
+
+use crate::config::SubscriberConfig;
+use crate::protocol::{Incoming, Subscription, Update, HEARTBEAT_TOPIC};
+use crate::tracker::{Seen, StreamSummary, Tracker};
+
+/// Per zip, in the summary.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ZipSummary {
+    pub received: u64,
+    pub avg_temperature: f64,
+}
+
+/// What the subscriber prints as JSON with `--json` (the last stdout line).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SubscriberSummary {
+    /// Updates received, duplicates not counted.
+    pub received: u64,
+    /// Updates it can prove it missed (sequence numbers skipped), all streams together.
+    pub gaps: u64,
+    /// Updates received again (re-sent last values), not shown twice.
+    pub duplicates: u64,
+    pub reconnects: u64,
+    /// The longest time between two updates, from the first one on.
+    pub longest_silence_ms: u64,
+    /// From start to the first update (a late joiner with the last value cache: at once).
+    pub first_update_ms: Option<u64>,
+    pub heartbeats: u64,
+    /// Messages that were neither an update nor a heartbeat.
+    pub bad: u64,
+    /// Different proxy instances heard (a restarted proxy is a new one).
+    pub proxies: u64,
+    pub elapsed_ms: u64,
+    pub by_zip: BTreeMap<String, ZipSummary>,
+    /// Per (publisher, zip): first and last sequence numbers, gaps, duplicates.
+    pub streams: Vec<StreamSummary>,
+}
+
+enum LinkEnd {
+    /// With the proxy instance this link heard, if any: its subscriptions are counted there.
+    Lost(&'static str, Option<u64>),
+    Finished,
+}
+
+struct State {
+    config: SubscriberConfig,
+    started: Instant,
+    tracker: Tracker,
+    summary: SubscriberSummary,
+    temperature_sums: BTreeMap<String, i64>,
+    last_update: Option<Instant>,
+    proxies: Vec<u64>,
+    /// A lost link's subscriptions are still counted by this proxy instance.
+    to_release: Option<u64>,
+}
+
+impl State {
+    fn done(&self) -> bool {
+        self.config
+            .count
+            .is_some_and(|n| self.summary.received >= n)
+    }
+
+    fn on_update(&mut self, update: Update, on_update: &mut dyn FnMut(&Update, f64)) {
+        if let Seen::Duplicate = self.tracker.on_update(&update) {
+            return;
+        }
+        let now = Instant::now();
+        match self.last_update {
+            Some(last) => {
+                let silence = now.duration_since(last).as_millis() as u64;
+                self.summary.longest_silence_ms = self.summary.longest_silence_ms.max(silence);
+            }
+            None => {
+                self.summary.first_update_ms =
+                    Some(now.duration_since(self.started).as_millis() as u64);
+            }
+        }
+        self.last_update = Some(now);
+        self.summary.received += 1;
+        let zip = update.zip.to_string();
+        let sum = self.temperature_sums.entry(zip.clone()).or_default();
+        *sum += i64::from(update.temperature);
+        let entry = self.summary.by_zip.entry(zip).or_default();
+        entry.received += 1;
+        entry.avg_temperature = *sum as f64 / entry.received as f64;
+        on_update(&update, entry.avg_temperature);
+    }
+
+    /// On a new link that hears `instance`: if a lost link's subscriptions are still counted
+    /// by that same proxy, count them out.
+    async fn release(&mut self, socket: &mut XSubSocket, instance: u64) {
+        if self.to_release.take() != Some(instance) {
+            return;
+        }
+        for zip in &self.config.zips {
+            let release = Subscription::Release {
+                proxy: instance,
+                prefix: zip.topic(),
+            };
+            if socket.send(release.to_message()).await.is_err() {
+                return;
+            }
+        }
+        tracing::debug!("released the lost link's subscriptions");
+    }
+
+    async fn serve(
+        &mut self,
+        socket: &mut XSubSocket,
+        monitor: &mut link::Monitor,
+        stop: &CancellationToken,
+        on_ready: &mut dyn FnMut(),
+        on_update: &mut dyn FnMut(&Update, f64),
+    ) -> LinkEnd {
+        for zip in &self.config.zips {
+            if socket.subscribe(&zip.to_string()).await.is_err() {
+                return LinkEnd::Lost("cannot subscribe", None);
+            }
+        }
+        // Last: once a heartbeat arrives, the proxy has every zip subscription too.
+        let heartbeat_topic = String::from_utf8_lossy(HEARTBEAT_TOPIC).into_owned();
+        if socket.subscribe(&heartbeat_topic).await.is_err() {
+            return LinkEnd::Lost("cannot subscribe", None);
+        }
+        let mut heard: Option<u64> = None;
+        let mut liveness = Liveness::new(self.config.heartbeat);
+        let mut tick = interval(self.config.heartbeat.interval / 2);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            if self.done() {
+                return LinkEnd::Finished;
+            }
+            tokio::select! {
+                () = stop.cancelled() => return LinkEnd::Finished,
+                _ = monitor.disconnected() => return LinkEnd::Lost("connection closed", heard),
+                msg = socket.recv() => {
+                    let Ok(msg) = msg else { return LinkEnd::Lost("receive failed", heard) };
+                    liveness.heard();
+                    match Incoming::parse(&msg.into_vec()) {
+                        Ok(Incoming::Update(update)) => {
+                            // A last value can come before the first heartbeat.
+                            if self.summary.received == 0 && self.proxies.is_empty() {
+                                on_ready();
+                            }
+                            self.on_update(update, on_update);
+                        }
+                        Ok(Incoming::Heartbeat(instance)) => {
+                            self.summary.heartbeats += 1;
+                            if heard.is_none() {
+                                heard = Some(instance);
+                                self.release(socket, instance).await;
+                            }
+                            if !self.proxies.contains(&instance) {
+                                if self.proxies.is_empty() && self.summary.received == 0 {
+                                    on_ready();
+                                }
+                                self.proxies.push(instance);
+                                tracing::info!(proxy = format!("{instance:x}"), "hearing the proxy");
+                            }
+                        }
+                        Err(e) => {
+                            self.summary.bad += 1;
+                            if self.summary.bad.is_power_of_two() {
+                                tracing::warn!(error = %e, "unreadable message dropped");
+                            }
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    if liveness.is_expired() {
+                        return LinkEnd::Lost("proxy silent", heard);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Receives until `count` updates, `duration`, or `shutdown`. `on_ready` runs once, when the
+/// proxy is first heard (every subscription is in place) or a first (last-value) update comes; `on_update` for each new update,
+/// with the running average temperature of its zip.
+pub async fn run(
+    config: SubscriberConfig,
+    shutdown: CancellationToken,
+    mut on_ready: impl FnMut() + Send,
+    mut on_update: impl FnMut(&Update, f64) + Send,
+) -> SubscriberSummary {
+    let started = Instant::now();
+    let stop = shutdown.child_token();
+    let timer = config.duration.map(|d| {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(d).await;
+            stop.cancel();
+        })
+    });
+    let mut backoff = Backoff::new(config.reconnect.min, config.reconnect.max);
+    let mut state = State {
+        config,
+        started,
+        tracker: Tracker::default(),
+        summary: SubscriberSummary::default(),
+        temperature_sums: BTreeMap::new(),
+        last_update: None,
+        proxies: Vec::new(),
+        to_release: None,
+    };
+    let endpoint = state.config.connect.clone();
+    let policy = state.config.reconnect;
+    while !state.done() && !stop.is_cancelled() {
+        let Some(connected) = link::connect(
+            &endpoint,
+            &policy,
+            &mut backoff,
+            &stop,
+            XSubSocket::with_options,
+        )
+        .await
+        else {
+            break;
+        };
+        let (mut socket, mut monitor) = (connected.socket, connected.monitor);
+        match state
+            .serve(
+                &mut socket,
+                &mut monitor,
+                &stop,
+                &mut on_ready,
+                &mut on_update,
+            )
+            .await
+        {
+            LinkEnd::Finished => {
+                leave(&mut socket, &state.config).await;
+                break;
+            }
+            LinkEnd::Lost(why, heard) => {
+                if heard.is_some() {
+                    state.to_release = heard;
+                }
+                state.summary.reconnects += 1;
+                tracing::warn!(why, "proxy link lost, reconnecting");
+                drop(socket);
+                let pause = backoff.next_delay();
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+    if let Some(timer) = timer {
+        timer.abort();
+    }
+    let mut s = state.summary;
+    s.gaps = state.tracker.gaps();
+    s.duplicates = state.tracker.duplicates();
+    s.streams = state.tracker.summaries();
+    s.proxies = state.proxies.len() as u64;
+    s.elapsed_ms = started.elapsed().as_millis() as u64;
+    s
+}
+
+/// Unsubscribes everything so the proxy's counts drop, and lets that leave (bounded).
+async fn leave(socket: &mut XSubSocket, config: &SubscriberConfig) {
+    let topics = config
+        .zips
+        .iter()
+        .map(|z| z.to_string())
+        .chain([String::from_utf8_lossy(HEARTBEAT_TOPIC).into_owned()]);
+    let unsubscribe = async {
+        for topic in topics {
+            if let Err(e) = socket.unsubscribe(&topic).await {
+                tracing::debug!(topic = %frames::show(topic.as_bytes()), error = %e, "unsubscribe failed");
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), unsubscribe).await;
+    tokio::time::sleep(link::LINGER).await;
+}
