@@ -338,11 +338,7 @@ async fn a_stopping_worker_is_sent_nothing_more() {
 async fn a_flooding_client_does_not_delay_the_others() {
     let _g = heavy().await;
     let test = "fair-queue";
-    let (broker, frontend, backend) = broker(
-        test,
-        &["--json", "--stats-secs", "1", "--max-queued", "1000"],
-    )
-    .await;
+    let (broker, frontend, backend) = broker(test, &["--json", "--max-queued", "1000"]).await;
     let _w = ready_worker(test, &backend, &["--work-ms", "2"]).await;
     let mut dealer = raw_client(&frontend).await;
     let flooder = tokio::spawn(async move {
