@@ -6,20 +6,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use broker::{BrokerStats, ClientSummary};
-use integration::{bins, broker, heavy, log_dir};
-use lab::process::Proc;
+use broker::BrokerStats;
+use integration::{broker, client, guarded_broker, heavy, zmtp_greeting};
 use lab::Signal;
-
-/// A ZMTP 3.0 NULL greeting, as any peer sends first.
-fn greeting() -> Vec<u8> {
-    let mut g = vec![0u8; 64];
-    g[0] = 0xFF;
-    g[9] = 0x7F;
-    g[10] = 3;
-    g[12..16].copy_from_slice(b"NULL");
-    g
-}
 
 /// A frame header claiming a 1 TiB frame: flags LONG, then the size.
 fn nine_bytes() -> Vec<u8> {
@@ -48,73 +37,27 @@ fn send_raw(endpoint: &str, bytes: &[u8]) -> bool {
     }
 }
 
-async fn client(test: &str, frontend: &str, requests: u64) -> ClientSummary {
-    let args = [
-        "--connect",
-        frontend,
-        "--requests",
-        &requests.to_string(),
-        "--concurrency",
-        "8",
-        "--deadline-secs",
-        "30",
-        "--json",
-    ]
-    .map(String::from);
-    let mut c = Proc::spawn(
-        "client",
-        &bins().path("client"),
-        &args,
-        &log_dir(&format!("{test}-client")),
-    )
-    .expect("client");
-    c.wait(Duration::from_secs(60)).await.expect("client ends");
-    c.json().expect("client summary")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_guard_cuts_off_oversized_input_and_passes_the_rest() {
     let _g = heavy().await;
     let test = "guard";
-    let (mut broker, frontend, backend) = broker(
-        test,
-        &[
-            "--guard",
-            "always",
-            "--max-message-bytes",
-            "65536",
-            "--json",
-        ],
-    )
-    .await;
-    let args = ["--connect", &backend, "--capacity", "4"].map(String::from);
-    let mut worker = Proc::spawn(
-        "worker",
-        &bins().path("worker"),
-        &args,
-        &log_dir(&format!("{test}-worker")),
-    )
-    .expect("worker");
-    worker
-        .ready(Duration::from_secs(20))
-        .await
-        .expect("worker ready");
+    let (mut broker, _worker, frontend, backend) = guarded_broker(test, 4).await;
 
     let mut attacks: Vec<(&str, Vec<u8>)> = vec![
         ("nine bytes, no greeting", nine_bytes()),
         (
             "nine bytes after the greeting",
-            [greeting(), nine_bytes()].concat(),
+            [zmtp_greeting(), nine_bytes()].concat(),
         ),
         ("one frame over the limit", {
-            let mut s = greeting();
+            let mut s = zmtp_greeting();
             s.push(0x02);
             s.extend(100_000u64.to_be_bytes());
             s.extend(vec![0u8; 1000]);
             s
         }),
         ("empty frames with MORE", {
-            let mut s = greeting();
+            let mut s = zmtp_greeting();
             for _ in 0..5000 {
                 s.extend([0x01, 0x00]);
             }
@@ -126,7 +69,7 @@ async fn the_guard_cuts_off_oversized_input_and_passes_the_rest() {
             assert!(send_raw(endpoint, bytes), "{what}: cannot reach {endpoint}");
         }
     }
-    let summary = client(test, &frontend, 200).await;
+    let (summary, _) = client(test, &frontend, 200, &["--concurrency", "8"]).await;
     assert_eq!(summary.answered, 200, "{summary:?}");
     assert_eq!(summary.lost, 0);
 
@@ -143,7 +86,7 @@ async fn the_guard_cuts_off_oversized_input_and_passes_the_rest() {
 async fn without_the_guard_nine_bytes_abort_the_broker() {
     let _g = heavy().await;
     let (mut broker, frontend, _backend) = broker("unguarded", &["--guard", "never"]).await;
-    send_raw(&frontend, &[greeting(), nine_bytes()].concat());
+    send_raw(&frontend, &[zmtp_greeting(), nine_bytes()].concat());
     let status = broker
         .wait(Duration::from_secs(20))
         .await

@@ -6,20 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use broker::ClientSummary;
-use integration::{bins, broker, heavy, log_dir};
+use integration::{bins, broker, heavy, log_dir, require_pyzmq};
 use lab::process::Proc;
-
-/// Fails, rather than skips, when pyzmq is missing: a test that runs must run for real.
-fn require_pyzmq() {
-    let ok = std::process::Command::new("python3")
-        .args(["-c", "import zmq"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "python3 with pyzmq is not installed (pip install pyzmq, then touch tests/build.rs)"
-    );
-}
 
 fn script(name: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

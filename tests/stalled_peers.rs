@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use broker::{BrokerStats, ClientSummary};
 use bytes::Bytes;
-use integration::{bins, broker, heavy, log_dir};
+use integration::{bins, broker, heavy, log_dir, require_pyzmq};
 use lab::process::Proc;
 use lab::Signal;
 use tokio::time::{timeout, Instant};
@@ -73,18 +73,6 @@ fn stats_of(broker: &Proc) -> Option<BrokerStats> {
         .iter()
         .rev()
         .find_map(|l| serde_json::from_str(l).ok())
-}
-
-/// Fails, rather than skips, when pyzmq is missing (see `tests/build.rs` for the ignore).
-fn require_pyzmq() {
-    let ok = std::process::Command::new("python3")
-        .args(["-c", "import zmq"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "python3 with pyzmq is not installed (pip install pyzmq, then touch tests/build.rs)"
-    );
 }
 
 /// A raw DEALER speaking the REQ envelope, for cases our client never produces.

@@ -159,3 +159,44 @@ pub async fn four_requests_held(test: &str, broker_extra: &[&str]) -> (Proc, Pro
     .expect("the worker holds four requests at once");
     (broker, w, c)
 }
+
+/// Fails, rather than skips, when pyzmq is missing: a test that runs must run for real (the
+/// build-time ignore is in `build.rs`).
+pub fn require_pyzmq() {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import zmq"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "python3 with pyzmq is not installed (pip install pyzmq, then touch tests/build.rs)"
+    );
+}
+
+/// A ZMTP 3.0 NULL greeting, as any peer sends first.
+pub fn zmtp_greeting() -> Vec<u8> {
+    let mut g = vec![0u8; 64];
+    g[0] = 0xFF;
+    g[9] = 0x7F;
+    g[10] = 3;
+    g[12..16].copy_from_slice(b"NULL");
+    g
+}
+
+/// A broker with its guard on both sockets (64 KiB limit, `--json` counters) and one ready
+/// worker of capacity `capacity`: broker, worker, frontend, backend.
+pub async fn guarded_broker(test: &str, capacity: u32) -> (Proc, Proc, String, String) {
+    let flags = [
+        "--guard",
+        "always",
+        "--max-message-bytes",
+        "65536",
+        "--json",
+    ];
+    let (broker, frontend, backend) = broker(test, &flags).await;
+    let mut w = worker(test, &backend, &["--capacity", &capacity.to_string()]);
+    w.ready(Duration::from_secs(20))
+        .await
+        .expect("worker ready");
+    (broker, w, frontend, backend)
+}

@@ -4,9 +4,8 @@
 
 use std::time::Duration;
 
-use broker::{BrokerStats, ClientSummary};
-use integration::{bins, broker, heavy, log_dir};
-use lab::process::Proc;
+use broker::BrokerStats;
+use integration::{client, guarded_broker, heavy, zmtp_greeting};
 use lab::Signal;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -18,11 +17,7 @@ const AT_ONCE: usize = 32;
 
 /// A well-formed DEALER session: greeting, READY, then a few requests.
 fn session(rng: &mut StdRng) -> Vec<u8> {
-    let mut s = vec![0u8; 64];
-    s[0] = 0xFF;
-    s[9] = 0x7F;
-    s[10] = 3;
-    s[12..16].copy_from_slice(b"NULL");
+    let mut s = zmtp_greeting();
     let mut ready = vec![5u8];
     ready.extend(b"READY");
     ready.push(11);
@@ -107,30 +102,6 @@ fn rss_kib(pid: i32) -> u64 {
         .expect("VmRSS")
 }
 
-async fn client(test: &str, frontend: &str) -> ClientSummary {
-    let args = [
-        "--connect",
-        frontend,
-        "--requests",
-        "200",
-        "--concurrency",
-        "8",
-        "--deadline-secs",
-        "30",
-        "--json",
-    ]
-    .map(String::from);
-    let mut c = Proc::spawn(
-        "client",
-        &bins().path("client"),
-        &args,
-        &log_dir(&format!("{test}-client")),
-    )
-    .expect("client");
-    c.wait(Duration::from_secs(60)).await.expect("client ends");
-    c.json().expect("client summary")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn thousands_of_bad_connections_leave_the_broker_serving_and_flat() {
     let _g = heavy().await;
@@ -139,30 +110,10 @@ async fn thousands_of_bad_connections_leave_the_broker_serving_and_flat() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x5eed_2026_u64);
-    let (mut broker, frontend, backend) = broker(
-        test,
-        &[
-            "--guard",
-            "always",
-            "--max-message-bytes",
-            "65536",
-            "--json",
-        ],
-    )
-    .await;
-    let args = ["--connect", &backend, "--capacity", "8"].map(String::from);
-    let mut worker = Proc::spawn(
-        "worker",
-        &bins().path("worker"),
-        &args,
-        &log_dir(&format!("{test}-worker")),
-    )
-    .expect("worker");
-    worker
-        .ready(Duration::from_secs(20))
+    let (mut broker, _worker, frontend, backend) = guarded_broker(test, 8).await;
+    let warm = client(test, &frontend, 200, &["--concurrency", "8"])
         .await
-        .expect("worker ready");
-    let warm = client(test, &frontend).await;
+        .0;
     assert_eq!(warm.answered, 200, "{warm:?}");
     let before = rss_kib(broker.pid());
 
@@ -182,7 +133,9 @@ async fn thousands_of_bad_connections_leave_the_broker_serving_and_flat() {
         thrown += AT_ONCE;
     }
 
-    let after_fuzz = client(test, &frontend).await;
+    let after_fuzz = client(test, &frontend, 200, &["--concurrency", "8"])
+        .await
+        .0;
     assert_eq!(after_fuzz.answered, 200, "seed {seed}: {after_fuzz:?}");
     let after = rss_kib(broker.pid());
     assert!(
