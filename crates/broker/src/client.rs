@@ -284,10 +284,8 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> ClientSum
                     "broker link lost, reconnecting"
                 );
                 drop(socket);
-                let pause = backoff.next_delay();
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    () = tokio::time::sleep(pause) => {}
+                if !backoff.pause(&stop).await {
+                    break;
                 }
             }
         }

@@ -74,10 +74,8 @@ pub async fn run(
                 stats.reconnects += 1;
                 tracing::warn!(worker = %config.name, why, "broker lost, reconnecting");
                 drop(socket);
-                let pause = backoff.next_delay();
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(pause) => {}
+                if !backoff.pause(&shutdown).await {
+                    break;
                 }
             }
         }

@@ -65,6 +65,15 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.next = self.min;
     }
+
+    /// Waits out the next delay; `false` if `cancel` fired first (the caller stops).
+    pub async fn pause(&mut self, cancel: &CancellationToken) -> bool {
+        let delay = self.next_delay();
+        tokio::select! {
+            () = cancel.cancelled() => false,
+            () = tokio::time::sleep(delay) => true,
+        }
+    }
 }
 
 /// A connected socket and the monitor that reports its loss.
@@ -139,10 +148,8 @@ where
             }
         }
         drop(socket);
-        let delay = backoff.next_delay();
-        tokio::select! {
-            () = cancel.cancelled() => return None,
-            () = tokio::time::sleep(delay) => {}
+        if !backoff.pause(cancel).await {
+            return None;
         }
     }
 }

@@ -243,10 +243,8 @@ impl Worker {
                     }
                 }
             }
-            let delay = self.backoff.next_delay();
-            tokio::select! {
-                () = cancel.cancelled() => return false,
-                () = tokio::time::sleep(delay) => {}
+            if !self.backoff.pause(cancel).await {
+                return false;
             }
         }
     }

@@ -263,10 +263,8 @@ pub async fn run(
                 state.summary.reconnects += 1;
                 tracing::warn!(why, "proxy link lost, reconnecting");
                 drop(socket);
-                let pause = backoff.next_delay();
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    () = tokio::time::sleep(pause) => {}
+                if !backoff.pause(&stop).await {
+                    break;
                 }
             }
         }
