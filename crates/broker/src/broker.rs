@@ -15,6 +15,7 @@ use common::guard::GuardStats;
 use common::link::Monitor;
 use common::send::{try_send, Sent};
 use common::watchdog::Watchdog;
+use futures::FutureExt;
 use tokio::time::{interval, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use zeromq::{RouterSocket, Socket, SocketRecv, ZmqMessage};
@@ -23,6 +24,18 @@ use crate::books::{Books, ReplyFate};
 use crate::config::BrokerConfig;
 use crate::protocol::{self, FromWorker, Request, HEARTBEAT};
 use crate::stats::BrokerStats;
+
+/// Messages handled from one socket in a row before the other gets its turn.
+const BATCH: usize = 64;
+
+/// Messages handled between two yields to the library's reader and writer tasks.
+const YIELD_EVERY: usize = 128;
+
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Frontend,
+    Backend,
+}
 
 /// Errors that stop the broker before it serves.
 #[derive(Debug, thiserror::Error)]
@@ -122,32 +135,77 @@ impl Broker {
             "broker",
             self.config.watchdog.max(self.config.heartbeat.interval * 3),
         );
+        // Pinned once: a fresh `cancelled()` each turn would register with the token anew.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let mut since_yield = 0;
         loop {
             watchdog.pet();
-            // zmq.rs's sockets are not part of tokio's cooperative budget: with a client
-            // flooding the frontend, `recv()` is always ready and this task would never yield,
-            // starving the library's writer tasks on this one thread (measured: workers heard
-            // nothing for 4 s and reconnected). This yields once every 128 turns.
-            tokio::task::consume_budget().await;
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                msg = self.frontend.recv() => self.on_frontend(msg),
-                msg = self.backend.recv() => self.on_backend(msg),
-                worker = self.backend_monitor.disconnected() => self.books.purge(&worker, "disconnected"),
-                client = self.frontend_monitor.disconnected() => self.books.forget_client(&client, "gone"),
-                _ = heartbeat.tick() => self.on_heartbeat(),
+            let handled = tokio::select! {
+                () = &mut cancelled => break,
+                msg = self.frontend.recv() => {
+                    self.on_frontend(msg);
+                    1 + self.drain_ready(Side::Frontend)
+                }
+                msg = self.backend.recv() => {
+                    self.on_backend(msg);
+                    1 + self.drain_ready(Side::Backend)
+                }
+                worker = self.backend_monitor.disconnected() => {
+                    self.books.purge(&worker, "disconnected");
+                    0
+                }
+                client = self.frontend_monitor.disconnected() => {
+                    self.books.forget_client(&client, "gone");
+                    0
+                }
+                _ = heartbeat.tick() => {
+                    self.on_heartbeat();
+                    0
+                }
                 _ = stats_tick.tick() => {
                     self.refresh_guard_stats();
                     self.log_stats("stats");
                     report(&self.books.stats);
+                    0
                 }
-            }
+            };
             self.dispatch();
+            // zmq.rs's sockets are not part of tokio's cooperative budget: with a client
+            // flooding the frontend, `recv()` is always ready and this task would never yield,
+            // starving the library's writer tasks on this one thread (measured: workers heard
+            // nothing for 4 s and reconnected). So it yields once every `YIELD_EVERY` messages.
+            since_yield += handled;
+            if since_yield >= YIELD_EVERY {
+                since_yield = 0;
+                tokio::task::yield_now().await;
+            }
         }
         self.drain(&watchdog).await;
         self.refresh_guard_stats();
         self.log_stats("final stats");
         self.books.stats
+    }
+
+    /// Handles the messages already waiting on one socket, up to [`BATCH`], without going back
+    /// through `select!` for each (which would build every branch's future anew). Returns how
+    /// many it handled.
+    fn drain_ready(&mut self, side: Side) -> usize {
+        for handled in 0..BATCH {
+            // `recv()` only takes a message the socket already has: when none is ready, nothing
+            // is lost by dropping the future, and the next `select!` polls the socket again
+            // with the task's own waker before the task sleeps.
+            let msg = match side {
+                Side::Frontend => self.frontend.recv().now_or_never(),
+                Side::Backend => self.backend.recv().now_or_never(),
+            };
+            match (side, msg) {
+                (_, None) => return handled,
+                (Side::Frontend, Some(msg)) => self.on_frontend(msg),
+                (Side::Backend, Some(msg)) => self.on_backend(msg),
+            }
+        }
+        BATCH
     }
 
     fn on_frontend(&mut self, msg: zeromq::ZmqResult<ZmqMessage>) {

@@ -7,6 +7,8 @@
 //! one extension (the command of the Majordomo Protocol, RFC 7), for a worker that is stopping. Our own clients put a request id in the
 //! first body frame; our workers echo the body and add their name as a last frame.
 
+use std::collections::VecDeque;
+
 use bytes::Bytes;
 use zeromq::ZmqMessage;
 
@@ -84,9 +86,12 @@ impl Request {
 
     /// The message for the backend ROUTER: `[worker-id][client-id][""][body...]`.
     pub fn to_worker(&self, worker: &Bytes) -> ZmqMessage {
-        let mut msg = self.msg.clone();
-        msg.push_front(worker.clone());
-        msg
+        // Built at its final size: cloning the request and pushing the identity in front would
+        // allocate twice (the clone is exactly full, so the push grows it).
+        let mut frames = VecDeque::with_capacity(self.msg.len() + 1);
+        frames.push_back(worker.clone());
+        frames.extend(self.msg.iter().cloned());
+        ZmqMessage::try_from(frames).expect("at least the identity")
     }
 }
 
