@@ -60,6 +60,8 @@ pub struct Window {
     /// When it ended: equal to `start_ms` for a kill nothing replaced (an instant), the end of
     /// the tape for a stop never continued or a cut never healed.
     pub end_ms: u64,
+    /// Never ended (a stop never continued, a cut never healed).
+    pub open: bool,
 }
 
 #[derive(Debug)]
@@ -169,25 +171,28 @@ pub fn windows(events: &[Event], end_ms: u64) -> Vec<Window> {
     let mut windows = Vec::new();
     for (i, e) in events.iter().enumerate() {
         let later = &events[i + 1..];
-        let end = match e.kind {
-            Kind::Kill => later
-                .iter()
-                .find(|l| l.kind == Kind::Start && role(&l.subject) == role(&e.subject))
-                .map_or(e.at_ms, |l| l.at_ms),
+        let ended = match e.kind {
+            Kind::Kill => Some(
+                later
+                    .iter()
+                    .find(|l| l.kind == Kind::Start && role(&l.subject) == role(&e.subject))
+                    .map_or(e.at_ms, |l| l.at_ms),
+            ),
             Kind::Stop => later
                 .iter()
                 .find(|l| l.subject == e.subject && matches!(l.kind, Kind::Resume | Kind::Kill))
-                .map_or(end_ms, |l| l.at_ms),
+                .map(|l| l.at_ms),
             Kind::Cut => later
                 .iter()
                 .find(|l| l.subject == e.subject && l.kind == Kind::Heal)
-                .map_or(end_ms, |l| l.at_ms),
+                .map(|l| l.at_ms),
             _ => continue,
         };
         windows.push(Window {
             what: e.text.clone(),
             start_ms: e.at_ms,
-            end_ms: end.max(e.at_ms),
+            end_ms: ended.unwrap_or(end_ms).max(e.at_ms),
+            open: ended.is_none(),
         });
     }
     windows
@@ -201,6 +206,9 @@ pub fn merged(windows: &[Window]) -> Vec<Window> {
     for w in sorted {
         match out.last_mut() {
             Some(last) if w.start_ms <= last.end_ms && w.end_ms > last.start_ms => {
+                if w.end_ms >= last.end_ms {
+                    last.open = w.open;
+                }
                 last.end_ms = last.end_ms.max(w.end_ms);
                 if !last.what.contains(&w.what) {
                     last.what = format!("{}; {}", last.what, w.what);
@@ -252,7 +260,8 @@ mod tests {
             ev(5000, Kind::Stop, "w1"),
         ];
         let w = windows(&events, 9000);
-        assert_eq!((w[2].start_ms, w[2].end_ms), (5000, 9000));
+        assert_eq!((w[2].start_ms, w[2].end_ms, w[2].open), (5000, 9000, true));
+        assert!(!w[0].open);
         let m = merged(&w);
         assert_eq!(m.len(), 2);
         assert_eq!((m[0].start_ms, m[0].end_ms), (10, 4520));

@@ -84,8 +84,10 @@ const PALETTE: [RGBColor; 4] = [
     RGBColor(140, 86, 75),
 ];
 
-const WIDTH: u32 = 760;
+const WIDTH: u32 = 900;
 const HEIGHT: u32 = 260;
+/// The key's column, right of the plot.
+const LEGEND_WIDTH: u32 = 200;
 
 impl Picture {
     /// The picture of a scenario run: `timelines` by role, placed on the tape's clock.
@@ -114,10 +116,16 @@ impl Picture {
         }
     }
 
-    /// From the first fault's start to the flow's return.
+    /// From the end of the last fault to the flow's return, like the verdicts' recovery; from
+    /// its start when it never ended or had no length (a kill nothing replaced, a stop never
+    /// continued: the system had to get over it by itself).
     pub fn recovered_after_ms(&self) -> Option<u64> {
-        let start = self.windows.first()?.start_ms;
-        Some(self.recovery_ms?.saturating_sub(start))
+        let last = self.windows.iter().max_by_key(|w| w.end_ms)?;
+        let from = match last.open || last.end_ms == last.start_ms {
+            true => last.start_ms,
+            false => last.end_ms,
+        };
+        Some(self.recovery_ms?.saturating_sub(from))
     }
 
     /// The picture as a standalone SVG document.
@@ -143,16 +151,17 @@ impl Picture {
         DB::ErrorType: 'static,
     {
         root.fill(&WHITE)?;
+        let (plot, key) = root.split_horizontally(WIDTH - LEGEND_WIDTH);
         let span_s = self.span_ms as f64 / 1000.0;
         let top = self
             .series
             .iter()
             .flat_map(|s| s.counts.iter().copied())
             .max()
-            .unwrap_or(0)
-            .max(1) as f64
-            * 1.5; // headroom for the legend
-        let mut chart = ChartBuilder::on(root)
+            .unwrap_or(0) as f64;
+        // Whole-number ticks even for a trickle.
+        let top = (top * 1.1).max(5.0);
+        let mut chart = ChartBuilder::on(&plot)
             .caption(
                 format!("{}: delivered per 100 ms", self.scenario),
                 ("sans-serif", 16),
@@ -193,84 +202,106 @@ impl Picture {
                 points.push((from.max(0) as f64 / 1000.0, f64::from(c)));
                 points.push((to.max(0) as f64 / 1000.0, f64::from(c)));
             }
-            chart
-                .draw_series(LineSeries::new(points, color.stroke_width(1)))?
-                .label(series.role.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+            chart.draw_series(LineSeries::new(points, color.stroke_width(1)))?;
         }
         if let Some(at) = self.recovery_ms {
-            chart
-                .draw_series(std::iter::once(PathElement::new(
-                    vec![(s(at), 0.0), (s(at), top)],
-                    RECOVERY_COLOR.stroke_width(2),
-                )))?
-                .label(match self.recovered_after_ms() {
-                    Some(after) => format!(
-                        "flowing again at {} ({:.2} s after the fault began)",
-                        tape::format_at(std::time::Duration::from_millis(at)),
-                        after as f64 / 1000.0
-                    ),
-                    None => format!(
-                        "flowing again at {}",
-                        tape::format_at(std::time::Duration::from_millis(at))
-                    ),
-                })
-                .legend(|(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 16, y)], RECOVERY_COLOR.stroke_width(2))
-                });
+            chart.draw_series(std::iter::once(PathElement::new(
+                vec![(s(at), 0.0), (s(at), top)],
+                RECOVERY_COLOR.stroke_width(2),
+            )))?;
+        }
+        // The key, beside the plot so that it hides nothing.
+        let font = ("sans-serif", 11).into_font();
+        let mut y = 40;
+        let mut line =
+            |text: String, swatch: Option<Swatch>| -> Result<(), Box<dyn std::error::Error>> {
+                match swatch {
+                    Some(Swatch::Line(color)) => {
+                        key.draw(&PathElement::new(
+                            vec![(4, y), (20, y)],
+                            color.stroke_width(2),
+                        ))
+                        .map_err(|e| e.to_string())?;
+                    }
+                    Some(Swatch::Area) => {
+                        key.draw(&Rectangle::new(
+                            [(4, y - 5), (20, y + 5)],
+                            FAULT_FILL.mix(FAULT_OPACITY).filled(),
+                        ))
+                        .map_err(|e| e.to_string())?;
+                    }
+                    None => {}
+                }
+                key.draw(&Text::new(text, (26, y - 6), font.clone()))
+                    .map_err(|e| e.to_string())?;
+                y += 16;
+                Ok(())
+            };
+        for (i, series) in self.series.iter().enumerate() {
+            let color = PALETTE[i % PALETTE.len()];
+            line(
+                format!("{} (its own record)", series.role),
+                Some(Swatch::Line(color)),
+            )?;
         }
         if !self.windows.is_empty() {
-            chart
-                .draw_series(std::iter::empty::<Rectangle<(f64, f64)>>())?
-                .label("fault (kill, stop or cut)")
-                .legend(|(x, y)| {
-                    Rectangle::new(
-                        [(x, y - 5), (x + 16, y + 5)],
-                        FAULT_FILL.mix(FAULT_OPACITY).filled(),
-                    )
-                });
+            line("fault: kill to restart,".into(), Some(Swatch::Area))?;
+            line("stop to resume, cut to heal".into(), None)?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.3))
-            .label_font(("sans-serif", 11))
-            .draw()?;
+        if let Some(at) = self.recovery_ms {
+            let at = tape::format_at(std::time::Duration::from_millis(at));
+            line(
+                format!("flowing again at {at}"),
+                Some(Swatch::Line(RECOVERY_COLOR)),
+            )?;
+            if let Some(after) = self.recovered_after_ms() {
+                line(
+                    format!("({:.2} s after the fault)", after as f64 / 1000.0),
+                    None,
+                )?;
+            }
+        }
         let (xs, _) = chart.plotting_area().get_pixel_range();
         root.present()?;
         Ok((xs.start, xs.end))
     }
 }
 
-/// When deliveries came back: the end of the last silence (a run of empty buckets) that
-/// overlaps the faults, or else the first delivery after the last fault ended.
+/// A key entry's mark.
+enum Swatch {
+    Line(RGBColor),
+    Area,
+}
+
+/// When deliveries came back: the end of the longest silence (a run of empty buckets) that
+/// overlaps the faults or begins within half a second of their end (the last deliveries before
+/// a kill may land just after it), or else the first delivery after the last fault ended.
 fn recovery(series: &Series, windows: &[Window]) -> Option<u64> {
     let first = windows.iter().map(|w| w.start_ms).min()? as i64;
     let last = windows.iter().map(|w| w.end_ms).max()? as i64;
+    let mut silences = Vec::new();
     let mut silence_start: Option<i64> = None;
-    let mut found = None;
     for (i, &c) in series.counts.iter().enumerate() {
         match (c, silence_start) {
             (0, None) => silence_start = Some(series.at(i)),
             (0, Some(_)) => {}
             (_, Some(from)) => {
-                let to = series.at(i);
-                // A silence that overlaps the faults, or begins within a bucket of their end
-                // (the last deliveries before a kill may land in the bucket after it).
-                if from <= last + series.bucket_ms as i64 && to > first {
-                    found = Some(to);
-                }
+                silences.push((from, series.at(i)));
                 silence_start = None;
             }
             (_, None) => {}
         }
     }
-    let found = found.or_else(|| {
-        (0..series.counts.len())
-            .find(|&i| series.counts[i] > 0 && series.at(i + 1) > last)
-            .map(|i| series.at(i).max(last))
-    })?;
+    let found = silences
+        .into_iter()
+        .filter(|&(from, to)| (from <= last && to > first) || (from > last && from <= last + 500))
+        .max_by_key(|&(from, to)| (to - from, to))
+        .map(|(_, to)| to)
+        .or_else(|| {
+            (0..series.counts.len())
+                .find(|&i| series.counts[i] > 0 && series.at(i + 1) > last)
+                .map(|i| series.at(i).max(last))
+        })?;
     u64::try_from(found).ok()
 }
 
@@ -283,6 +314,7 @@ mod tests {
             what: "broker SIGKILLed".into(),
             start_ms,
             end_ms,
+            open: false,
         }
     }
 
@@ -300,6 +332,13 @@ mod tests {
         // Flow, a short dip before the fault, the fault's silence, flow again.
         let s = series(&[5, 0, 5, 5, 0, 0, 0, 0, 0, 3, 5]);
         assert_eq!(recovery(&s, &[window(420, 700)]), Some(950));
+    }
+
+    #[test]
+    fn a_silence_just_after_an_instant_fault_is_its_silence() {
+        // A report that was in flight lands in the bucket after the kill at 474 ms.
+        let s = series(&[0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 34]);
+        assert_eq!(recovery(&s, &[window(474, 474)]), Some(1050));
     }
 
     #[test]
