@@ -61,8 +61,9 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> Result<bool> {
     let all = scenarios::all();
     if args.list {
+        let width = all.iter().map(|s| s.name.len()).max().unwrap_or(0);
         for s in &all {
-            println!("{:<16} {}", s.name, s.about);
+            println!("{:<width$}  {}", s.name, s.about);
         }
         return Ok(true);
     }
