@@ -96,12 +96,10 @@ pub async fn run(lab: &Lab, scenarios: &[Scenario], options: &Options) -> Result
         if options.json {
             eprintln!("running {} ...", scenario.name);
         } else {
-            eprintln!(
-                "\n{} ({}): {}",
-                scenario.name,
-                report::seed_experiment(scenario.name),
-                scenario.about
-            );
+            match report::seed_experiment(scenario.name) {
+                "-" => eprintln!("\n{}: {}", scenario.name, scenario.about),
+                seed => eprintln!("\n{} ({seed}): {}", scenario.name, scenario.about),
+            }
         }
         let mut outcome = run_one(lab, scenario, narrate).await;
         if let Some(dir) = &options.report_dir {
