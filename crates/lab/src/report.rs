@@ -271,9 +271,12 @@ pub fn html(outcomes: &[Outcome], command: &str) -> String {
         h.push_str("</tr>\n");
     }
     h.push_str(
-        "</table>\n<p>recovery: the verdict's figure (longest silence minus the outage); \
-                with <code>~</code>, from the fault's start to the first delivery after it, read \
-                off the timeline.</p>\n",
+        "</table>\n<p>recovery: the verdict's figure (longest silence minus the outage); with \
+         <code>~</code>, read off the timeline: from the fault's end (its start for a kill \
+         nothing replaced or a stop never resumed) to the first delivery after it.</p>\n\
+         <p>Each timeline shows what the client, subscriber or master recorded itself, per \
+         100 ms; the shaded windows are the lab's own fault events (kill to restart, stop to \
+         resume, cut to heal; a line for a kill nothing replaced).</p>\n",
     );
     for outcome in outcomes {
         let v = &outcome.verdict;

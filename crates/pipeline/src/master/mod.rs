@@ -219,7 +219,7 @@ pub struct Summary {
     pub interrupted: bool,
     pub filter: String,
     pub transfer: Transfer,
-    /// Images finished (done or failed) per 100 ms since the master was ready.
+    /// Images reported done by the workers, per 100 ms since the master was ready.
     pub timeline: common::timeline::Timeline,
 }
 
