@@ -1,12 +1,19 @@
-# Demo scenarios and roles. Every recipe is a plain cargo command you can also type yourself.
+# Demo scenarios and roles. Every recipe is one plain command, also shown in the README: `just`
+# is a shortcut, never the only way. `just` alone lists the recipes.
 
-# Run every scenario (the README's main command)
-all:
+# List the recipes
+default:
+    @just --list --unsorted
+
+# The tour: every scenario of every pattern, narrated, then a summary table and target/lab-report/index.html
+tour:
     cargo run --release -p lab
 
 # List the scenarios
 list:
     cargo run --release -p lab -- --list
+
+# --- Shared queue scenarios (crates/broker) ---
 
 # Seed shared queue 1: one client, one worker
 one-worker:
@@ -20,13 +27,19 @@ two-workers:
 broker-restart:
     cargo run --release -p lab -- broker-restart
 
-# Seed shared queue 4: network partition (netns as root, else a blackholing relay)
+# Seed shared queue 4: network partition (mode: auto, netns or relay)
 partition mode="auto":
     cargo run --release -p lab -- --partition {{mode}} partition
 
-# A worker killed mid-request
+# A worker killed (SIGKILL) mid-request: another answers it
 worker-crash:
     cargo run --release -p lab -- worker-crash
+
+# A worker hung (SIGSTOP) holding a request: purged, another answers it
+worker-hang:
+    cargo run --release -p lab -- worker-hang
+
+# --- Divide and conquer scenarios (crates/pipeline) ---
 
 # Seed divide and conquer: one pipeline worker
 pipeline-one-worker:
@@ -44,39 +57,7 @@ pipeline-worker-crash:
 pipeline-corrupt:
     cargo run --release -p lab -- pipeline-corrupt
 
-# Filter the built-in sample set with two in-process workers, into pipeline-out/
-pipeline-demo:
-    cargo run --release -p pipeline -- --local-workers 2
-
-# Start a pipeline master (default: the built-in sample set; waits for workers)
-pipeline *args:
-    cargo run --release -p pipeline -- {{args}}
-
-# Start a pipeline worker on the default endpoints
-pipeline-worker *args:
-    cargo run --release -p pipeline --bin pipeline-worker -- {{args}}
-
-# Start a broker on the default endpoints
-broker:
-    cargo run --release -p broker
-
-# Start an echo worker on the default backend
-worker *args:
-    cargo run --release -p broker --bin worker -- {{args}}
-
-# Send requests through the default frontend
-client *args:
-    cargo run --release -p broker --bin client -- {{args}}
-
-# Broker and pipeline benchmarks next to their ceilings (release build)
-bench:
-    cargo build --release --workspace --bins
-    ./target/release/lab-bench
-    ./target/release/pipeline-bench
-
-# The test suite, as CI runs it
-test:
-    cargo test --workspace
+# --- Pub/sub scenarios (crates/pubsub) ---
 
 # Seed proxy 1: three publishers and three subscribers through one proxy
 many-pubsub:
@@ -94,17 +75,21 @@ zip-filter:
 proxy-restart:
     cargo run --release -p lab -- proxy-restart
 
-# Seed proxy 5: partition between the proxy and both sides (netns as root, else a relay)
+# Seed proxy 5: partition between the proxy and both sides (mode: auto, netns or relay)
 pubsub-partition mode="auto":
     cargo run --release -p lab -- --partition {{mode}} pubsub-partition
 
-# A partition during which the proxy is killed and restarted
+# A partition during which the proxy is killed and restarted (mode: auto, netns or relay)
 pubsub-partition-restart mode="auto":
     cargo run --release -p lab -- --partition {{mode}} pubsub-partition-restart
 
-# A partition between the proxy and its publishers only, or its subscribers only (relay)
-pubsub-partition-side:
-    cargo run --release -p lab -- pubsub-partition-publishers pubsub-partition-subscribers
+# A partition between the proxy and its publishers only (relay)
+pubsub-partition-publishers:
+    cargo run --release -p lab -- pubsub-partition-publishers
+
+# A partition between the proxy and its subscribers only (relay)
+pubsub-partition-subscribers:
+    cargo run --release -p lab -- pubsub-partition-subscribers
 
 # A late joiner gets the last value of each zip at once
 late-joiner:
@@ -114,19 +99,62 @@ late-joiner:
 stalled-subscriber:
     cargo run --release -p lab -- stalled-subscriber
 
-# Start a pub/sub proxy on the default endpoints (XSUB 5555, XPUB 5556)
+# --- Shared queue roles: run each in its own terminal ---
+
+# Broker on the default endpoints (frontend 5559, backend 5560)
+broker *args:
+    cargo run --release -p broker -- {{args}}
+
+# Echo worker on the default backend (e.g. just worker --id w1 --work-ms 100)
+worker *args:
+    cargo run --release -p broker --bin worker -- {{args}}
+
+# Client through the default frontend (e.g. just client --requests 1000 --concurrency 8)
+client *args:
+    cargo run --release -p broker --bin client -- {{args}}
+
+# --- Image pipeline roles ---
+
+# Pipeline master (default: the built-in sample set; binds 5557, 5558, 5561; waits for workers)
+pipeline *args:
+    cargo run --release -p pipeline -- {{args}}
+
+# Pipeline worker on the default endpoints
+pipeline-worker *args:
+    cargo run --release -p pipeline --bin pipeline-worker -- {{args}}
+
+# Filter the built-in sample set with two in-process workers, into pipeline-out/
+pipeline-demo:
+    cargo run --release -p pipeline -- --local-workers 2
+
+# --- Weather pub/sub roles ---
+
+# Pub/sub proxy on the default endpoints (XSUB 5555, XPUB 5556)
 proxy *args:
     cargo run --release -p pubsub -- {{args}}
 
-# Start a weather publisher on the default XSUB
+# Weather publisher on the default XSUB (e.g. just publisher --id north --zip-range 10000-10009)
 publisher *args:
     cargo run --release -p pubsub --bin publisher -- {{args}}
 
-# Start a weather subscriber on the default XPUB
+# Weather subscriber on the default XPUB (e.g. just subscriber --zip 10001)
 subscriber *args:
     cargo run --release -p pubsub --bin subscriber -- {{args}}
 
-# Pub/sub benchmark: our proxy against libzmq's zmq_proxy and no proxy (release build)
+# --- Benchmarks and tests ---
+
+# Broker against a direct DEALER<->ROUTER echo (builds the roles first)
+bench:
+    cargo run --release -p lab --bin lab-bench
+
+# Pipeline against the same filter in-process
+pipeline-bench:
+    cargo build --release -p pipeline --bins && ./target/release/pipeline-bench
+
+# Pub/sub proxy against libzmq's zmq_proxy and no proxy
 pubsub-bench:
-    cargo build --release -p pubsub
-    ./target/release/pubsub-bench
+    cargo build --release -p pubsub --bins && ./target/release/pubsub-bench
+
+# The test suite, as CI runs it
+test:
+    cargo test --workspace

@@ -41,6 +41,9 @@ pub struct ClientSummary {
     pub longest_gap_ms: u64,
     /// Replies per worker name (`unknown` for workers that do not sign replies).
     pub by_worker: BTreeMap<String, u64>,
+    /// Replies (first answers) per 100 ms since the start.
+    #[serde(default)]
+    pub timeline: common::timeline::Timeline,
 }
 
 struct Pending {
@@ -134,6 +137,7 @@ impl State {
                 }
                 self.answered.insert(reply.id);
                 self.summary.answered += 1;
+                self.summary.timeline.record_at(now);
                 self.latencies
                     .push(now.duration_since(p.first_sent).as_micros() as u64);
                 let worker = reply.worker.unwrap_or_else(|| "unknown".into());
@@ -254,7 +258,10 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> ClientSum
         pending: HashMap::new(),
         answered: HashSet::new(),
         latencies: Vec::with_capacity(config.requests.min(1 << 20) as usize),
-        summary: ClientSummary::default(),
+        summary: ClientSummary {
+            timeline: common::timeline::Timeline::start(),
+            ..ClientSummary::default()
+        },
         last_reply: started,
         quiet_since: started,
         config,

@@ -6,6 +6,7 @@
 //! - [`link`]: the reconnection machinery (`zeromq` 0.7 only reconnects SUB/XSUB sockets).
 //! - [`heartbeat`]: liveness bookkeeping for application-level heartbeats.
 //! - [`ready`]: the one `ready k=v ...` line a server prints on stdout, and its parser.
+//! - [`timeline`]: deliveries per 100 ms, for the lab's timelines.
 //! - [`logging`], [`shutdown`], [`cli`], [`watchdog`]: process plumbing every binary needs.
 
 pub mod cli;
@@ -18,6 +19,7 @@ pub mod logging;
 pub mod ready;
 pub mod send;
 pub mod shutdown;
+pub mod timeline;
 pub mod watchdog;
 
 pub use tokio_util::sync::CancellationToken;

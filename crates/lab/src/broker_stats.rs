@@ -67,6 +67,11 @@ pub async fn wait_for(
     let until = Instant::now() + within;
     loop {
         if let Some(c) = all(broker).into_iter().find(|c| ok(c)) {
+            crate::tape::record(
+                crate::tape::Kind::Note,
+                &broker.name,
+                format!("{} counted {what}", broker.name),
+            );
             return Ok(c);
         }
         if Instant::now() >= until {

@@ -5,12 +5,19 @@
 //! - [`relay`]: a blackholing TCP relay (partitions without root).
 //! - [`netns`]: test hosts in network namespaces (real partitions, root).
 //! - [`scenarios`]: one function per experiment, each returning a [`verdict::Verdict`].
+//! - [`tape`]: what happened in a scenario (starts, kills, cuts, heals), narrated as it happens.
+//! - [`timeline`]: deliveries per 100 ms next to the fault windows, drawn as SVG.
+//! - [`report`]: the summary table and the HTML report; [`tour`]: runs scenarios with both.
 
 pub mod broker_stats;
 pub mod netns;
 pub mod process;
 pub mod relay;
+pub mod report;
 pub mod scenarios;
+pub mod tape;
+pub mod timeline;
+pub mod tour;
 pub mod verdict;
 
 pub use nix::sys::signal::Signal;

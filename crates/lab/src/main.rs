@@ -1,5 +1,6 @@
 //! `lab`: runs the seed's experiments against the real binaries and prints a verdict for each.
-//! With no scenario named, it runs them all.
+//! With no scenario named, it runs them all: the tour, narrated step by step, ending with one
+//! summary table and an HTML report of the fault scenarios' timelines.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,9 +30,15 @@ struct Args {
     /// Directory for the children's logs.
     #[arg(long, env = "LAB_LOG_DIR", default_value = "target/lab-logs")]
     log_dir: PathBuf,
-    /// Print verdicts as JSON lines instead of text.
+    /// Print verdicts as JSON lines instead of text (no narration, no table).
     #[arg(long)]
     json: bool,
+    /// Do not narrate each step on stderr.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Directory for the timelines (SVG) and the HTML report (index.html).
+    #[arg(long, env = "LAB_REPORT_DIR", default_value = "target/lab-report")]
+    report_dir: PathBuf,
     /// Do not build the role binaries first (they must be next to `lab`, or in LAB_BIN_DIR).
     #[arg(long, env = "LAB_NO_BUILD")]
     no_build: bool,
@@ -54,8 +61,9 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> Result<bool> {
     let all = scenarios::all();
     if args.list {
+        let width = all.iter().map(|s| s.name.len()).max().unwrap_or(0);
         for s in &all {
-            println!("{:<16} {}", s.name, s.about);
+            println!("{:<width$}  {}", s.name, s.about);
         }
         return Ok(true);
     }
@@ -81,30 +89,11 @@ async fn run(args: Args) -> Result<bool> {
     };
     lab.bins
         .check(&["broker", "worker", "client", "pipeline", "pipeline-worker"])?;
-    let mut passed = 0;
-    for scenario in &chosen {
-        eprintln!("running {} ...", scenario.name);
-        let verdict = match (scenario.run)(&lab).await {
-            Ok(v) => v,
-            Err(e) => {
-                let mut v = lab::verdict::Verdict::new(scenario.name, "error");
-                v.expect(false, format!("{e:#}"));
-                v
-            }
-        };
-        if verdict.passed {
-            passed += 1;
-        }
-        if args.json {
-            println!("{}", serde_json::to_string(&verdict)?);
-        } else {
-            print!("{}", verdict.render());
-        }
-    }
-    let failed = chosen.len() - passed;
-    println!("{passed} passed, {failed} failed");
-    if failed > 0 {
-        eprintln!("logs of the children: {}", lab.log_dir.display());
-    }
-    Ok(failed == 0)
+    let options = lab::tour::Options {
+        json: args.json,
+        narrate: !args.quiet,
+        report_dir: Some(args.report_dir),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+    };
+    Ok(lab::tour::run(&lab, &chosen, &options).await?.all_passed())
 }

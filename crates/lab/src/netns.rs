@@ -106,7 +106,19 @@ impl TestHost {
     /// Takes the namespace side of the link down (a partition) or back up (healed).
     pub async fn set_partitioned(&self, partitioned: bool) -> Result<()> {
         let state = if partitioned { "down" } else { "up" };
-        ip(&["-n", &self.name, "link", "set", &self.inner_if, state]).await
+        ip(&["-n", &self.name, "link", "set", &self.inner_if, state]).await?;
+        let label = format!("link to test host {} ({})", self.name, self.ip);
+        match partitioned {
+            true => crate::tape::record(
+                crate::tape::Kind::Cut,
+                &label,
+                format!("{label} taken down"),
+            ),
+            false => {
+                crate::tape::record(crate::tape::Kind::Heal, &label, format!("{label} up again"))
+            }
+        }
+        Ok(())
     }
 }
 

@@ -1,6 +1,7 @@
 //! Real child processes: spawn, read the `ready` line and JSON summaries from stdout, signal,
 //! wait with deadlines, and kill on drop. Each child's stderr goes to a log file that is
-//! printed when a scenario fails.
+//! printed when a scenario fails. Starts, ready lines, signals and exits are recorded on the
+//! running scenario's [`crate::tape`] (and so narrated); the kill on drop, a clean-up, is not.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,8 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
+
+use crate::tape::{self, Kind};
 
 /// Where the role binaries are.
 #[derive(Debug, Clone)]
@@ -138,6 +141,7 @@ impl Proc {
                 tx.send_modify(|v| v.push(line));
             }
         });
+        tape::record(Kind::Start, name, format!("{name} started (pid {pid})"));
         Ok(Self {
             name: name.to_string(),
             child,
@@ -168,13 +172,25 @@ impl Proc {
                 _ => None,
             }
         };
-        fields.ok_or_else(|| {
+        let fields = fields.ok_or_else(|| {
             anyhow!(
                 "{} printed no ready line within {within:?}\n{}",
                 self.name,
                 self.log_tail()
             )
-        })
+        })?;
+        // The endpoints a server bound (what its peers need); the rest is in the log.
+        let shown: Vec<String> = fields
+            .iter()
+            .filter(|(k, v)| v.starts_with("tcp://") && k.as_str() != "connect")
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let text = match shown.is_empty() {
+            true => format!("{} ready", self.name),
+            false => format!("{} ready: {}", self.name, shown.join(" ")),
+        };
+        tape::record(Kind::Ready, &self.name, text);
+        Ok(fields)
     }
 
     /// Lines printed on stdout so far.
@@ -205,7 +221,22 @@ impl Proc {
             return Ok(());
         }
         kill(Pid::from_raw(self.pid), signal)
-            .with_context(|| format!("cannot signal {} (pid {})", self.name, self.pid))
+            .with_context(|| format!("cannot signal {} (pid {})", self.name, self.pid))?;
+        let name = &self.name;
+        let (kind, text) = match signal {
+            Signal::SIGKILL => (Kind::Kill, format!("{name} SIGKILLed")),
+            Signal::SIGSTOP => (
+                Kind::Stop,
+                format!("{name} SIGSTOPped (hung, connections open)"),
+            ),
+            Signal::SIGCONT => (Kind::Resume, format!("{name} SIGCONTinued")),
+            Signal::SIGTERM | Signal::SIGINT => {
+                (Kind::Term, format!("{name} asked to finish ({signal})"))
+            }
+            other => (Kind::Note, format!("{name} sent {other}")),
+        };
+        tape::record(kind, name, text);
+        Ok(())
     }
 
     /// Waits for the child to exit.
@@ -228,6 +259,19 @@ impl Proc {
             let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
         }
         self.exit = Some(status);
+        // A kill was told when it was sent.
+        use std::os::unix::process::ExitStatusExt;
+        if status.signal() != Some(Signal::SIGKILL as i32) {
+            tape::record(
+                Kind::Exit,
+                &self.name,
+                match (status.code(), status.signal()) {
+                    (Some(code), _) => format!("{} exited with status {code}", self.name),
+                    (_, Some(signal)) => format!("{} ended by signal {signal}", self.name),
+                    _ => format!("{} exited ({status})", self.name),
+                },
+            );
+        }
         Ok(status)
     }
 

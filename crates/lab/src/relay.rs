@@ -23,6 +23,8 @@ pub struct Relay {
     pub listen: SocketAddr,
     partitioned: watch::Sender<bool>,
     stop: CancellationToken,
+    /// What the narration calls this link.
+    label: String,
 }
 
 impl Relay {
@@ -56,7 +58,14 @@ impl Relay {
             listen,
             partitioned,
             stop,
+            label: format!("link to {upstream}"),
         })
+    }
+
+    /// Names the link in the narration (`frontend link cut`).
+    pub fn labelled(mut self, label: &str) -> Self {
+        self.label = format!("{label} link");
+        self
     }
 
     pub fn endpoint(&self) -> String {
@@ -65,7 +74,18 @@ impl Relay {
 
     /// Blackholes every connection (`true`) or lets bytes flow again (`false`).
     pub fn set_partitioned(&self, partitioned: bool) {
-        self.partitioned.send_replace(partitioned);
+        if self.partitioned.send_replace(partitioned) == partitioned {
+            return;
+        }
+        let label = &self.label;
+        match partitioned {
+            true => crate::tape::record(
+                crate::tape::Kind::Cut,
+                label,
+                format!("{label} cut (relay holds every byte)"),
+            ),
+            false => crate::tape::record(crate::tape::Kind::Heal, label, format!("{label} healed")),
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use common::timeline::Timeline;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -15,6 +16,10 @@ pub struct Verdict {
     pub figures: BTreeMap<String, Value>,
     /// Each broken expectation, in words.
     pub failures: Vec<String>,
+    /// What the roles delivered per 100 ms, by role name (the tour draws them); not in the
+    /// JSON verdict line.
+    #[serde(skip)]
+    pub timelines: Vec<(String, Timeline)>,
 }
 
 impl Verdict {
@@ -25,7 +30,15 @@ impl Verdict {
             passed: true,
             figures: BTreeMap::new(),
             failures: Vec::new(),
+            timelines: Vec::new(),
         }
+    }
+
+    /// Keeps what `role` delivered per 100 ms, for the scenario's timeline picture. The first
+    /// one kept is the flow the fault hits.
+    pub fn timeline(&mut self, role: &str, timeline: &Timeline) -> &mut Self {
+        self.timelines.push((role.to_string(), timeline.clone()));
+        self
     }
 
     pub fn figure(&mut self, name: &str, value: impl Into<Value>) -> &mut Self {

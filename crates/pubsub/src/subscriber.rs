@@ -55,6 +55,9 @@ pub struct SubscriberSummary {
     pub by_zip: BTreeMap<String, ZipSummary>,
     /// Per (publisher, zip): first and last sequence numbers, gaps, duplicates.
     pub streams: Vec<StreamSummary>,
+    /// Updates received (duplicates not counted) per 100 ms since the start.
+    #[serde(default)]
+    pub timeline: common::timeline::Timeline,
 }
 
 enum LinkEnd {
@@ -99,6 +102,7 @@ impl State {
         }
         self.last_update = Some(now);
         self.summary.received += 1;
+        self.summary.timeline.record_at(now);
         let zip = update.zip.to_string();
         let sum = self.temperature_sums.entry(zip.clone()).or_default();
         *sum += i64::from(update.temperature);
@@ -221,7 +225,10 @@ pub async fn run(
         config,
         started,
         tracker: Tracker::default(),
-        summary: SubscriberSummary::default(),
+        summary: SubscriberSummary {
+            timeline: common::timeline::Timeline::start(),
+            ..SubscriberSummary::default()
+        },
         temperature_sums: BTreeMap::new(),
         last_update: None,
         proxies: Vec::new(),

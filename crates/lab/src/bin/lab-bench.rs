@@ -47,6 +47,8 @@ async fn main() -> Result<()> {
     if cfg!(debug_assertions) {
         eprintln!("warning: debug build; run with cargo run --release -p lab --bin lab-bench");
     }
+    // `cargo run --bin lab-bench` builds this binary alone: build the roles it spawns too.
+    lab::process::build_roles()?;
     let bins = Bins::locate()?;
     bins.check(&["broker", "worker", "client", "echo"])?;
     let cases = [

@@ -180,6 +180,9 @@ fn judge(v: &mut Verdict, summary: &Value, batch: &Batch, failed: &[&str]) {
     ] {
         v.figure(f, u(summary, f));
     }
+    if let Ok(timeline) = serde_json::from_value(summary["timeline"].clone()) {
+        v.timeline("master", &timeline);
+    }
     let outputs = relative(pipeline::files::list_files(&batch.output, None));
     v.figure("images_per_s", summary["images_per_s"].clone())
         .figure("by_worker", summary["by_worker"].clone())
@@ -275,6 +278,9 @@ async fn workers(lab: &Lab) -> Result<Verdict> {
             format!("{n} workers all took part, got {by_worker:?}"),
         );
         v.figure(&format!("by_worker_{n}"), Value::Object(by_worker));
+        if let Ok(timeline) = serde_json::from_value(summary["timeline"].clone()) {
+            v.timeline(&format!("master ({n} worker(s))"), &timeline);
+        }
         let rate = summary["images_per_s"].as_f64().unwrap_or(0.0);
         v.figure(&format!("images_per_s_{n}"), (rate * 10.0).round() / 10.0);
         rates.push(rate);

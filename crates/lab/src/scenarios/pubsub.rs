@@ -141,8 +141,12 @@ impl Topology {
         let (proxy, xsub, xpub) = start_proxy(lab, &logs, "proxy", &host, &host, extra).await?;
         let (net, pub_endpoint, sub_endpoint) = match setup {
             Setup::Relay => {
-                let a = Relay::start(common::endpoint::resolve(&xsub)?).await?;
-                let b = Relay::start(common::endpoint::resolve(&xpub)?).await?;
+                let a = Relay::start(common::endpoint::resolve(&xsub)?)
+                    .await?
+                    .labelled("publishers'");
+                let b = Relay::start(common::endpoint::resolve(&xpub)?)
+                    .await?
+                    .labelled("subscribers'");
                 let (pe, se) = (a.endpoint(), b.endpoint());
                 (Net::Relay(a, b), pe, se)
             }
@@ -255,7 +259,9 @@ fn judge_subscriber(
     // Updates published before a stream's first one reached the subscriber (a slow joiner's
     // start) are neither received nor gaps.
     let before_first: u64 = s.streams.iter().map(|st| st.first.saturating_sub(1)).sum();
-    v.figure(&format!("{name}_received"), s.received)
+    v.timeline(name, &s.timeline)
+        .figure(&format!("{name}_sent"), sent)
+        .figure(&format!("{name}_received"), s.received)
         .figure(&format!("{name}_gaps"), s.gaps)
         .figure(&format!("{name}_duplicates"), s.duplicates);
     if before_first > 0 {
@@ -626,6 +632,8 @@ async fn stalled_subscriber(lab: &Lab) -> Result<Verdict> {
         .collect();
     let last = stats.last().cloned().unwrap_or_default();
     let mut v = Verdict::new("stalled-subscriber", topo.net.mode());
+    // The flow the fault hits first: its timeline shows the stop and the cut.
+    v.timeline("stalled", &st.timeline);
     v.figure("sent", sent[0].sent)
         .figure("stopped_ms", stopped_for.as_millis() as u64)
         .figure("healthy_longest_silence_ms", h.longest_silence_ms)

@@ -114,8 +114,12 @@ impl Topology {
         .await?;
         let (client_endpoint, worker_endpoint, net) = match setup {
             Setup::Relay => {
-                let front = Relay::start(common::endpoint::resolve(&frontend)?).await?;
-                let back = Relay::start(common::endpoint::resolve(&backend)?).await?;
+                let front = Relay::start(common::endpoint::resolve(&frontend)?)
+                    .await?
+                    .labelled("frontend");
+                let back = Relay::start(common::endpoint::resolve(&backend)?)
+                    .await?
+                    .labelled("backend");
                 (front.endpoint(), back.endpoint(), Net::Relay(front, back))
             }
             Setup::Netns(test_host) => (frontend.clone(), backend.clone(), Net::Netns(test_host)),
@@ -273,7 +277,8 @@ fn judge_client(
     requests: u64,
     max_retries: u64,
 ) {
-    v.figure("sent", s.sent)
+    v.timeline("client", &s.timeline)
+        .figure("sent", s.sent)
         .figure("answered", s.answered)
         .figure("lost", s.lost)
         .figure("duplicates", s.duplicates)

@@ -219,6 +219,8 @@ pub struct Summary {
     pub interrupted: bool,
     pub filter: String,
     pub transfer: Transfer,
+    /// Images reported done by the workers, per 100 ms since the master was ready.
+    pub timeline: common::timeline::Timeline,
 }
 
 impl Summary {
@@ -340,6 +342,7 @@ async fn run_on(
         controller,
         started: false,
         progress: progress_bar(config.progress),
+        timeline: common::timeline::Timeline::start(),
     };
     m.progress.set_length(m.books.total() as u64);
     let started = Instant::now();
@@ -379,6 +382,7 @@ struct Master<'a> {
     /// `min_workers` was reached once.
     started: bool,
     progress: ProgressBar,
+    timeline: common::timeline::Timeline,
 }
 
 impl Master<'_> {
@@ -401,6 +405,7 @@ impl Master<'_> {
                             (Transfer::Inline, None) => Err("worker returned no image".to_string()),
                         };
                         self.books.finish(id, outcome, Some(worker));
+                        self.timeline.record();
                     }
                 }
                 _ = tick.tick() => {
@@ -526,6 +531,7 @@ impl Master<'_> {
             interrupted,
             filter: self.source.filter.clone(),
             transfer: self.cfg.transfer,
+            timeline: self.timeline.clone(),
         }
     }
 }
