@@ -138,7 +138,11 @@ impl Proxy {
             &config.xpub,
             keepalive,
             Some(config.stall_timeout),
-            guard(&config.xpub)?,
+            // Subscribers send subscriptions only: the guard names one that sends anything else.
+            guard(&config.xpub)?.map(|limits| Limits {
+                expect: common::guard::Expect::Subscriptions,
+                ..limits
+            }),
         )
         .await?;
         let instance = rand::random::<u64>();
@@ -273,6 +277,12 @@ async fn run_intake(
                     tracing::debug!(%endpoint, "publisher connected");
                 }
                 SocketEvent::Disconnected(_) => tracing::debug!("publisher gone"),
+                SocketEvent::AcceptFailed(e) => {
+                    // Garbage, a greeting cut short, the wrong socket type. zmq.rs does not say
+                    // who: behind the guard, the guard has logged the address already.
+                    counters.peer_errors.fetch_add(1, Relaxed);
+                    tracing::info!(error = %e, "publisher handshake failed");
+                }
                 _ => {}
             },
             _ = heartbeat.tick() => {
@@ -335,12 +345,17 @@ impl Fanout {
                         self.deliver(msg, shutdown).await;
                     }
                 }
-                Some(event) = events.next() => {
-                    if let SocketEvent::Accepted(endpoint, _) = event {
+                Some(event) = events.next() => match event {
+                    SocketEvent::Accepted(endpoint, _) => {
                         self.stats.subscribers_seen += 1;
                         tracing::debug!(%endpoint, "subscriber connected");
                     }
-                }
+                    SocketEvent::AcceptFailed(e) => {
+                        self.stats.peer_errors += 1;
+                        tracing::info!(error = %e, "subscriber handshake failed");
+                    }
+                    _ => {}
+                },
                 _ = heartbeat.tick() => {
                     self.stats.heartbeats += 1;
                     self.send(protocol::heartbeat(self.instance), shutdown).await;
