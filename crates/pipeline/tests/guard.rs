@@ -33,7 +33,10 @@ fn nine_bytes() -> Vec<u8> {
 fn attacks() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("nine bytes, no greeting", nine_bytes()),
-        ("nine bytes after the greeting", [greeting(), nine_bytes()].concat()),
+        (
+            "nine bytes after the greeting",
+            [greeting(), nine_bytes()].concat(),
+        ),
         ("one frame over the limit", {
             let mut s = greeting();
             s.push(0x02);
@@ -95,7 +98,10 @@ fn the_guard_cuts_off_bad_peers_on_every_master_socket_and_the_batch_completes()
     assert_eq!(endpoints.len(), 3, "{connect}");
     for endpoint in &endpoints {
         for (what, bytes) in attacks() {
-            assert!(send_raw(endpoint, &bytes), "{what}: cannot reach {endpoint}");
+            assert!(
+                send_raw(endpoint, &bytes),
+                "{what}: cannot reach {endpoint}"
+            );
         }
     }
     let mut w = worker(&connect, "w1", &[]);
