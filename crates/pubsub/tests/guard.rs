@@ -179,8 +179,20 @@ async fn the_guard_cuts_off_bad_peers_on_both_proxy_sockets_and_updates_still_fl
 async fn a_subscriber_that_stops_reading_is_cut_at_max_peer_bytes() {
     let _g = heavy().await;
     let logs = logs("guard-stalled");
-    let mut px =
-        proxy_with_stats(&logs, &["--guard", "always", "--max-peer-bytes", "1048576"]).await;
+    // The kernel would cut it too, after --stall-timeout-ms of a closed window: give the guard
+    // the time to.
+    let mut px = proxy_with_stats(
+        &logs,
+        &[
+            "--guard",
+            "always",
+            "--max-peer-bytes",
+            "1048576",
+            "--stall-timeout-ms",
+            "30000",
+        ],
+    )
+    .await;
     let before = rss_kib(px.proc.pid());
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(4096).expect("rcvbuf");
@@ -223,7 +235,8 @@ async fn a_subscriber_that_stops_reading_is_cut_at_max_peer_bytes() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let s: SubscriberSummary = summary(&mut s).await;
-    assert_eq!(s.received, 20_000, "{s:?}");
+    // No one waited on the stalled subscriber: nothing dropped, no gap.
+    assert_eq!((s.received, s.gaps), (20_000, 0), "{s:?}");
     let _: PublisherSummary = stop(&mut p).await;
     let last: pubsub::ProxyStats = stop(&mut px.proc).await;
     assert_eq!(last.guard_stalled, 1, "{last:?}");
@@ -232,7 +245,7 @@ async fn a_subscriber_that_stops_reading_is_cut_at_max_peer_bytes() {
         s.gaps
     );
     assert!(
-        peak < before + 24 * 1024,
+        peak < before + 32 * 1024,
         "RSS grew from {before} KiB to {peak} KiB"
     );
     drop(stalled);
