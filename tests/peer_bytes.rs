@@ -135,3 +135,84 @@ async fn a_client_that_never_reads_is_cut_at_max_peer_bytes_and_the_broker_stays
         "RSS grew from {before} KiB to {peak} KiB"
     );
 }
+
+/// A worker that announces room for 200 requests and never reads them: behind the guard, the
+/// requests waiting for it are held up to `--max-peer-bytes`, then it is cut off; the broker
+/// purges it and gives its requests to the real worker, and the client loses none.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_never_reads_is_cut_at_max_peer_bytes_and_its_requests_go_elsewhere() {
+    let _g = heavy().await;
+    let test = "peer-bytes-worker";
+    let (mut broker, frontend, backend) = broker(
+        test,
+        &["--guard", "always", "--max-peer-bytes", "8388608", "--json"],
+    )
+    .await;
+    let before = rss_kib(broker.pid());
+    // The rogue first, so that it holds most of the credits when the requests come.
+    let mut ready = vec![5u8];
+    ready.extend(b"READY");
+    ready.push(11);
+    ready.extend(b"Socket-Type");
+    ready.extend(6u32.to_be_bytes());
+    ready.extend(b"DEALER");
+    let mut rogue_bytes = zmtp_greeting();
+    rogue_bytes.extend([0x04, ready.len() as u8]);
+    rogue_bytes.extend(ready);
+    for _ in 0..200 {
+        rogue_bytes.extend([0x00, 0x01, 0x01]); // RFC 6 READY: one credit each
+    }
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let addr = backend.trim_start_matches("tcp://").parse().expect("addr");
+    let mut rogue = socket.connect(addr).await.expect("connect");
+    rogue.write_all(&rogue_bytes).await.expect("ready");
+    // The broker's stats line (every second) counts the rogue as a worker once it is READY.
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !broker.log_text().contains("workers=1") {
+        assert!(tokio::time::Instant::now() < until, "{}", broker.log_tail());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut w = worker(test, &backend, &["--capacity", "4"]);
+    w.ready(Duration::from_secs(20))
+        .await
+        .expect("worker ready");
+    let mut peak = before;
+    let mut c = integration::spawn_client(
+        test,
+        &frontend,
+        200,
+        &[
+            "--concurrency",
+            "64",
+            "--size",
+            "200000",
+            "--timeout-ms",
+            "30000",
+        ],
+    );
+    let status = loop {
+        peak = peak.max(rss_kib(broker.pid()));
+        if let Ok(status) = c.wait(Duration::from_millis(20)).await {
+            break status;
+        }
+    };
+    let summary: broker::ClientSummary = c.json().expect("client summary");
+    assert!(status.success(), "{summary:?}");
+    assert_eq!((summary.answered, summary.lost), (200, 0), "{summary:?}");
+    broker.signal(Signal::SIGTERM).expect("signal");
+    let status = broker.wait(Duration::from_secs(20)).await.expect("exits");
+    assert!(status.success(), "{}", broker.log_tail());
+    let stats: BrokerStats = broker.json().expect("final stats");
+    eprintln!(
+        "broker RSS {before} KiB, peak {peak} KiB (+{} MiB); {stats:?}",
+        (peak - before) / 1024
+    );
+    assert_eq!(stats.guard_stalled, 1, "the rogue cut off: {stats:?}");
+    assert!(stats.purged >= 1 && stats.requeued >= 1, "{stats:?}");
+    assert!(
+        peak < before + 40 * 1024,
+        "RSS grew from {before} KiB to {peak} KiB"
+    );
+    drop(rogue);
+}
