@@ -141,3 +141,97 @@ fn without_the_guard_nine_bytes_abort_the_master_on_each_socket() {
         );
     }
 }
+
+/// A fake worker that says hello with 100 free slots on the result endpoint, connects a PULL to
+/// the task endpoint and never reads it: behind the guard, the inline tasks dealt to it pile up
+/// (past the kernel's socket buffers, a few MB on loopback) to `--max-peer-bytes` (4 MiB here),
+/// then it is cut off (`guard_stalled`); its tasks go unacknowledged and are re-sent, and a
+/// real worker that comes then finishes the batch.
+#[test]
+fn a_worker_that_never_reads_its_tasks_is_cut_at_max_peer_bytes() {
+    let dir = Scratch::new("guard-stalled");
+    let (input, output) = (dir.path("in"), dir.path("out"));
+    let expected = samples(&input, 24, 800);
+    let (mut m, connect) = master(
+        &input,
+        &output,
+        &[
+            "--filter",
+            "invert",
+            "--stop-workers",
+            "--guard",
+            "always",
+            "--transfer",
+            "inline",
+            "--max-peer-bytes",
+            "4194304",
+        ],
+    );
+    let endpoints: Vec<&str> = connect.split(',').collect();
+    let handshake = |socket_type: &[u8]| {
+        let mut ready = vec![5u8];
+        ready.extend(b"READY");
+        ready.push(11);
+        ready.extend(b"Socket-Type");
+        ready.extend((socket_type.len() as u32).to_be_bytes());
+        ready.extend(socket_type);
+        let mut h = greeting();
+        h.extend([0x04, ready.len() as u8]);
+        h.extend(ready);
+        h
+    };
+    // The task PULL, with a small receive buffer, never read.
+    let socket = socket2_free_pull(endpoints[0]);
+    let mut tasks = socket;
+    tasks.write_all(&handshake(b"PULL")).unwrap();
+    // The hello, on a PUSH to the result endpoint.
+    let hello = br#"{"type":"hello","worker":"rogue","slots":100,"free":100,"heartbeat_ms":60000}"#;
+    let mut results = TcpStream::connect(endpoints[1].trim_start_matches("tcp://")).unwrap();
+    let mut bytes = handshake(b"PUSH");
+    bytes.extend([0x00, hello.len() as u8]);
+    bytes.extend(hello);
+    results.write_all(&bytes).unwrap();
+    // Every task goes to the rogue (the only task connection) until the guard cuts it off;
+    // then a real worker comes.
+    let rogue = format!("peer={}", tasks.local_addr().unwrap());
+    let cut = |log: String| {
+        log.lines()
+            .any(|l| l.contains(&rogue) && l.contains("waiting for the peer to read"))
+    };
+    wait_until("the rogue cut off", || cut(m.stderr()));
+    let mut w = worker(&connect, "w1", &[]);
+    assert!(m.wait().success(), "master failed: {}", m.stderr());
+    let s = m.summary();
+    assert_eq!(
+        (count(&s, "total"), count(&s, "done"), count(&s, "failed")),
+        (24, 24, 0),
+        "{s}"
+    );
+    // The rogue's claim of 100 free slots stays in the books until its heartbeats are missed
+    // (4 minutes here): meanwhile the master deals every task to the real worker at once, which
+    // defers what it has no room for, and may fall far enough behind to be cut off too (it
+    // reconnects).
+    assert!(count(&s, "guard_stalled") >= 1, "{s}");
+    assert_eq!(by_worker(&s, "w1"), 24, "{s}");
+    assert_outputs(&output, &expected);
+    assert!(w.wait().success(), "worker did not obey stop");
+    drop((tasks, results));
+}
+
+/// A connection to `endpoint` with a 4 KiB receive buffer (set before connecting, so that the
+/// window it offers stays small).
+fn socket2_free_pull(endpoint: &str) -> TcpStream {
+    let addr: std::net::SocketAddr = endpoint.trim_start_matches("tcp://").parse().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        let std = stream.into_std().unwrap();
+        std.set_nonblocking(false).unwrap();
+        std
+    })
+}
