@@ -301,7 +301,8 @@ impl Broker {
     }
 
     fn refresh_guard_stats(&mut self) {
-        self.books.stats.guard_refused = self.guards.iter().map(|g| g.refused()).sum();
+        let stats = &mut self.books.stats;
+        (stats.guard_refused, stats.guard_stalled) = common::guard::totals(&self.guards);
     }
 
     fn log_stats(&self, what: &'static str) {
@@ -325,6 +326,7 @@ impl Broker {
             bad_frontend = s.bad_frontend,
             bad_backend = s.bad_backend,
             guard_refused = s.guard_refused,
+            guard_stalled = s.guard_stalled,
             "{what}"
         );
     }

@@ -35,4 +35,8 @@ pub struct BrokerStats {
     pub bad_backend: u64,
     /// Connections the guards cut off (oversized frames or messages, not ZMTP).
     pub guard_refused: u64,
+    /// Connections the guards cut off because more than `--max-peer-bytes` waited for the peer
+    /// to read (a client not reading its replies, a worker not reading its requests).
+    #[serde(default)]
+    pub guard_stalled: u64,
 }

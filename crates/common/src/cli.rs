@@ -65,6 +65,10 @@ pub struct GuardArgs {
     /// Most frames in one message through the guard.
     #[arg(long, env = "MAX_FRAMES", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_frames: u32,
+    /// Bytes sent to one peer and not yet read by it that the guard holds at most; a peer that
+    /// lets more pile up (it stopped reading) is cut off.
+    #[arg(long, env = "MAX_PEER_BYTES", default_value_t = 16 << 20, value_parser = clap::value_parser!(u64).range(1024..))]
+    pub max_peer_bytes: u64,
 }
 
 impl GuardArgs {
@@ -72,8 +76,28 @@ impl GuardArgs {
         Limits {
             max_message_bytes: self.max_message_bytes,
             max_frames: self.max_frames,
+            max_peer_bytes: self.max_peer_bytes,
+            ..Limits::default()
         }
     }
+}
+
+/// Parses the command line of a binary that flattens [`GuardArgs`], with defaults of its own for
+/// `--max-message-bytes` and `--max-peer-bytes` (shown by `--help`); exits on bad flags as
+/// clap does.
+pub fn parse_with_guard_defaults<P: clap::Parser>(
+    max_message_bytes: u64,
+    max_peer_bytes: u64,
+) -> P {
+    // Once per process: clap (without its `string` feature) takes `'static` defaults.
+    let text = |n: u64| -> &'static str { Box::leak(n.to_string().into_boxed_str()) };
+    let command = P::command()
+        .mut_arg("max_message_bytes", |a| {
+            a.default_value(text(max_message_bytes))
+        })
+        .mut_arg("max_peer_bytes", |a| a.default_value(text(max_peer_bytes)));
+    let mut matches = command.get_matches();
+    P::from_arg_matches_mut(&mut matches).unwrap_or_else(|e| e.exit())
 }
 
 /// The end of every binary's `main`: an error becomes one `error: ...` line on stderr (with its

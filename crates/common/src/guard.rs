@@ -7,7 +7,12 @@
 //! the ZMTP stream as it passes: the greeting's signature and version, then each frame header.
 //! A peer that announces a frame or a message over the limit, too many frames in one message,
 //! or bytes that are not ZMTP 3 is cut off before the library sees the offending header, logged
-//! once with its address and counted. Everything the socket sends goes back untouched.
+//! once with its address and counted. Everything the socket sends goes back untouched, through
+//! a buffer of at most `max_peer_bytes` per peer: the guard reads the socket's side as fast as it
+//! comes, so the library's per-peer queue (100,000 messages, whatever their size) stays near
+//! empty, and a peer that lets more than that pile up (it stopped reading, or reads slower than
+//! it is sent to) is cut off, logged and counted as stalled. That is the bound, in bytes, on
+//! what one peer can make a role hold.
 //!
 //! ```text
 //!  peer ──tcp──► guard (public endpoint, keepalive, user timeout) ──loopback──► zmq.rs socket
@@ -31,6 +36,11 @@ pub struct Limits {
     pub max_message_bytes: u64,
     /// Most frames in one message (bounds a flood of empty frames with MORE set).
     pub max_frames: u32,
+    /// Most bytes the socket sent that the peer has not taken yet, held by the guard; beyond,
+    /// the peer is cut off as stalled.
+    pub max_peer_bytes: u64,
+    /// What the peer's messages must be.
+    pub expect: Expect,
 }
 
 impl Default for Limits {
@@ -38,8 +48,21 @@ impl Default for Limits {
         Self {
             max_message_bytes: 1 << 20,
             max_frames: 1024,
+            max_peer_bytes: 16 << 20,
+            expect: Expect::Any,
         }
     }
+}
+
+/// What a peer's messages (not its commands) must look like, beyond the limits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Expect {
+    #[default]
+    Any,
+    /// Subscriptions, as an XPUB gets them: one frame, starting with 0x00 (unsubscribe), 0x01
+    /// (subscribe) or 0x02 (our subscribers' release). zmq.rs's XPUB does not say which peer
+    /// sent a message, so only the guard can name the one that sends something else.
+    Subscriptions,
 }
 
 /// When a bound socket gets a guard.
@@ -56,14 +79,28 @@ pub enum Mode {
 pub struct GuardStats {
     /// Connections relayed.
     pub accepted: AtomicU64,
-    /// Connections cut off for breaking the limits.
+    /// Connections cut off for breaking the limits or not speaking ZMTP 3 (garbage, a greeting
+    /// cut short or not finished in time).
     pub refused: AtomicU64,
+    /// Connections cut off because more than `max_peer_bytes` waited for the peer to read.
+    pub stalled: AtomicU64,
 }
 
 impl GuardStats {
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
     }
+
+    pub fn stalled(&self) -> u64 {
+        self.stalled.load(Ordering::Relaxed)
+    }
+}
+
+/// The sum of `refused` and of `stalled` over several guards.
+pub fn totals<'a>(guards: impl IntoIterator<Item = &'a Arc<GuardStats>>) -> (u64, u64) {
+    guards
+        .into_iter()
+        .fold((0, 0), |(r, s), g| (r + g.refused(), s + g.stalled()))
 }
 
 /// Why a peer was cut off.
@@ -79,7 +116,18 @@ pub enum Violation {
     Message(u64),
     #[error("message of more than {0} frames")]
     Frames(u32),
+    #[error("greeting cut short after {0} bytes")]
+    Truncated(usize),
+    #[error("greeting not finished within {0:?}")]
+    Slow(Duration),
+    #[error("not a subscription: {0}")]
+    Subscription(&'static str),
+    #[error("{0} bytes waiting for the peer to read")]
+    Stalled(u64),
 }
+
+/// A peer has this long to send its whole greeting (zmq.rs would wait for it forever).
+pub const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
 
 const GREETING: usize = 64;
 const MORE: u8 = 0x01;
@@ -103,6 +151,8 @@ pub struct Inspector {
     state: State,
     message_bytes: u64,
     message_frames: u32,
+    /// The first body byte of the frame now passing is a subscription's kind, to check.
+    check_kind: bool,
 }
 
 impl Inspector {
@@ -112,6 +162,15 @@ impl Inspector {
             state: State::Greeting(0),
             message_bytes: 0,
             message_frames: 0,
+            check_kind: false,
+        }
+    }
+
+    /// Bytes of the greeting seen, while it is not complete.
+    pub fn in_greeting(&self) -> Option<usize> {
+        match self.state {
+            State::Greeting(seen) => Some(seen),
+            _ => None,
         }
     }
 
@@ -171,6 +230,11 @@ impl Inspector {
                     }
                 }
                 State::Body(left) => {
+                    if std::mem::take(&mut self.check_kind) && data[0] > 2 {
+                        return Err(Violation::Subscription(
+                            "does not start with 0x00, 0x01 or 0x02",
+                        ));
+                    }
                     let take = (*left).min(data.len() as u64);
                     *left -= take;
                     data = &data[take as usize..];
@@ -193,6 +257,15 @@ impl Inspector {
         }
         if flags & COMMAND != 0 {
             return Ok(());
+        }
+        if self.limits.expect == Expect::Subscriptions {
+            if flags & MORE != 0 {
+                return Err(Violation::Subscription("more than one frame"));
+            }
+            if size == 0 {
+                return Err(Violation::Subscription("empty"));
+            }
+            self.check_kind = true;
         }
         self.message_bytes += size;
         self.message_frames += 1;
@@ -229,23 +302,80 @@ pub async fn bind<S: Socket>(
     guard: Option<Limits>,
 ) -> Result<(String, Option<Arc<GuardStats>>), BindError> {
     let public = endpoint::bind_keepalive(endpoint, idle)?;
+    let bound = bind_on(socket, public, endpoint, guard).await?;
+    Ok((bound.endpoint, bound.guard))
+}
+
+/// A socket bound by [`bind_on`].
+#[derive(Debug)]
+pub struct Bound {
+    /// Where peers connect (the guard's endpoint when guarded).
+    pub endpoint: String,
+    /// The port the zmq.rs socket itself listens on (a loopback port of its own when guarded).
+    pub socket_port: u16,
+    pub guard: Option<Arc<GuardStats>>,
+}
+
+/// [`bind`] on a listener the caller prepared (socket options set on it are inherited by the
+/// connections the guard accepts).
+pub async fn bind_on<S: Socket>(
+    socket: &mut S,
+    public: std::net::TcpListener,
+    endpoint: &str,
+    guard: Option<Limits>,
+) -> Result<Bound, BindError> {
     let bind_err = |source| BindError::Socket {
         endpoint: endpoint.to_string(),
         source,
     };
     let Some(limits) = guard else {
         let bound = socket.bind_listener(public).await.map_err(bind_err)?;
-        return Ok((bound.to_string(), None));
+        let socket_port = endpoint::resolve(&bound.to_string())
+            .map(|a| a.port())
+            .unwrap_or_default();
+        return Ok(Bound {
+            endpoint: bound.to_string(),
+            socket_port,
+            guard: None,
+        });
     };
-    let io_err = |source| {
-        BindError::Endpoint(EndpointError::Bind {
-            endpoint: endpoint.to_string(),
-            source,
-        })
+    let front = front(public, endpoint, limits)?;
+    let socket_port = front
+        .inner
+        .local_addr()
+        .map(|a| a.port())
+        .unwrap_or_default();
+    socket.bind_listener(front.inner).await.map_err(bind_err)?;
+    Ok(Bound {
+        endpoint: front.endpoint,
+        socket_port,
+        guard: Some(front.stats),
+    })
+}
+
+/// A guard running in front of a listener, for a socket to bind on `inner`.
+#[derive(Debug)]
+pub struct Front {
+    /// A loopback listener of the guard's: bind the zmq.rs socket on it (or on clones of it).
+    pub inner: std::net::TcpListener,
+    /// The public endpoint, as peers reach it.
+    pub endpoint: String,
+    pub stats: Arc<GuardStats>,
+}
+
+/// Starts a guard on `public` (bound for `endpoint`) relaying every connection to a new
+/// loopback listener, which it returns for the socket to bind on.
+pub fn front(
+    public: std::net::TcpListener,
+    endpoint: &str,
+    limits: Limits,
+) -> Result<Front, EndpointError> {
+    let io_err = |source| EndpointError::Bind {
+        endpoint: endpoint.to_string(),
+        source,
     };
     let inner = std::net::TcpListener::bind("127.0.0.1:0").map_err(io_err)?;
     let inner_addr = inner.local_addr().map_err(io_err)?;
-    socket.bind_listener(inner).await.map_err(bind_err)?;
     let public_addr = public.local_addr().map_err(io_err)?;
     public.set_nonblocking(true).map_err(io_err)?;
     let stats = Arc::new(GuardStats::default());
@@ -268,7 +398,11 @@ pub async fn bind<S: Socket>(
         })
         .map_err(io_err)?;
     tracing::debug!(endpoint, %inner_addr, "guard in front");
-    Ok((format!("tcp://{public_addr}"), Some(stats)))
+    Ok(Front {
+        inner,
+        endpoint: format!("tcp://{public_addr}"),
+        stats,
+    })
 }
 
 /// Why a server socket could not be bound.
@@ -300,7 +434,7 @@ async fn accept(public: TcpListener, inner: SocketAddr, limits: Limits, stats: A
     }
 }
 
-/// Relays one connection until either side closes or the peer breaks the limits.
+/// Relays one connection until either side closes, the peer breaks the limits or it stalls.
 async fn relay(
     peer: TcpStream,
     addr: SocketAddr,
@@ -317,32 +451,108 @@ async fn relay(
     };
     let _ = peer.set_nodelay(true);
     let _ = socket.set_nodelay(true);
-    let (mut from_peer, mut to_peer) = peer.into_split();
-    let (mut from_socket, mut to_socket) = socket.into_split();
+    let (mut from_peer, to_peer) = peer.into_split();
+    let (from_socket, mut to_socket) = socket.into_split();
+    let cut = |counter: &AtomicU64, violation: Violation| {
+        counter.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(peer = %addr, %violation, "peer cut off");
+    };
     let upstream = async {
         let mut inspector = Inspector::new(limits);
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut buf = vec![0u8; CHUNK];
+        let greeting_until = tokio::time::Instant::now() + GREETING_TIMEOUT;
         loop {
-            let n = match from_peer.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
+            let read = from_peer.read(&mut buf);
+            let read = match inspector.in_greeting() {
+                Some(_) => match tokio::time::timeout_at(greeting_until, read).await {
+                    Ok(read) => read,
+                    Err(_) => return cut(&stats.refused, Violation::Slow(GREETING_TIMEOUT)),
+                },
+                None => read.await,
+            };
+            let n = match read {
+                Ok(0) | Err(_) => {
+                    // A peer that hangs up in the middle of its greeting did not speak ZMTP;
+                    // one that sent nothing at all (a port probe) is not worth a line.
+                    if let Some(seen @ 1..) = inspector.in_greeting() {
+                        cut(&stats.refused, Violation::Truncated(seen));
+                    }
+                    return;
+                }
                 Ok(n) => n,
             };
             if let Err(violation) = inspector.feed(&buf[..n]) {
-                stats.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(peer = %addr, %violation, "peer cut off");
-                return;
+                return cut(&stats.refused, violation);
             }
             if to_socket.write_all(&buf[..n]).await.is_err() {
                 return;
             }
         }
     };
-    let downstream = tokio::io::copy(&mut from_socket, &mut to_peer);
+    let downstream = async {
+        match downstream(from_socket, to_peer, limits.max_peer_bytes).await {
+            Ok(()) => {}
+            Err(held) => cut(&stats.stalled, Violation::Stalled(held)),
+        }
+    };
     // Whichever way ends first ends the connection: both sockets close when dropped.
     tokio::select! {
         () = upstream => {}
-        _ = downstream => {}
+        () = downstream => {}
     }
+}
+
+/// Bytes read at once from either side.
+const CHUNK: usize = 64 * 1024;
+/// How long the socket's last bytes may take to reach a peer after the socket closed it.
+const FLUSH: Duration = Duration::from_secs(1);
+
+/// Copies what the socket sends to the peer, reading the socket as fast as it writes and
+/// holding what the peer has not taken yet; `Err(bytes held)` when that goes over `max`.
+async fn downstream(
+    mut from_socket: tokio::net::tcp::OwnedReadHalf,
+    mut to_peer: tokio::net::tcp::OwnedWriteHalf,
+    max: u64,
+) -> Result<(), u64> {
+    use std::task::Poll;
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    let mut held = bytes::BytesMut::new();
+    let mut chunk = vec![0u8; CHUNK];
+    let socket_closed = std::future::poll_fn(|cx| loop {
+        let mut progress = false;
+        let mut read = ReadBuf::new(&mut chunk);
+        match std::pin::Pin::new(&mut from_socket).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) if read.filled().is_empty() => return Poll::Ready(Ok(true)),
+            Poll::Ready(Ok(())) => {
+                held.extend_from_slice(read.filled());
+                if held.len() as u64 > max {
+                    return Poll::Ready(Err(held.len() as u64));
+                }
+                progress = true;
+            }
+            Poll::Ready(Err(_)) => return Poll::Ready(Ok(true)),
+            Poll::Pending => {}
+        }
+        if !held.is_empty() {
+            match std::pin::Pin::new(&mut to_peer).poll_write(cx, &held) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    let _ = held.split_to(n);
+                    progress = true;
+                }
+                Poll::Ready(_) => return Poll::Ready(Ok(false)),
+                Poll::Pending => {}
+            }
+        }
+        if !progress {
+            return Poll::Pending;
+        }
+    })
+    .await?;
+    if socket_closed && !held.is_empty() {
+        let _ = tokio::time::timeout(FLUSH, to_peer.write_all(&held)).await;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -362,6 +572,7 @@ mod tests {
         Limits {
             max_message_bytes: 1000,
             max_frames: 4,
+            ..Limits::default()
         }
     }
 
@@ -449,6 +660,41 @@ mod tests {
     }
 
     #[test]
+    fn subscriptions_only_lets_subscriptions_through() {
+        let subs = Limits {
+            expect: Expect::Subscriptions,
+            ..limits()
+        };
+        let mut good = greeting();
+        good.extend(frame(COMMAND, b"\x05READY"));
+        good.extend(frame(0, b"\x0110001"));
+        good.extend(frame(0, b"\x00"));
+        good.extend(frame(0, b"\x02ab12 100"));
+        let mut inspector = Inspector::new(subs);
+        for byte in &good {
+            inspector
+                .feed(std::slice::from_ref(byte))
+                .expect("subscriptions");
+        }
+        for (bad, why) in [
+            (
+                frame(0, b"\x05junk"),
+                "does not start with 0x00, 0x01 or 0x02",
+            ),
+            (frame(MORE, b"\x01a"), "more than one frame"),
+            (frame(0, b""), "empty"),
+        ] {
+            let stream = [greeting(), bad].concat();
+            assert_eq!(
+                Inspector::new(subs).feed(&stream),
+                Err(Violation::Subscription(why))
+            );
+            // Anything goes elsewhere.
+            Inspector::new(limits()).feed(&stream).expect("any message");
+        }
+    }
+
+    #[test]
     fn auto_mode_guards_all_but_loopback() {
         assert!(!wanted(Mode::Auto, "tcp://127.0.0.1:0").expect("valid"));
         assert!(wanted(Mode::Auto, "tcp://0.0.0.0:0").expect("valid"));
@@ -511,7 +757,7 @@ mod fuzz {
 
         #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400), cut in 1usize..50) {
-            let mut inspector = Inspector::new(Limits { max_message_bytes: 300, max_frames: 4 });
+            let mut inspector = Inspector::new(Limits { max_message_bytes: 300, max_frames: 4, ..Limits::default() });
             for chunk in bytes.chunks(cut) {
                 if inspector.feed(chunk).is_err() {
                     break;
@@ -525,7 +771,7 @@ mod fuzz {
             cut in 1usize..300,
             flip in proptest::option::of((0usize..2000, any::<u8>())),
         ) {
-            let limits = Limits { max_message_bytes: 1000, max_frames: 5 };
+            let limits = Limits { max_message_bytes: 1000, max_frames: 5, ..Limits::default() };
             let mut bytes = stream(&frames);
             let mutated = match flip {
                 Some((at, byte)) if at < bytes.len() && bytes[at] != byte => {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use common::cli::HeartbeatArgs;
+use common::cli::{GuardArgs, HeartbeatArgs};
 use pipeline::filter::Chain;
 use pipeline::{MasterConfig, Transfer, WorkerConfig};
 
@@ -67,6 +67,8 @@ struct Args {
     local_workers: u32,
     #[command(flatten)]
     heartbeat: HeartbeatArgs,
+    #[command(flatten)]
+    guard: GuardArgs,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -77,7 +79,10 @@ enum TransferArg {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = common::cli::parse_with_guard_defaults(
+        pipeline::master::DEFAULT_MAX_MESSAGE_BYTES,
+        pipeline::master::DEFAULT_MAX_PEER_BYTES,
+    );
     common::logging::init("pipeline=info,common=info");
     common::cli::exit_code(run(args).await)
 }
@@ -103,6 +108,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .unwrap_or(usize::MAX)
             .max(args.local_workers as usize),
         progress: !args.no_progress && std::io::stderr().is_terminal(),
+        guard: args.guard.guard,
+        limits: args.guard.limits(),
     };
     let cancel = common::shutdown::on_signals();
     let locals = cancel.child_token();

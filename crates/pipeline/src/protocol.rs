@@ -200,3 +200,130 @@ mod tests {
         assert!(Control::from_message(&junk).is_err());
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! The parsers on random and mutated frames: they never panic, and every valid message comes
+    //! back from its own frames.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn id() -> impl Strategy<Value = (String, u64)> {
+        (".{0,12}", any::<u64>())
+    }
+
+    fn task() -> impl Strategy<Value = Task> {
+        (
+            id(),
+            ".{0,20}",
+            ".{0,20}",
+            proptest::option::of(".{0,20}"),
+            proptest::option::of(".{0,20}"),
+        )
+            .prop_map(|((batch, id), path, filter, input, output)| Task {
+                batch,
+                id,
+                path,
+                filter,
+                input,
+                output,
+            })
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            Just(Event::Hello),
+            Just(Event::Heartbeat),
+            Just(Event::Bye),
+            id().prop_map(|(batch, id)| Event::Accept { batch, id }),
+            id().prop_map(|(batch, id)| Event::Defer { batch, id }),
+            id().prop_map(|(batch, id)| Event::Done { batch, id }),
+            (id(), ".{0,20}").prop_map(|((batch, id), reason)| Event::Failed { batch, id, reason }),
+        ]
+    }
+
+    fn report() -> impl Strategy<Value = Report> {
+        (".{0,12}", any::<u32>(), any::<u32>(), any::<u64>(), event()).prop_map(
+            |(worker, slots, free, heartbeat_ms, event)| Report {
+                worker,
+                slots,
+                free,
+                heartbeat_ms,
+                event,
+            },
+        )
+    }
+
+    fn control() -> impl Strategy<Value = Control> {
+        prop_oneof![
+            Just(Control::Stop),
+            id().prop_map(|(batch, heartbeat_ms)| Control::Heartbeat {
+                batch,
+                heartbeat_ms
+            }),
+        ]
+    }
+
+    fn image() -> impl Strategy<Value = Option<Bytes>> {
+        proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64).prop_map(Bytes::from))
+    }
+
+    /// The first frame of `msg` with the byte at `at` replaced by `byte`, or cut there.
+    fn mutate(msg: &ZmqMessage, at: usize, byte: u8, cut: bool) -> ZmqMessage {
+        let mut frames: Vec<Bytes> = msg.iter().cloned().collect();
+        let mut head = frames[0].to_vec();
+        if !head.is_empty() {
+            let at = at % head.len();
+            if cut {
+                head.truncate(at);
+            } else {
+                head[at] = byte;
+            }
+        }
+        frames[0] = Bytes::from(head);
+        common::frames::message_of(frames)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn random_frames_never_panic(
+            frames in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..80), 1..4),
+        ) {
+            let msg = common::frames::message_of(frames.into_iter().map(Bytes::from).collect());
+            let _ = Task::from_message(&msg);
+            let _ = Report::from_message(&msg);
+            let _ = Control::from_message(&msg);
+        }
+
+        #[test]
+        fn messages_round_trip_and_mutations_never_panic(
+            t in task(),
+            r in report(),
+            c in control(),
+            img in image(),
+            at in any::<usize>(),
+            byte in any::<u8>(),
+            cut in any::<bool>(),
+        ) {
+            let msg = t.to_message(img.clone());
+            let (back, bytes) = Task::from_message(&msg).expect("a task");
+            prop_assert_eq!(back, t);
+            prop_assert_eq!(&bytes, &img);
+            let _ = Task::from_message(&mutate(&msg, at, byte, cut));
+
+            let msg = r.to_message(img.clone());
+            let (back, bytes) = Report::from_message(&msg).expect("a report");
+            prop_assert_eq!(back, r);
+            prop_assert_eq!(&bytes, &img);
+            let _ = Report::from_message(&mutate(&msg, at, byte, cut));
+
+            let msg = c.to_message();
+            prop_assert_eq!(Control::from_message(&msg).expect("a control"), c);
+            let _ = Control::from_message(&mutate(&msg, at, byte, cut));
+        }
+    }
+}

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use common::guard::{Limits, Mode};
 use common::heartbeat::Heartbeat;
 use common::link::Reconnect;
 
@@ -33,6 +34,9 @@ pub struct ProxyConfig {
     /// The loop may stall this long before the process exits with status 70.
     pub watchdog: Duration,
     pub stats_every: Duration,
+    /// Which endpoints get a guard (see `common::guard`), and what it lets through.
+    pub guard: Mode,
+    pub limits: Limits,
 }
 
 impl Default for ProxyConfig {
@@ -47,6 +51,8 @@ impl Default for ProxyConfig {
             last_value_cache: true,
             watchdog: Duration::from_secs(10),
             stats_every: Duration::from_secs(5),
+            guard: Mode::Auto,
+            limits: Limits::default(),
         }
     }
 }

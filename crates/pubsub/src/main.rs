@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use common::cli::HeartbeatArgs;
+use common::cli::{GuardArgs, HeartbeatArgs};
 use pubsub::config::{DEFAULT_XPUB, DEFAULT_XSUB};
 use pubsub::{Proxy, ProxyConfig, ProxyStats};
 
@@ -22,6 +22,8 @@ struct Args {
     xpub: String,
     #[command(flatten)]
     heartbeat: HeartbeatArgs,
+    #[command(flatten)]
+    guard: GuardArgs,
     /// Updates waiting for subscribers beyond this many are dropped (counted).
     #[arg(long, env = "PROXY_QUEUE", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     queue: u64,
@@ -66,6 +68,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         last_value_cache: !args.no_last_value,
         watchdog: Duration::from_secs(args.watchdog_secs),
         stats_every: Duration::from_secs(args.stats_secs),
+        guard: args.guard.guard,
+        limits: args.guard.limits(),
     };
     let proxy = Proxy::bind(config).await?;
     common::ready::announce(&[

@@ -381,3 +381,123 @@ mod tests {
         assert_eq!(Zip::from_topic(b"00007"), Ok(z(7)));
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! The parsers on random and mutated frames: they never panic, and every valid value comes
+    //! back from its own frames.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn frames() -> impl Strategy<Value = Vec<Vec<u8>>> {
+        proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 0..4)
+    }
+
+    fn update() -> impl Strategy<Value = Update> {
+        (
+            0..=MAX_ZIP,
+            "[^ ]{1,12}",
+            any::<u64>(),
+            any::<u64>(),
+            any::<i32>(),
+            any::<u32>(),
+        )
+            .prop_map(
+                |(zip, publisher, instance, seq, temperature, humidity)| Update {
+                    zip: Zip::new(zip).expect("in range"),
+                    publisher,
+                    instance,
+                    seq,
+                    temperature,
+                    humidity,
+                },
+            )
+    }
+
+    fn subscription() -> impl Strategy<Value = Subscription> {
+        let prefix = proptest::collection::vec(any::<u8>(), 0..12).prop_map(Bytes::from);
+        prop_oneof![
+            prefix.clone().prop_map(Subscription::Subscribe),
+            prefix.clone().prop_map(Subscription::Unsubscribe),
+            (any::<u64>(), prefix)
+                .prop_map(|(proxy, prefix)| Subscription::Release { proxy, prefix }),
+        ]
+    }
+
+    fn frames_of(msg: &ZmqMessage) -> Vec<Bytes> {
+        msg.iter().cloned().collect()
+    }
+
+    /// `frames` with the byte at `at` (over all frames) replaced by `byte`, or cut there.
+    fn mutate(mut frames: Vec<Bytes>, at: usize, byte: u8, cut: bool) -> Vec<Bytes> {
+        let total: usize = frames.iter().map(Bytes::len).sum();
+        if total == 0 {
+            return frames;
+        }
+        let (mut at, mut i) = (at % total, 0);
+        while at >= frames[i].len() {
+            at -= frames[i].len();
+            i += 1;
+        }
+        let mut frame = frames[i].to_vec();
+        if cut {
+            frame.truncate(at);
+        } else {
+            frame[at] = byte;
+        }
+        frames[i] = Bytes::from(frame);
+        frames
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn random_frames_never_panic(frames in frames(), text in ".{0,20}") {
+            let frames: Vec<Bytes> = frames.into_iter().map(Bytes::from).collect();
+            let _ = Update::parse(&frames);
+            let _ = Incoming::parse(&frames);
+            if let Some(msg) = common::frames::message(frames.clone()) {
+                let _ = Subscription::parse(&msg);
+            }
+            for frame in &frames {
+                let _ = Zip::from_topic(frame);
+            }
+            let _ = parse_zip_list(&text);
+            let _ = parse_zip_range(&text);
+        }
+
+        #[test]
+        fn updates_round_trip_and_mutations_never_panic(
+            u in update(),
+            at in any::<usize>(),
+            byte in any::<u8>(),
+            cut in any::<bool>(),
+        ) {
+            let frames = frames_of(&u.to_message());
+            prop_assert_eq!(Update::parse(&frames), Ok(u.clone()));
+            prop_assert_eq!(Incoming::parse(&frames), Ok(Incoming::Update(u)));
+            let mutated = mutate(frames, at, byte, cut);
+            let _ = Incoming::parse(&mutated);
+        }
+
+        #[test]
+        fn subscriptions_and_heartbeats_round_trip(
+            s in subscription(),
+            instance in any::<u64>(),
+            at in any::<usize>(),
+            byte in any::<u8>(),
+            cut in any::<bool>(),
+        ) {
+            let msg = s.to_message();
+            prop_assert_eq!(Subscription::parse(&msg), Ok(s));
+            let hb = frames_of(&heartbeat(instance));
+            prop_assert_eq!(Incoming::parse(&hb), Ok(Incoming::Heartbeat(instance)));
+            if let Some(mutated) = common::frames::message(mutate(frames_of(&msg), at, byte, cut)) {
+                let _ = Subscription::parse(&mutated);
+            }
+        }
+    }
+}

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::frames;
+use common::guard::{GuardStats, Limits};
 use common::send::{try_send, Sent};
 use common::watchdog::Watchdog;
 use futures::channel::mpsc as events;
@@ -46,12 +47,8 @@ pub enum ProxyError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot bind {endpoint}")]
-    Bind {
-        endpoint: String,
-        #[source]
-        source: zeromq::ZmqError,
-    },
+    #[error(transparent)]
+    Bind(#[from] common::guard::BindError),
 }
 
 /// Subscription changes waiting to go upstream, at most (they are rare; a full channel means
@@ -72,6 +69,10 @@ pub struct Proxy {
     pub xpub_endpoint: String,
     /// Random, per process: subscribers and publishers tell a restarted proxy by it.
     pub instance: u64,
+    /// The port the XPUB itself listens on (behind the guard, a loopback port of its own).
+    xpub_port: u16,
+    /// Counters of the guards in front of the sockets, if any.
+    guards: Vec<Arc<GuardStats>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -83,12 +84,15 @@ impl std::fmt::Debug for Proxy {
     }
 }
 
+/// Binds `socket` (keepalive, and `user_timeout` on accepted connections), behind a guard
+/// when `guard` is given.
 async fn bind<S: Socket>(
     socket: &mut S,
     endpoint: &str,
     keepalive: Duration,
     user_timeout: Option<Duration>,
-) -> Result<String, ProxyError> {
+    guard: Option<Limits>,
+) -> Result<common::guard::Bound, ProxyError> {
     let listener = common::endpoint::bind_keepalive(endpoint, keepalive)?;
     if let Some(timeout) = user_timeout {
         socket2::SockRef::from(&listener)
@@ -98,14 +102,7 @@ async fn bind<S: Socket>(
                 source,
             })?;
     }
-    let bound = socket
-        .bind_listener(listener)
-        .await
-        .map_err(|source| ProxyError::Bind {
-            endpoint: endpoint.to_string(),
-            source,
-        })?;
-    Ok(bound.to_string())
+    Ok(common::guard::bind_on(socket, listener, endpoint, guard).await?)
 }
 
 /// Counters kept by the intake task, read by the fanout loop for stats.
@@ -121,20 +118,48 @@ impl Proxy {
     /// Binds both sockets (keepalive and user timeout on every accepted connection).
     pub async fn bind(config: ProxyConfig) -> Result<Self, ProxyError> {
         let keepalive = config.heartbeat.interval.max(Duration::from_secs(1));
+        let guard = |endpoint: &str| -> Result<Option<Limits>, ProxyError> {
+            Ok(common::guard::wanted(config.guard, endpoint)?.then_some(config.limits))
+        };
         let mut xsub = XSubSocket::new();
         let xsub_events = xsub.monitor();
-        let xsub_endpoint = bind(&mut xsub, &config.xsub, keepalive, None).await?;
+        let xsub_bound = bind(
+            &mut xsub,
+            &config.xsub,
+            keepalive,
+            None,
+            guard(&config.xsub)?,
+        )
+        .await?;
         let mut xpub = XPubSocket::new();
         let xpub_events = xpub.monitor();
-        let xpub_endpoint = bind(
+        let xpub_bound = bind(
             &mut xpub,
             &config.xpub,
             keepalive,
             Some(config.stall_timeout),
+            // Subscribers send subscriptions only: the guard names one that sends anything else.
+            guard(&config.xpub)?.map(|limits| Limits {
+                expect: common::guard::Expect::Subscriptions,
+                ..limits
+            }),
         )
         .await?;
         let instance = rand::random::<u64>();
-        tracing::info!(xsub = %xsub_endpoint, xpub = %xpub_endpoint, instance = format!("{instance:x}"), "proxy bound");
+        tracing::info!(
+            xsub = %xsub_bound.endpoint,
+            xpub = %xpub_bound.endpoint,
+            guarded_xsub = xsub_bound.guard.is_some(),
+            guarded_xpub = xpub_bound.guard.is_some(),
+            instance = format!("{instance:x}"),
+            "proxy bound"
+        );
+        let xpub_port = xpub_bound.socket_port;
+        let guards = [xsub_bound.guard, xpub_bound.guard]
+            .into_iter()
+            .flatten()
+            .collect();
+        let (xsub_endpoint, xpub_endpoint) = (xsub_bound.endpoint, xpub_bound.endpoint);
         Ok(Self {
             config,
             xsub,
@@ -144,6 +169,8 @@ impl Proxy {
             xsub_endpoint,
             xpub_endpoint,
             instance,
+            xpub_port,
+            guards,
         })
     }
 
@@ -158,9 +185,6 @@ impl Proxy {
         shutdown: CancellationToken,
         mut report: impl FnMut(&ProxyStats),
     ) -> ProxyStats {
-        let xpub_port = common::endpoint::resolve(&self.xpub_endpoint)
-            .map(|a| a.port())
-            .unwrap_or_default();
         let Self {
             config,
             xsub,
@@ -168,6 +192,8 @@ impl Proxy {
             xsub_events,
             xpub_events,
             instance,
+            xpub_port,
+            guards,
             ..
         } = self;
         let (data_tx, data_rx) = mpsc::channel(config.queue.max(1));
@@ -194,6 +220,7 @@ impl Proxy {
             instance,
             intake,
             xpub_port,
+            guards,
         };
         fanout
             .run(data_rx, xpub_events, &shutdown, &mut report)
@@ -250,6 +277,12 @@ async fn run_intake(
                     tracing::debug!(%endpoint, "publisher connected");
                 }
                 SocketEvent::Disconnected(_) => tracing::debug!("publisher gone"),
+                SocketEvent::AcceptFailed(e) => {
+                    // Garbage, a greeting cut short, the wrong socket type. zmq.rs does not say
+                    // who: behind the guard, the guard has logged the address already.
+                    counters.peer_errors.fetch_add(1, Relaxed);
+                    tracing::info!(error = %e, "publisher handshake failed");
+                }
                 _ => {}
             },
             _ = heartbeat.tick() => {
@@ -273,6 +306,7 @@ struct Fanout {
     intake: Arc<Intake>,
     /// The XPUB's port, to find its connections in `/proc/net/tcp`.
     xpub_port: u16,
+    guards: Vec<Arc<GuardStats>>,
 }
 
 impl Fanout {
@@ -311,12 +345,17 @@ impl Fanout {
                         self.deliver(msg, shutdown).await;
                     }
                 }
-                Some(event) = events.next() => {
-                    if let SocketEvent::Accepted(endpoint, _) = event {
+                Some(event) = events.next() => match event {
+                    SocketEvent::Accepted(endpoint, _) => {
                         self.stats.subscribers_seen += 1;
                         tracing::debug!(%endpoint, "subscriber connected");
                     }
-                }
+                    SocketEvent::AcceptFailed(e) => {
+                        self.stats.peer_errors += 1;
+                        tracing::info!(error = %e, "subscriber handshake failed");
+                    }
+                    _ => {}
+                },
                 _ = heartbeat.tick() => {
                     self.stats.heartbeats += 1;
                     self.send(protocol::heartbeat(self.instance), shutdown).await;
@@ -448,6 +487,7 @@ impl Fanout {
         s.peer_errors += self.intake.peer_errors.load(Relaxed);
         s.publishers_seen = self.intake.publishers_seen.load(Relaxed);
         s.topics = self.subscriptions.snapshot();
+        (s.guard_refused, s.guard_stalled) = common::guard::totals(&self.guards);
         s
     }
 
@@ -469,6 +509,8 @@ impl Fanout {
             peer_errors = s.peer_errors,
             publishers_seen = s.publishers_seen,
             subscribers_seen = s.subscribers_seen,
+            guard_refused = s.guard_refused,
+            guard_stalled = s.guard_stalled,
             "{what}"
         );
     }

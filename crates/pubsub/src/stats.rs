@@ -34,6 +34,10 @@ pub struct ProxyStats {
     /// Connections accepted from publishers and from subscribers.
     pub publishers_seen: u64,
     pub subscribers_seen: u64,
+    /// Connections the guards cut off: oversized or malformed input (garbage, a greeting cut
+    /// short), and peers that let more than `--max-peer-bytes` pile up unread.
+    pub guard_refused: u64,
+    pub guard_stalled: u64,
     /// Prefixes currently asked for upstream, with their subscriber counts.
     pub topics: Vec<(String, u64)>,
 }

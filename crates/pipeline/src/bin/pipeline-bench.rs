@@ -228,6 +228,12 @@ async fn pipeline_run(
         // The clock starts with the first task: let every worker be there by then.
         min_workers: workers,
         progress: false,
+        guard: common::guard::Mode::Auto,
+        limits: common::guard::Limits {
+            max_message_bytes: pipeline::master::DEFAULT_MAX_MESSAGE_BYTES,
+            max_peer_bytes: pipeline::master::DEFAULT_MAX_PEER_BYTES,
+            ..Default::default()
+        },
     };
     let mut children = Workers(Vec::new());
     let mut spawn_error = None;

@@ -1,8 +1,10 @@
 //! The controller (zguide `taskwork2`'s kill switch): the master's bound PUB, on which every
 //! worker hears the master's heartbeats (with the batch id) and `stop`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use common::guard::{GuardStats, Limits};
 use common::send::try_send;
 use zeromq::PubSocket;
 
@@ -14,12 +16,20 @@ use crate::protocol::Control;
 pub(super) struct Controller(Bound<PubSocket>);
 
 impl Controller {
-    pub(super) async fn bind(endpoint: &str, keepalive: Duration) -> Result<Self, MasterError> {
-        Bound::bind(endpoint, keepalive).await.map(Self)
+    pub(super) async fn bind(
+        endpoint: &str,
+        keepalive: Duration,
+        guard: Option<Limits>,
+    ) -> Result<Self, MasterError> {
+        Bound::bind(endpoint, keepalive, guard).await.map(Self)
     }
 
     pub(super) fn endpoint(&self) -> &str {
         &self.0.endpoint
+    }
+
+    pub(super) fn guard(&self) -> Option<&Arc<GuardStats>> {
+        self.0.guard.as_ref()
     }
 
     /// Publishes a message; a subscriber that does not read simply misses it.

@@ -19,8 +19,10 @@ mod ventilator;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use common::guard::{GuardStats, Limits, Mode};
 use common::heartbeat::Heartbeat;
 use common::send::Sent;
 use common::CancellationToken;
@@ -71,7 +73,18 @@ pub struct MasterConfig {
     pub min_workers: usize,
     /// Draw a progress bar on stderr.
     pub progress: bool,
+    /// Which of the three endpoints get a guard, and what it lets through (see
+    /// `common::guard`): reports carry inline outputs, so the message limit must exceed them.
+    pub guard: Mode,
+    pub limits: Limits,
 }
+
+/// `--max-message-bytes` of the master: twice the largest inline input (`--max-image-bytes`,
+/// 32 MiB), since an output may come back larger than its input.
+pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 64 << 20;
+/// `--max-peer-bytes` of the master: eight inline tasks of the largest size waiting for one
+/// worker.
+pub const DEFAULT_MAX_PEER_BYTES: u64 = 256 << 20;
 
 /// Why a batch cannot start. Nothing has been written when one of these is returned.
 #[derive(Debug, thiserror::Error)]
@@ -104,12 +117,25 @@ pub enum MasterError {
         #[source]
         source: ZmqError,
     },
+    #[error("--max-message-bytes {limit} is not above --max-image-bytes {image}: inline outputs come back through the guard")]
+    GuardTooSmall { limit: u64, image: u64 },
     #[error("cannot listen on {endpoint}")]
     Listen {
         endpoint: String,
         #[source]
         source: std::io::Error,
     },
+}
+
+impl From<common::guard::BindError> for MasterError {
+    fn from(e: common::guard::BindError) -> Self {
+        match e {
+            common::guard::BindError::Endpoint(e) => Self::Endpoint(e),
+            common::guard::BindError::Socket { endpoint, source } => {
+                Self::Bind { endpoint, source }
+            }
+        }
+    }
 }
 
 impl MasterError {
@@ -122,15 +148,27 @@ impl MasterError {
 /// A socket bound on a listener with TCP keepalive and `TCP_USER_TIMEOUT` (`keepalive` idle,
 /// four of them before a connection with unacknowledged data is aborted): a worker lost behind a
 /// partition releases its connection in seconds, not after the ~15 minutes of retransmissions.
+/// With `guard`, the guard owns that listener and the socket listens on a loopback port of its
+/// own.
 struct Bound<S> {
     socket: S,
     endpoint: String,
+    guard: Option<Arc<GuardStats>>,
 }
 
 impl<S: Socket> Bound<S> {
-    async fn bind(endpoint: &str, keepalive: Duration) -> Result<Self, MasterError> {
-        let listener = common::endpoint::bind_keepalive(endpoint, keepalive)?;
-        Self::on(listener, endpoint).await
+    async fn bind(
+        endpoint: &str,
+        keepalive: Duration,
+        guard: Option<Limits>,
+    ) -> Result<Self, MasterError> {
+        let mut socket = S::new();
+        let (bound, guard) = common::guard::bind(&mut socket, endpoint, keepalive, guard).await?;
+        Ok(Self {
+            socket,
+            endpoint: bound,
+            guard,
+        })
     }
 
     /// A new socket accepting on `listener` (bound for `endpoint`).
@@ -143,6 +181,7 @@ impl<S: Socket> Bound<S> {
         Ok(Self {
             socket,
             endpoint: bound.to_string(),
+            guard: None,
         })
     }
 }
@@ -215,6 +254,10 @@ pub struct Summary {
     pub resent: u64,
     /// Tasks a full worker handed back (PUSH round robin hit a busy worker).
     pub deferred: u64,
+    /// Connections the guards cut off for oversized or malformed input, and for letting more
+    /// than `--max-peer-bytes` pile up unread.
+    pub guard_refused: u64,
+    pub guard_stalled: u64,
     pub workers: usize,
     pub interrupted: bool,
     pub filter: String,
@@ -300,9 +343,28 @@ async fn run_on(
     })?;
     // Keepalive probes are whole seconds.
     let keepalive = config.heartbeat.interval.max(Duration::from_secs(1));
-    let ventilator = Ventilator::bind(&config.tasks_bind, keepalive).await?;
-    let sink = Sink::bind(&config.results_bind, keepalive).await?;
-    let controller = Controller::bind(&config.control_bind, keepalive).await?;
+    let guard = |endpoint: &str| -> Result<Option<Limits>, MasterError> {
+        Ok(common::guard::wanted(config.guard, endpoint)?.then_some(config.limits))
+    };
+    let results_guard = guard(&config.results_bind)?;
+    if let Some(limits) = results_guard {
+        if config.transfer == Transfer::Inline && limits.max_message_bytes <= config.max_image_bytes
+        {
+            return Err(MasterError::GuardTooSmall {
+                limit: limits.max_message_bytes,
+                image: config.max_image_bytes,
+            });
+        }
+    }
+    let ventilator =
+        Ventilator::bind(&config.tasks_bind, keepalive, guard(&config.tasks_bind)?).await?;
+    let sink = Sink::bind(&config.results_bind, keepalive, results_guard).await?;
+    let controller = Controller::bind(
+        &config.control_bind,
+        keepalive,
+        guard(&config.control_bind)?,
+    )
+    .await?;
     files::check_writable(&config.output).map_err(|source| MasterError::Output {
         path: config.output.clone(),
         source,
@@ -320,7 +382,16 @@ async fn run_on(
         total: rels.len(),
     };
     on_ready(&endpoints);
-    tracing::info!(tasks = %endpoints.tasks, results = %endpoints.results, control = %endpoints.control, images = rels.len(), "master ready");
+    tracing::info!(
+        tasks = %endpoints.tasks,
+        results = %endpoints.results,
+        control = %endpoints.control,
+        guarded_tasks = ventilator.guard().is_some(),
+        guarded_results = sink.guard().is_some(),
+        guarded_control = controller.guard().is_some(),
+        images = rels.len(),
+        "master ready"
+    );
 
     let rels = rels
         .into_iter()
@@ -511,6 +582,12 @@ impl Master<'_> {
     fn summary(&self, started: Instant, interrupted: bool) -> Summary {
         let t = self.books.tally();
         let secs = t.elapsed.as_secs_f64();
+        let guards = [
+            self.ventilator.guard(),
+            self.sink.guard(),
+            self.controller.guard(),
+        ];
+        let (guard_refused, guard_stalled) = common::guard::totals(guards.into_iter().flatten());
         Summary {
             batch: self.source.batch.clone(),
             total: self.books.total(),
@@ -528,6 +605,8 @@ impl Master<'_> {
             wall_ms: started.elapsed().as_millis() as u64,
             resent: t.resent,
             deferred: t.deferred,
+            guard_refused,
+            guard_stalled,
             interrupted,
             filter: self.source.filter.clone(),
             transfer: self.cfg.transfer,

@@ -2,9 +2,11 @@
 //! reports, and the writer of outputs that come back inline.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::guard::{GuardStats, Limits};
 use zeromq::{PullSocket, SocketRecv};
 
 use super::{Bound, MasterError};
@@ -16,12 +18,20 @@ use crate::protocol::Report;
 pub(super) struct Sink(Bound<PullSocket>);
 
 impl Sink {
-    pub(super) async fn bind(endpoint: &str, keepalive: Duration) -> Result<Self, MasterError> {
-        Bound::bind(endpoint, keepalive).await.map(Self)
+    pub(super) async fn bind(
+        endpoint: &str,
+        keepalive: Duration,
+        guard: Option<Limits>,
+    ) -> Result<Self, MasterError> {
+        Bound::bind(endpoint, keepalive, guard).await.map(Self)
     }
 
     pub(super) fn endpoint(&self) -> &str {
         &self.0.endpoint
+    }
+
+    pub(super) fn guard(&self) -> Option<&Arc<GuardStats>> {
+        self.0.guard.as_ref()
     }
 
     /// The next well-formed report and, for an inline `done`, the output bytes. Malformed

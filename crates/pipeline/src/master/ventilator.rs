@@ -9,13 +9,16 @@
 //! window (it went into a connection nobody reads), the ventilator [rebinds](Ventilator::cut):
 //! a new PUSH on the same listening socket, the old one closed with every connection it had.
 //! Live workers notice the closed link and reconnect within their backoff; the hung one cannot,
-//! and gets nothing more until it runs again and reconnects.
+//! and gets nothing more until it runs again and reconnects. With a guard in front, the listening
+//! socket is the guard's loopback one: the guard's relays close with the connections they carry.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::guard::{GuardStats, Limits};
 use common::send::{try_send, Sent};
 use zeromq::{PushSocket, Socket, ZmqMessage};
 
@@ -71,15 +74,35 @@ pub(super) struct Ventilator {
 }
 
 impl Ventilator {
-    /// Binds the task PUSH on `endpoint` with keepalive and `TCP_USER_TIMEOUT` (`keepalive`).
-    pub(super) async fn bind(endpoint: &str, keepalive: Duration) -> Result<Self, MasterError> {
-        let listener = common::endpoint::bind_keepalive(endpoint, keepalive)?;
-        let bound = Bound::on(clone_of(&listener, endpoint)?, endpoint).await?;
+    /// Binds the task PUSH on `endpoint` with keepalive and `TCP_USER_TIMEOUT` (`keepalive`),
+    /// behind a guard when `guard` is given.
+    pub(super) async fn bind(
+        endpoint: &str,
+        keepalive: Duration,
+        guard: Option<Limits>,
+    ) -> Result<Self, MasterError> {
+        let public = common::endpoint::bind_keepalive(endpoint, keepalive)?;
+        let (listener, front) = match guard {
+            Some(limits) => {
+                let front = common::guard::front(public, endpoint, limits)?;
+                (front.inner, Some((front.endpoint, front.stats)))
+            }
+            None => (public, None),
+        };
+        let mut bound = Bound::on(clone_of(&listener, endpoint)?, endpoint).await?;
+        if let Some((public, stats)) = front {
+            bound.endpoint = public;
+            bound.guard = Some(stats);
+        }
         Ok(Self { bound, listener })
     }
 
     pub(super) fn endpoint(&self) -> &str {
         &self.bound.endpoint
+    }
+
+    pub(super) fn guard(&self) -> Option<&Arc<GuardStats>> {
+        self.bound.guard.as_ref()
     }
 
     /// Hands a task to the next worker in the rotation without ever waiting on it.
@@ -105,6 +128,9 @@ impl Ventilator {
                 return Err(e);
             }
         };
+        let mut fresh = fresh;
+        fresh.endpoint = endpoint;
+        fresh.guard = self.bound.guard.clone();
         let old = std::mem::replace(&mut self.bound, fresh);
         tokio::spawn(async move {
             tokio::time::sleep(HANDSHAKE_GRACE).await;

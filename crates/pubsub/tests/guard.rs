@@ -1,0 +1,266 @@
+//! The guard in front of both proxy sockets (`--guard always`): the nine bytes that abort a bare
+//! zmq.rs process, oversized frames, MORE floods, garbage and greetings cut short are cut off,
+//! logged once with the peer's address and counted on the XSUB and the XPUB alike, and so is a
+//! subscriber that sends anything but subscriptions; a subscriber that stops reading is cut off
+//! once `--max-peer-bytes` wait for it, and the proxy's memory stays flat meanwhile. Real
+//! updates reach a real subscriber throughout. Without the guard the nine bytes abort the proxy.
+
+use std::time::Duration;
+
+use pubsub::{PublisherSummary, SubscriberSummary};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+mod support;
+use support::*;
+
+fn greeting() -> Vec<u8> {
+    let mut g = vec![0u8; 64];
+    g[0] = 0xFF;
+    g[9] = 0x7F;
+    g[10] = 3;
+    g[12..16].copy_from_slice(b"NULL");
+    g
+}
+
+fn nine_bytes() -> Vec<u8> {
+    let mut h = vec![0x02];
+    h.extend((1u64 << 40).to_be_bytes());
+    h
+}
+
+/// A short frame (flags, one size byte, body).
+fn frame(flags: u8, body: &[u8]) -> Vec<u8> {
+    let mut f = vec![flags, body.len() as u8];
+    f.extend(body);
+    f
+}
+
+/// Greeting and READY of a SUB socket.
+fn sub_handshake() -> Vec<u8> {
+    let mut ready = vec![5u8];
+    ready.extend(b"READY");
+    ready.push(11);
+    ready.extend(b"Socket-Type");
+    ready.extend(3u32.to_be_bytes());
+    ready.extend(b"SUB");
+    [greeting(), frame(0x04, &ready)].concat()
+}
+
+fn attacks() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("nine bytes, no greeting", nine_bytes()),
+        (
+            "nine bytes after the greeting",
+            [greeting(), nine_bytes()].concat(),
+        ),
+        ("one frame over the limit", {
+            let mut s = greeting();
+            s.push(0x02);
+            s.extend(100_000u64.to_be_bytes());
+            s.extend(vec![0u8; 1000]);
+            s
+        }),
+        ("empty frames with MORE", {
+            let mut s = greeting();
+            for _ in 0..5000 {
+                s.extend([0x01, 0x00]);
+            }
+            s
+        }),
+        ("garbage", b"GET / HTTP/1.1\r\n\r\nnot zmtp at all".to_vec()),
+        ("a greeting cut short", greeting()[..11].to_vec()),
+    ]
+}
+
+fn bad_subscriptions() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        (
+            "not a subscription",
+            [sub_handshake(), frame(0, b"\x05junk")].concat(),
+        ),
+        (
+            "two frames",
+            [sub_handshake(), frame(0x01, b"\x01a"), frame(0, b"b")].concat(),
+        ),
+        ("empty", [sub_handshake(), frame(0, b"")].concat()),
+    ]
+}
+
+/// Connects, writes `bytes`, then reads until the proxy closes (bounded).
+async fn send_raw(endpoint: &str, bytes: &[u8]) {
+    let mut stream = TcpStream::connect(endpoint.trim_start_matches("tcp://"))
+        .await
+        .expect("connect");
+    let _ = stream.write_all(bytes).await;
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 1024];
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_guard_cuts_off_bad_peers_on_both_proxy_sockets_and_updates_still_flow() {
+    let _g = heavy().await;
+    let logs = logs("guard");
+    let mut px = proxy_with_stats(
+        &logs,
+        &["--guard", "always", "--max-message-bytes", "65536"],
+    )
+    .await;
+    let mut cut = 0;
+    for endpoint in [&px.xsub, &px.xpub] {
+        for (_, bytes) in attacks() {
+            send_raw(endpoint, &bytes).await;
+            cut += 1;
+        }
+    }
+    for (_, bytes) in bad_subscriptions() {
+        send_raw(&px.xpub, &bytes).await;
+        cut += 1;
+    }
+    // A release that is not one passes the guard's byte check: the proxy counts it.
+    send_raw(&px.xpub, &[sub_handshake(), frame(0, b"\x02junk")].concat()).await;
+    let stats = await_stats(&px.proc, READY_WITHIN, |s| {
+        s.guard_refused >= cut && s.bad_xpub >= 1
+    })
+    .await;
+    assert_eq!(stats.guard_refused, cut, "{stats:?}");
+    assert!(stats.topics.is_empty(), "no junk forwarded: {stats:?}");
+
+    let mut s = subscriber(&logs, "sub", &px.xpub, "10001", &["--count", "50"]).await;
+    let mut p = publisher(
+        &logs,
+        "p1",
+        &px.xsub,
+        &[
+            "--zips",
+            "10001",
+            "--rate",
+            "500",
+            "--wait-subscriber-ms",
+            "20000",
+        ],
+    );
+    let s: SubscriberSummary = summary(&mut s).await;
+    assert_eq!((s.received, s.gaps), (50, 0));
+    let _: PublisherSummary = stop(&mut p).await;
+
+    let last: pubsub::ProxyStats = stop(&mut px.proc).await;
+    assert_eq!(last.guard_refused, cut, "{last:?}");
+    let log = px.proc.log_text();
+    let named = log
+        .lines()
+        .filter(|l| l.contains("peer cut off") && l.contains("peer=127.0.0.1:"))
+        .count() as u64;
+    assert_eq!(named, cut, "each cut logged once with the peer's address");
+}
+
+/// A subscriber that subscribes and never reads again: without the guard the XPUB's send waits
+/// on it; with the guard the proxy goes on at full speed, the guard holds at most
+/// `--max-peer-bytes` for it and then cuts it off, and the proxy's memory stays flat.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscriber_that_stops_reading_is_cut_at_max_peer_bytes() {
+    let _g = heavy().await;
+    let logs = logs("guard-stalled");
+    // The kernel would cut it too, after --stall-timeout-ms of a closed window: give the guard
+    // the time to.
+    let mut px = proxy_with_stats(
+        &logs,
+        &[
+            "--guard",
+            "always",
+            "--max-peer-bytes",
+            "1048576",
+            "--stall-timeout-ms",
+            "30000",
+        ],
+    )
+    .await;
+    let before = rss_kib(px.proc.pid());
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let addr = px.xpub.trim_start_matches("tcp://").parse().expect("addr");
+    let mut stalled = socket.connect(addr).await.expect("connect");
+    stalled
+        .write_all(&[sub_handshake(), frame(0, b"\x0110001")].concat())
+        .await
+        .expect("subscribe");
+    // Then never read.
+    let mut p = publisher(
+        &logs,
+        "p1",
+        &px.xsub,
+        &[
+            "--zips",
+            "10001",
+            "--rate",
+            "50000",
+            "--wait-subscriber-ms",
+            "20000",
+        ],
+    );
+    let mut s = subscriber(&logs, "sub", &px.xpub, "10001", &["--count", "20000"]).await;
+    let mut peak = before;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        peak = peak.max(rss_kib(px.proc.pid()));
+        if proxy_stats(&px.proc)
+            .last()
+            .is_some_and(|s| s.guard_stalled >= 1)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stalled subscriber was never cut: {:?}",
+            proxy_stats(&px.proc).last()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let s: SubscriberSummary = summary(&mut s).await;
+    // No one waited on the stalled subscriber: nothing dropped, no gap.
+    assert_eq!((s.received, s.gaps), (20_000, 0), "{s:?}");
+    let _: PublisherSummary = stop(&mut p).await;
+    let last: pubsub::ProxyStats = stop(&mut px.proc).await;
+    assert_eq!(last.guard_stalled, 1, "{last:?}");
+    eprintln!(
+        "proxy RSS {before} KiB, peak {peak} KiB; gaps {}, {last:?}",
+        s.gaps
+    );
+    assert!(
+        peak < before + 32 * 1024,
+        "RSS grew from {before} KiB to {peak} KiB"
+    );
+    drop(stalled);
+}
+
+/// Without the guard the same nine bytes abort the proxy, on either socket.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_the_guard_nine_bytes_abort_the_proxy() {
+    let _g = heavy().await;
+    let logs = logs("unguarded");
+    for which in 0..2 {
+        let mut px = proxy(&logs, "proxy", LOOPBACK, LOOPBACK, &["--guard", "never"]).await;
+        let endpoint = [&px.xsub, &px.xpub][which].clone();
+        send_raw(&endpoint, &[greeting(), nine_bytes()].concat()).await;
+        let status = px.proc.wait(EXIT_WITHIN).await.expect("the proxy dies");
+        assert!(!status.success(), "a bare zmq.rs survived on {endpoint}");
+    }
+}
