@@ -19,3 +19,6 @@ pub mod sub;
 pub mod task;
 
 pub use poller::{run, Config, Summary};
+
+#[cfg(test)]
+mod tests;

@@ -109,6 +109,8 @@ pub struct SubSummary {
     pub reconnects: u64,
     /// Longest time between two updates, from the first on.
     pub longest_silence_ms: u64,
+    /// When the last update came, from the start of the run.
+    pub last_update_ms: Option<u64>,
     pub by_zip: BTreeMap<String, u64>,
 }
 
@@ -280,6 +282,7 @@ pub async fn run(
                             s.longest_silence_ms = s.longest_silence_ms.max(ms(now - last));
                         }
                         last_update = Some(now);
+                        s.last_update_ms = Some(ms(now - started));
                         s.updates += 1;
                         *s.by_zip.entry(u.zip.to_string()).or_default() += 1;
                         summary.received += 1;

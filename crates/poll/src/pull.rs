@@ -122,6 +122,9 @@ impl PullBranch {
                 },
                 State::Up(up) => {
                     tokio::select! {
+                        // Messages first: a feeder that sent and closed has its last tasks
+                        // read before its departure is acted on.
+                        biased;
                         msg = up.socket.recv() => match msg {
                             Ok(msg) => {
                                 return match Task::parse(&msg.into_vec()) {

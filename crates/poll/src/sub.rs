@@ -168,6 +168,9 @@ impl SubBranch {
                 },
                 State::Up(up) => {
                     let lost = tokio::select! {
+                        // Messages first: what a departing publisher sent is read before its
+                        // departure is acted on.
+                        biased;
                         msg = up.socket.recv() => match msg {
                             Ok(msg) => {
                                 up.liveness.heard();
