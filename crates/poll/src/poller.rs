@@ -19,7 +19,10 @@
 //!   `CancellationToken::cancelled` are cancel-safe (tokio documents both).
 //! - `select!` starts polling at a random branch each time, so a flooding socket cannot starve
 //!   the others (a `biased;` select, like a C loop that always drains the first item first,
-//!   can: the tests show both).
+//!   can), *provided the task yields to the runtime now and then*: `zmq_poll` is a system
+//!   call that always looks at every socket, a `select!` only sees what the runtime's I/O
+//!   driver reported, and the driver runs only when the task yields. The loop spends
+//!   tokio's cooperative budget each iteration for that (`consume_budget`).
 //! - `ZMQ_POLLOUT` is a branch only while a result waits, and the PULL is polled for `POLLIN`
 //!   only while the outbox has room: the C idiom of polling the input only when the output can
 //!   take more, here as `if` preconditions.
@@ -229,6 +232,13 @@ pub async fn run(
     tokio::pin!(end);
 
     loop {
+        // A socket whose messages are already buffered is ready at every poll, and zmq.rs's
+        // decoding of buffered frames spends none of tokio's cooperative budget: a flooded
+        // PULL kept this task from ever returning to the runtime, so no timer fired and no
+        // other socket's I/O was polled (measured: 1 tick in 11 s, the SUB starved). Spending
+        // one unit per iteration makes the task yield every 128 iterations, the runtime polls
+        // its timers and sockets, and select!'s random order then shares the loop fairly.
+        tokio::task::consume_budget().await;
         if config.count.is_some_and(|n| summary.received >= n) {
             break;
         }
