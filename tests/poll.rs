@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
-use integration::{bins, heavy, log_dir};
+use integration::{bins, figure, heavy, log_dir, scenario};
 use lab::process::Proc;
+use lab::scenarios::PartitionMode;
 use lab::Signal;
 use poll::task::{Sequence, Task};
 use poll::Summary;
@@ -152,8 +153,9 @@ async fn both_sockets_are_served_while_one_floods() {
     // ~4 s of a 50/s publisher after both were up; every one of them, none late.
     assert!(sub.updates >= 100, "the quiet SUB starved: {sub:?}");
     assert_eq!((sub.gaps, sub.duplicates), (0, 0), "{sub:?}");
-    assert!(sub.longest_silence_ms < 500, "{sub:?}");
-    assert!(summary.max_tick_late_ms < 500, "{summary:?}");
+    // Served promptly too: 20 ms apart when sent; starved, it is seconds (or one update).
+    assert!(sub.longest_silence_ms < 1000, "{sub:?}");
+    assert!(summary.max_tick_late_ms < 1000, "{summary:?}");
 }
 
 /// The POLLOUT case: results go to a PUSH whose sink is not there for 2.5 s. Meanwhile the loop
@@ -400,4 +402,13 @@ async fn bad_flags_are_one_line_errors() {
         assert!(stderr.contains("error"), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
+}
+
+/// The lab's `poll` scenario: real proxy, publisher and poll, a flooding feeder and a sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lab_scenario_poll_passes() {
+    let v = scenario("poll", PartitionMode::Auto).await;
+    assert!(v.passed, "{}", v.render());
+    assert_eq!(figure(&v, "results_received"), figure(&v, "tasks_sent"));
+    assert_eq!(figure(&v, "updates_received"), figure(&v, "updates_sent"));
 }

@@ -36,7 +36,7 @@ use std::time::Duration;
 use common::heartbeat::Heartbeat;
 use common::link::{Reconnect, LINGER};
 use pubsub::protocol::Zip;
-use pubsub::tracker::{Seen, Tracker};
+use pubsub::tracker::{Seen, StreamSummary, Tracker};
 use serde::{Deserialize, Serialize};
 use tokio::time::{interval, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -115,6 +115,8 @@ pub struct SubSummary {
     /// When the last update came, from the start of the run.
     pub last_update_ms: Option<u64>,
     pub by_zip: BTreeMap<String, u64>,
+    /// Per (publisher, zip): first and last sequence numbers, gaps, duplicates.
+    pub streams: Vec<StreamSummary>,
 }
 
 /// The PULL branch's figures.
@@ -386,6 +388,7 @@ pub async fn run(
         s.gaps = tracker.gaps();
         s.duplicates = tracker.duplicates();
         s.proxies = proxies.len() as u64;
+        s.streams = tracker.summaries();
     }
     if let Some(feed) = feed {
         summary.feed = Some(feed.stop(LINGER).await);
