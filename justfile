@@ -130,3 +130,7 @@ subscriber *args:
 pubsub-bench:
     cargo build --release -p pubsub
     ./target/release/pubsub-bench
+
+# Seed zmq_poll: one task serves a SUB and a PULL, results out on a PUSH (self-fed without flags)
+poll *args:
+    cargo run --release -p poll -- {{args}}
