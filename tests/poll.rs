@@ -77,7 +77,7 @@ fn feeder(
                 Err(e) => panic!("feeder: {e}"),
             }
             if every.is_zero() {
-                if seq % 64 == 0 {
+                if seq.is_multiple_of(64) {
                     tokio::task::yield_now().await;
                 }
             } else {

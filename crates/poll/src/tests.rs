@@ -26,7 +26,7 @@ fn cancels_wanted() -> u64 {
 /// to the runtime (which lets the feeder and the I/O driver run); chosen at random, as a fixed
 /// rhythm can lock in step with the receive's and never cancel it.
 async fn timer() {
-    if rand::random::<u8>() % 32 != 0 {
+    if !rand::random::<u8>().is_multiple_of(32) {
         std::future::ready(()).await
     } else {
         tokio::task::yield_now().await

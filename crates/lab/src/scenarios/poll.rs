@@ -152,7 +152,7 @@ async fn poll(lab: &Lab) -> Result<Verdict> {
                 Ok(()) => sent += 1,
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             }
-            if sent % 64 == 0 {
+            if sent.is_multiple_of(64) {
                 tokio::task::yield_now().await;
             }
         }
