@@ -153,8 +153,10 @@ async fn timer_fires_while_every_socket_is_silent() {
         quiet: true,
         ..crate::Config::default()
     };
-    let summary = crate::run(config, CancellationToken::new(), |_| {})
+    let run = crate::run(config, CancellationToken::new(), |_| {});
+    let summary = tokio::time::timeout(Duration::from_secs(20), run)
         .await
+        .expect("the run ends on time")
         .expect("runs");
     eprintln!("{summary:?}");
     assert_eq!(summary.received, 0);
