@@ -412,3 +412,50 @@ async fn lab_scenario_poll_passes() {
     assert_eq!(figure(&v, "results_received"), figure(&v, "tasks_sent"));
     assert_eq!(figure(&v, "updates_received"), figure(&v, "updates_sent"));
 }
+
+/// `--help` explains the mapping from zmq_poll; with no endpoint the binary feeds itself and
+/// every branch is served: updates and tasks received, every result reached its own sink.
+#[tokio::test]
+async fn help_and_self_fed_mode() {
+    let out = std::process::Command::new(bins().path("poll"))
+        .arg("--help")
+        .output()
+        .expect("poll runs");
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for word in [
+        "Usage:",
+        "ZMQ_POLLIN",
+        "ZMQ_POLLOUT",
+        "timeout",
+        "One task per socket",
+    ] {
+        assert!(help.contains(word), "{word} missing from --help:\n{help}");
+    }
+    let poll = spawn(
+        "poll-self-fed",
+        "poll",
+        &["--duration-s", "2", "--feed-rate", "200", "--json"],
+    );
+    let summary = finish(poll).await;
+    let (sub, pull, push, feed) = (
+        summary.sub.clone().expect("sub"),
+        summary.pull.clone().expect("pull"),
+        summary.push.clone().expect("push"),
+        summary.feed.clone().expect("feed"),
+    );
+    assert!(sub.updates >= 200 && sub.heartbeats >= 1, "{sub:?}");
+    assert!(pull.tasks.received >= 200, "{pull:?}");
+    assert_eq!((pull.tasks.gaps, pull.tasks.duplicates), (0, 0), "{pull:?}");
+    assert_eq!(
+        (push.sent, push.unsent),
+        (pull.tasks.received, 0),
+        "{push:?}"
+    );
+    assert_eq!(feed.results.received, push.sent, "{feed:?}");
+    assert_eq!(
+        (feed.results.gaps, feed.results.duplicates),
+        (0, 0),
+        "{feed:?}"
+    );
+}
