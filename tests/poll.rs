@@ -453,6 +453,12 @@ async fn help_and_self_fed_mode() {
         "{push:?}"
     );
     assert_eq!(feed.results.received, push.sent, "{feed:?}");
+    // The feeders stop when the loop does: at most a few tasks were in flight then.
+    assert!(feed.tasks_sent >= pull.tasks.received, "{feed:?}");
+    assert!(
+        feed.tasks_sent - pull.tasks.received <= 5,
+        "{feed:?} {pull:?}"
+    );
     assert_eq!(
         (feed.results.gaps, feed.results.duplicates),
         (0, 0),

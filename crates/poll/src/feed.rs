@@ -30,6 +30,9 @@ pub struct Feed {
     pub push_endpoint: String,
     pub sink_endpoint: String,
     summary: Arc<Mutex<FeedSummary>>,
+    /// Stops the PUB and the PUSH.
+    feeding: CancellationToken,
+    /// Stops the sink.
     stop: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -42,6 +45,7 @@ impl Feed {
         let period = Duration::from_secs_f64(1.0 / rate.max(0.001));
         let summary = Arc::new(Mutex::new(FeedSummary::default()));
         let stop = CancellationToken::new();
+        let feeding = stop.child_token();
         let mut tasks = JoinSet::new();
         let instance: u64 = rand::random::<u64>() >> 16;
 
@@ -57,7 +61,7 @@ impl Feed {
         } else {
             zips.to_vec()
         };
-        let (s, st) = (summary.clone(), stop.clone());
+        let (s, st) = (summary.clone(), feeding.clone());
         tasks.spawn(async move {
             let mut tick = interval(period);
             tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -87,7 +91,7 @@ impl Feed {
             }
         });
 
-        let (s, st) = (summary.clone(), stop.clone());
+        let (s, st) = (summary.clone(), feeding.clone());
         tasks.spawn(async move {
             let mut tick = interval(period);
             tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -136,9 +140,15 @@ impl Feed {
             push_endpoint,
             sink_endpoint,
             summary,
+            feeding,
             stop,
             tasks,
         })
+    }
+
+    /// Stops sending updates and tasks (the loop has stopped reading them).
+    pub fn stop_feeding(&self) {
+        self.feeding.cancel();
     }
 
     /// Stops the feeders (after the sink had `linger` to take the last results).

@@ -369,6 +369,9 @@ pub async fn run(
         p.paused_ms += ms(since.elapsed());
     }
 
+    if let Some(feed) = &feed {
+        feed.stop_feeding();
+    }
     // Results still queued get `drain` to leave, then the branches stop connecting.
     if let Some(o) = outbox.as_mut() {
         let deadline = Instant::now() + config.drain;
