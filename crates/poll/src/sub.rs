@@ -7,8 +7,8 @@
 //!   `recv` (`sub.rs`, `SocketRecv for SubSocket`) is a loop over `self.fair_queue.next()`:
 //!   the partly read frames are buffered in the socket's `FairQueue`/`ZmqFramedRead` streams,
 //!   and a message taken out of the queue is returned in the same poll, with no `.await` in
-//!   between. Dropping the future between two polls loses nothing (measured too: 0 lost or
-//!   duplicated over millions of cancelled receives, `docs/poll.md`). The monitor is an
+//!   between. Dropping the future between two polls loses nothing (PULL's `recv` is the same
+//!   loop; `docs/poll.md` has the million cancelled receives measured). The monitor is an
 //!   `mpsc::Receiver` (`next()` is cancel-safe) and `Interval::tick` is documented cancel-safe.
 //! - Reconnecting: the connect-and-subscribe future is *not* cancel-safe (a half-made socket
 //!   would be dropped and the backoff restarted), so it is boxed and kept in `self.state`
@@ -16,7 +16,7 @@
 //! - State changes happen only after an await completed, with no await after them.
 //!
 //! zmq.rs reconnects SUB sockets by itself, but backs off to 30 s and never notices a proxy
-//! that restarted behind a partition (`/work/shared/notes`, `docs/architecture.md`). So, as
+//! that restarted behind a partition (`docs/pubsub.md`). So, as
 //! the pubsub subscriber does, the branch subscribes to the proxy's heartbeat topic too, and a
 //! closed connection or silence for `interval x liveness` drops the socket; a fresh one is
 //! connected with `common::link::connect` and capped exponential backoff.
