@@ -99,6 +99,12 @@ late-joiner:
 stalled-subscriber:
     cargo run --release -p lab -- stalled-subscriber
 
+# --- zmq_poll scenario (crates/poll) ---
+
+# Seed zmq_poll: a SUB via the proxy and a flooded PULL served by one task, nothing lost or late
+poll-scenario:
+    cargo run --release -p lab -- poll
+
 # --- Shared queue roles: run each in its own terminal ---
 
 # Broker on the default endpoints (frontend 5559, backend 5560)
@@ -140,6 +146,12 @@ publisher *args:
 # Weather subscriber on the default XPUB (e.g. just subscriber --zip 10001)
 subscriber *args:
     cargo run --release -p pubsub --bin subscriber -- {{args}}
+
+# --- zmq_poll role ---
+
+# One task serving a SUB, a PULL and a PUSH (self-fed without flags; e.g. just poll --sub tcp://127.0.0.1:5556 --zip 10001)
+poll *args:
+    cargo run --release -p poll -- {{args}}
 
 # --- Benchmarks and tests ---
 

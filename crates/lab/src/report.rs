@@ -24,6 +24,7 @@ pub fn seed_experiment(scenario: &str) -> &'static str {
         | "pipeline-workers"
         | "pipeline-worker-crash"
         | "pipeline-corrupt" => "Divide and Conquer",
+        "poll" => "zmq_poll",
         "many-pubsub" => "Proxy 1",
         "weather" => "Proxy 2",
         "zip-filter" => "Proxy 3",

@@ -2,6 +2,7 @@
 //! and returns a [`Verdict`] with the figures that prove the outcome.
 
 pub mod pipeline;
+pub mod poll;
 pub mod pubsub;
 pub mod shared_queue;
 
@@ -58,6 +59,7 @@ pub fn all() -> Vec<Scenario> {
     let mut all = shared_queue::scenarios();
     all.extend(pipeline::scenarios());
     all.extend(pubsub::scenarios());
+    all.extend(poll::scenarios());
     all
 }
 
