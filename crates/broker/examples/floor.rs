@@ -52,7 +52,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         while !queue.is_empty() && !idle.is_empty() {
-            let (Some(request), Some(worker)) = (queue.pop_front(), idle.pop_front()) else { break };
+            let (Some(request), Some(worker)) = (queue.pop_front(), idle.pop_front()) else {
+                break;
+            };
             let mut msg = request;
             msg.push_front(worker);
             let _ = backend.send(msg).now_or_never();
