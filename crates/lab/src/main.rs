@@ -14,6 +14,8 @@ use lab::scenarios::{self, Lab, PartitionMode};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<lab::commands::Command>,
     /// Scenarios to run (default: all). `lab --list` names them.
     scenarios: Vec<String>,
     /// List the scenarios and exit.
@@ -27,13 +29,18 @@ struct Args {
     #[arg(long, env = "LAB_OUTAGE_MS")]
     outage_ms: Option<u64>,
     /// Directory for the children's logs.
-    #[arg(long, env = "LAB_LOG_DIR", default_value = "target/lab-logs")]
+    #[arg(
+        long,
+        env = "LAB_LOG_DIR",
+        default_value = "target/lab-logs",
+        global = true
+    )]
     log_dir: PathBuf,
     /// Print verdicts as JSON lines instead of text.
-    #[arg(long)]
+    #[arg(long, global = true)]
     json: bool,
     /// Do not build the role binaries first (they must be next to `lab`, or in LAB_BIN_DIR).
-    #[arg(long, env = "LAB_NO_BUILD")]
+    #[arg(long, env = "LAB_NO_BUILD", global = true)]
     no_build: bool,
 }
 
@@ -52,6 +59,9 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<bool> {
+    if let Some(command) = args.command {
+        return lab::commands::run(command, args.log_dir, args.no_build, args.json).await;
+    }
     let all = scenarios::all();
     if args.list {
         for s in &all {
