@@ -48,6 +48,9 @@ pub struct SoakArgs {
     /// Where the samples (CSV), the report (JSON) and the RSS picture (SVG) go.
     #[arg(long, default_value = "target/soak")]
     pub out: PathBuf,
+    /// Break something the soak does not recover from (to see its verdict fail).
+    #[arg(long, value_enum, hide = true)]
+    pub sabotage: Option<soak::Sabotage>,
 }
 
 /// Runs a subcommand; prints its verdicts. `Ok(true)` when all passed.
@@ -103,6 +106,7 @@ pub async fn run(command: Command, log_dir: PathBuf, no_build: bool, json: bool)
                 duration: Duration::from_secs_f64(args.minutes * 60.0),
                 seed: args.seed,
                 out: args.out,
+                sabotage: args.sabotage,
             };
             eprintln!("soaking for {} min (seed {}) ...", args.minutes, args.seed);
             let verdict = match soak::run(&lab, &config).await {

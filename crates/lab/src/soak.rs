@@ -48,6 +48,15 @@ pub struct SoakConfig {
     pub seed: u64,
     /// Where `samples.csv`, `report.json` and `rss.svg` go.
     pub out: PathBuf,
+    /// Break something the soak does not recover, to see the verdict fail.
+    pub sabotage: Option<Sabotage>,
+}
+
+/// A fault the soak does not recover from, to check that its verdict notices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Sabotage {
+    /// SIGKILL the pipeline master halfway through the run: its batch is lost.
+    KillMaster,
 }
 
 /// How often each process is sampled.
@@ -821,6 +830,39 @@ fn spread(samples: &[&Sample], value: impl Fn(&Sample) -> u64, run_s: f64) -> Op
     })
 }
 
+/// One process's figures (instances; RSS and descriptors as first, last, max) and the ways it
+/// is not flat: the last quarter's peak beyond the first quarter's plus the tolerance.
+/// `None` without samples in both quarters.
+fn judge_process(name: &str, samples: &[&Sample], run_s: f64) -> Option<(Value, Vec<String>)> {
+    let instances = samples.iter().map(|s| s.pid).collect::<BTreeSet<_>>().len();
+    let rss = spread(samples, |s| s.rss_kib, run_s)?;
+    let fds = spread(samples, |s| s.fds, run_s)?;
+    let rss_limit =
+        rss.first_quarter_max + RSS_SLACK_KIB + rss.first_quarter_max * RSS_SLACK_PERCENT / 100;
+    let fd_limit = fds.first_quarter_max + FD_SLACK;
+    let mut failures = Vec::new();
+    if rss.last_quarter_max > rss_limit {
+        failures.push(format!(
+            "{name}: RSS flat, last quarter's peak {} KiB <= {rss_limit} KiB (first quarter's {} KiB)",
+            rss.last_quarter_max, rss.first_quarter_max
+        ));
+    }
+    if fds.last_quarter_max > fd_limit {
+        failures.push(format!(
+            "{name}: descriptors flat, last quarter's peak {} <= {fd_limit} (first quarter's {})",
+            fds.last_quarter_max, fds.first_quarter_max
+        ));
+    }
+    let figures = json!({
+        "instances": instances,
+        "rss_kib": [rss.first, rss.last, rss.max],
+        "fds": [fds.first, fds.last, fds.max],
+        "quarters_rss_kib": [rss.first_quarter_max, rss.last_quarter_max],
+        "quarters_fds": [fds.first_quarter_max, fds.last_quarter_max],
+    });
+    Some((figures, failures))
+}
+
 // ---------------------------------------------------------------------------------------------
 // The run
 
@@ -1019,8 +1061,16 @@ impl Soak {
         // The fault in force: what, until when, since when, its record.
         let mut active: Option<(Fault, Instant, Instant, usize)> = None;
         let mut next_sample = Instant::now();
+        let mut sabotage = config.sabotage;
         loop {
             let now = Instant::now();
+            if sabotage == Some(Sabotage::KillMaster) && now >= self.started + config.duration / 2 {
+                if let Some(master) = &self.pipe.master {
+                    tracing::warn!("sabotage: killing the pipeline master");
+                    master.signal(Signal::SIGKILL)?;
+                    sabotage = None;
+                }
+            }
             if let Some((fault, until, since, record)) = active {
                 if now >= until {
                     self.undo(fault).await?;
@@ -1167,37 +1217,16 @@ pub async fn run(lab: &Lab, config: &SoakConfig) -> Result<Verdict> {
 
     // Memory and descriptors.
     let mut processes = BTreeMap::new();
-    let names: BTreeSet<String> = soak.samples.iter().map(|s| s.process.clone()).collect();
-    for name in &names {
-        let mine: Vec<&Sample> = soak.samples.iter().filter(|s| &s.process == name).collect();
-        let instances = mine.iter().map(|s| s.pid).collect::<BTreeSet<_>>().len();
-        let (Some(rss), Some(fds)) = (
-            spread(&mine, |s| s.rss_kib, run_s),
-            spread(&mine, |s| s.fds, run_s),
-        ) else {
+    let names: BTreeSet<&str> = soak.samples.iter().map(|s| s.process.as_str()).collect();
+    for name in names {
+        let mine: Vec<&Sample> = soak.samples.iter().filter(|s| s.process == name).collect();
+        let Some((figures, failures)) = judge_process(name, &mine, run_s) else {
             continue;
         };
-        let rss_limit =
-            rss.first_quarter_max + RSS_SLACK_KIB + rss.first_quarter_max * RSS_SLACK_PERCENT / 100;
-        let fd_limit = fds.first_quarter_max + FD_SLACK;
-        v.expect(
-            rss.last_quarter_max <= rss_limit,
-            format!(
-                "{name}: RSS flat, last quarter's peak {} KiB <= {rss_limit} KiB (first quarter's {} KiB)",
-                rss.last_quarter_max, rss.first_quarter_max
-            ),
-        )
-        .expect(
-            fds.last_quarter_max <= fd_limit,
-            format!(
-                "{name}: descriptors flat, last quarter's peak {} <= {fd_limit} (first quarter's {})",
-                fds.last_quarter_max, fds.first_quarter_max
-            ),
-        );
-        processes.insert(
-            name.clone(),
-            json!({"instances": instances, "rss_kib": rss, "fds": fds}),
-        );
+        for failure in failures {
+            v.expect(false, failure);
+        }
+        processes.insert(name.to_string(), figures);
     }
     v.figure("samples", soak.samples.len() as u64)
         .figure("processes", serde_json::to_value(&processes)?);
@@ -1257,6 +1286,7 @@ fn plot(path: &Path, samples: &[Sample], run_s: f64, seed: u64) -> Result<()> {
         .build_cartesian_2d(0f64..run_s.max(1.0), 0f64..top.max(1.0))?;
     chart
         .configure_mesh()
+        .light_line_style(WHITE)
         .x_desc("seconds")
         .y_desc("RSS (MiB)")
         .draw()?;
@@ -1277,4 +1307,59 @@ fn plot(path: &Path, samples: &[Sample], run_s: f64, seed: u64) -> Result<()> {
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples(rss: impl Fn(f64) -> u64, fds: impl Fn(f64) -> u64) -> Vec<Sample> {
+        (0..=100)
+            .map(|t| {
+                let t_s = t as f64;
+                Sample {
+                    t_s,
+                    process: "x".into(),
+                    pid: 1,
+                    rss_kib: rss(t_s),
+                    fds: fds(t_s),
+                }
+            })
+            .collect()
+    }
+
+    fn failures(samples: &[Sample]) -> Vec<String> {
+        let refs: Vec<&Sample> = samples.iter().collect();
+        judge_process("x", &refs, 100.0)
+            .expect("both quarters sampled")
+            .1
+    }
+
+    #[test]
+    fn a_wandering_process_is_flat() {
+        // A start-up peak, then a few MiB up and down, descriptors coming and going.
+        let s = samples(
+            |t| {
+                if t < 5.0 {
+                    30_000
+                } else {
+                    20_000 + (t as u64 % 7) * 500
+                }
+            },
+            |t| 12 + (t as u64 % 3),
+        );
+        assert!(failures(&s).is_empty(), "{:?}", failures(&s));
+    }
+
+    #[test]
+    fn a_leak_is_not() {
+        // 200 KiB and one descriptor more every second.
+        let s = samples(|t| 10_000 + t as u64 * 200, |t| 12 + t as u64);
+        let f = failures(&s);
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert!(
+            f[0].contains("RSS") && f[1].contains("descriptors"),
+            "{f:?}"
+        );
+    }
 }
