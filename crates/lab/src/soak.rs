@@ -68,11 +68,12 @@ const READY_WITHIN: Duration = Duration::from_secs(20);
 const EXIT_WITHIN: Duration = Duration::from_secs(30);
 
 /// RSS tolerance: the last quarter's peak may exceed the first quarter's by this many KiB plus
-/// [`RSS_SLACK_PERCENT`] of it. Allocators keep freed pages and a busy tokio runtime spreads
-/// its buffers over several threads' arenas, so a healthy process wanders by a few MiB; a leak
-/// of even a few hundred bytes per request or update (hundreds of thousands of them in a
-/// 30-minute run) grows by tens of MiB and more.
-pub const RSS_SLACK_KIB: u64 = 8 * 1024;
+/// [`RSS_SLACK_PERCENT`] of it. The processes here live in 4 to 16 MiB; the allocator keeps
+/// freed pages and a tokio runtime spreads buffers over its threads' arenas, so a healthy one
+/// wanders by a few hundred KiB (1 MiB at most in the runs of docs/soak.md). A leak of a few
+/// dozen bytes per request or update (a 30-minute run carries over a million of each) grows
+/// by more than this.
+pub const RSS_SLACK_KIB: u64 = 4 * 1024;
 pub const RSS_SLACK_PERCENT: u64 = 25;
 /// Descriptor tolerance: a few connections being re-established at the moment of a sample
 /// (a reconnect holds the old and the new socket for a moment); a descriptor leaked per fault
