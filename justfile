@@ -130,3 +130,11 @@ subscriber *args:
 pubsub-bench:
     cargo build --release -p pubsub
     ./target/release/pubsub-bench
+
+# Wire fuzzer: random and mutated ZMTP connections at a guarded live process (lab fuzz --help)
+fuzz *args:
+    cargo run --release -p lab -- fuzz {{args}}
+
+# Soak: shared queue, pipeline and pub/sub together under random faults (docs/soak.md)
+soak minutes="5" seed="1":
+    cargo run --release -p lab -- soak --minutes {{minutes}} --seed {{seed}}
