@@ -66,7 +66,9 @@ pub fn targets() -> Vec<FuzzTarget> {
             about: "the shared-queue broker, frontend (as clients) and backend (as workers)",
             run: |l, c| Box::pin(broker(l, c)),
         },
-        // LEAD: add `pipeline` (tasks/results/control) and `proxy` (xsub/xpub) here once they have --guard.
+        // LEAD: once `pipeline` and `proxy` take --guard, add (targets written, see below):
+        // FuzzTarget { name: "proxy", about: "the pub/sub proxy, XSUB (as publishers) and XPUB (as subscribers)", run: |l, c| Box::pin(proxy(l, c)) },
+        // FuzzTarget { name: "pipeline", about: "a pipeline master, tasks, results and control", run: |l, c| Box::pin(pipeline(l, c)) },
     ]
 }
 
@@ -205,40 +207,109 @@ pub async fn run(target: &FuzzTarget, lab: &Lab, config: &FuzzConfig) -> Verdict
     }
 }
 
+/// The guard flags every guarded process takes (the broker's names).
+fn guard_flags(config: &FuzzConfig) -> Vec<String> {
+    ["--guard", &config.guard, "--max-message-bytes", "65536"]
+        .map(String::from)
+        .to_vec()
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// The course every target runs: service proven before (`serves("before")`, skipped when
+/// `None`), RSS read, the attack, the process alive, service proven again, RSS back near where
+/// it started. Leaves `target` running.
+async fn course<F, Fut>(
+    v: &mut Verdict,
+    target: &mut Proc,
+    surfaces: &[Surface],
+    config: &FuzzConfig,
+    serves: F,
+    before_too: bool,
+) -> Result<bool>
+where
+    F: Fn(&'static str) -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    v.figure("seed", config.seed)
+        .figure("guard", config.guard.as_str());
+    if before_too {
+        let ok = serves("before").await?;
+        v.expect(ok, format!("{} serves before the fuzzing", target.name));
+    }
+    let before = procstat::rss_kib(target.pid()).context("gone before the fuzzing")?;
+    let thrown = attack(surfaces, config).await;
+    v.figure("connections", thrown as u64)
+        .figure("rss_before_kib", before);
+    if procstat::exited(target.pid()) {
+        let status = target.wait(Duration::from_secs(5)).await?;
+        v.expect(
+            false,
+            format!(
+                "the {} survives the fuzzing, it exited: {status}",
+                target.name
+            ),
+        );
+        return Ok(false);
+    }
+    let ok = serves("after").await?;
+    let after = procstat::rss_kib(target.pid()).unwrap_or(u64::MAX);
+    v.figure("rss_after_kib", after);
+    v.expect(ok, format!("{} serves after the fuzzing", target.name))
+        .expect(
+            after <= before + RSS_SLACK_KIB,
+            format!(
+                "RSS back near where it started: {before} KiB before, {after} KiB after (slack {RSS_SLACK_KIB} KiB)"
+            ),
+        );
+    Ok(true)
+}
+
+/// SIGTERM, exit 0, and the guard's count from the last JSON stats line, if any.
+async fn stop(v: &mut Verdict, target: &mut Proc) -> Result<()> {
+    target.signal(Signal::SIGTERM)?;
+    let status = target.wait(Duration::from_secs(20)).await?;
+    v.expect(
+        status.success(),
+        format!("the {} exits 0, got {status}", target.name),
+    );
+    let refused = target
+        .stdout()
+        .iter()
+        .rev()
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .and_then(|stats| stats.get("guard_refused").and_then(|r| r.as_u64()));
+    if let Some(refused) = refused {
+        v.figure("guard_refused", refused);
+    }
+    Ok(())
+}
+
 async fn broker(lab: &Lab, config: &FuzzConfig) -> Result<Verdict> {
     let name = "fuzz-broker";
     let logs = lab.logs_for(name);
-    let args: Vec<String> = [
+    let mut args = strings(&[
         "--frontend",
         "tcp://127.0.0.1:0",
         "--backend",
         "tcp://127.0.0.1:0",
-        "--guard",
-        &config.guard,
-        "--max-message-bytes",
-        "65536",
         "--stats-secs",
         "1",
         "--json",
-    ]
-    .map(String::from)
-    .to_vec();
+    ]);
+    args.extend(guard_flags(config));
     let mut broker = Proc::spawn("broker", &lab.bins.path("broker"), &args, &logs)?;
     let ready = broker.ready(Duration::from_secs(20)).await?;
     let frontend = ready.get("frontend").cloned().context("no frontend")?;
     let backend = ready.get("backend").cloned().context("no backend")?;
-    let worker_args: Vec<String> = ["--connect", &backend, "--capacity", "8", "--id", "w1"]
-        .map(String::from)
-        .to_vec();
+    let worker_args = strings(&["--connect", &backend, "--capacity", "8", "--id", "w1"]);
     let mut worker = Proc::spawn("worker", &lab.bins.path("worker"), &worker_args, &logs)?;
     worker.ready(Duration::from_secs(20)).await?;
 
     let mut v = Verdict::new(name, "wire");
-    v.figure("seed", config.seed)
-        .figure("guard", config.guard.as_str());
-    let warm = round_trip(lab, &logs, &frontend, "client-before").await?;
-    v.expect(warm, "200 requests answered before the fuzzing");
-    let before = procstat::rss_kib(broker.pid()).context("broker gone before the fuzzing")?;
+    // Legitimate peers: clients (DEALER speaking the REQ envelope) and workers (DEALER).
     let surfaces = [
         Surface {
             endpoint: frontend.clone(),
@@ -249,41 +320,173 @@ async fn broker(lab: &Lab, config: &FuzzConfig) -> Result<Verdict> {
             socket_type: "DEALER",
         },
     ];
-    let thrown = attack(&surfaces, config).await;
-    v.figure("connections", thrown as u64)
-        .figure("rss_before_kib", before);
-    if procstat::exited(broker.pid()) {
-        let status = broker.wait(Duration::from_secs(5)).await?;
+    let serves = |run: &'static str| round_trip(lab, &logs, &frontend, run);
+    if course(&mut v, &mut broker, &surfaces, config, serves, true).await? {
+        stop(&mut v, &mut broker).await?;
+        let refused = v.figures.get("guard_refused").and_then(|r| r.as_u64());
         v.expect(
-            false,
-            format!("the broker survives the fuzzing, it exited: {status}"),
+            config.guard == "never" || refused.is_some_and(|r| r > 0),
+            "the guard refused some of the bad connections",
         );
-        return Ok(v);
     }
-    let after_ok = round_trip(lab, &logs, &frontend, "client-after").await?;
-    let after = procstat::rss_kib(broker.pid()).unwrap_or(u64::MAX);
-    v.figure("rss_after_kib", after);
-    v.expect(after_ok, "200 requests answered after the fuzzing")
-        .expect(
-            after <= before + RSS_SLACK_KIB,
-            format!(
-                "RSS back near where it started: {before} KiB before, {after} KiB after (slack {RSS_SLACK_KIB} KiB)"
-            ),
-        );
-    broker.signal(Signal::SIGTERM)?;
-    let status = broker.wait(Duration::from_secs(20)).await?;
-    v.expect(
-        status.success(),
-        format!("the broker exits 0, got {status}"),
-    );
-    let stats: broker::BrokerStats = broker.json()?;
-    v.figure("guard_refused", stats.guard_refused);
-    v.expect(
-        stats.guard_refused > 0,
-        "the guard refused some of the bad connections",
-    );
     let _ = worker.kill().await;
     Ok(v)
+}
+
+/// The pub/sub proxy: publishers' side (XSUB, peers are PUB) and subscribers' side (XPUB,
+/// peers are SUB); service is 200 updates from a real publisher to a real subscriber.
+pub async fn proxy(lab: &Lab, config: &FuzzConfig) -> Result<Verdict> {
+    let name = "fuzz-proxy";
+    let logs = lab.logs_for(name);
+    let mut args = strings(&[
+        "--xsub",
+        "tcp://127.0.0.1:0",
+        "--xpub",
+        "tcp://127.0.0.1:0",
+        "--json",
+        "--stats-secs",
+        "1",
+    ]);
+    args.extend(guard_flags(config));
+    let mut proxy = Proc::spawn("proxy", &lab.bins.path("proxy"), &args, &logs)?;
+    let ready = proxy.ready(Duration::from_secs(20)).await?;
+    let xsub = ready.get("xsub").cloned().context("no xsub")?;
+    let xpub = ready.get("xpub").cloned().context("no xpub")?;
+    let mut v = Verdict::new(name, "wire");
+    let surfaces = [
+        Surface {
+            endpoint: xsub.clone(),
+            socket_type: "PUB",
+        },
+        Surface {
+            endpoint: xpub.clone(),
+            socket_type: "SUB",
+        },
+    ];
+    let serves = |run: &'static str| updates_flow(lab, &logs, &xsub, &xpub, run);
+    if course(&mut v, &mut proxy, &surfaces, config, serves, true).await? {
+        stop(&mut v, &mut proxy).await?;
+    }
+    Ok(v)
+}
+
+/// A pipeline master waiting for workers: its tasks (peers are PULL), results (PUSH) and
+/// control (SUB) endpoints; service is the whole batch done by a real worker afterwards.
+pub async fn pipeline(lab: &Lab, config: &FuzzConfig) -> Result<Verdict> {
+    let name = "fuzz-pipeline";
+    let logs = lab.logs_for(name);
+    let input = logs.join("in");
+    let _ = std::fs::remove_dir_all(&input);
+    std::fs::create_dir_all(&input)?;
+    pipeline::sample::generate(&input, 12, 64).context("cannot generate images")?;
+    let output = logs.join("out");
+    let _ = std::fs::remove_dir_all(&output);
+    let mut args = strings(&[
+        "--input",
+        &input.display().to_string(),
+        "--output",
+        &output.display().to_string(),
+        "--tasks-bind",
+        "tcp://127.0.0.1:0",
+        "--results-bind",
+        "tcp://127.0.0.1:0",
+        "--control-bind",
+        "tcp://127.0.0.1:0",
+        "--stop-workers",
+        "--no-progress",
+        "--json",
+    ]);
+    args.extend(guard_flags(config));
+    let mut master = Proc::spawn("master", &lab.bins.path("pipeline"), &args, &logs)?;
+    let ready = master.ready(Duration::from_secs(20)).await?;
+    let connect = ready.get("connect").cloned().context("no connect")?;
+    let endpoints: Vec<&str> = connect.split(',').collect();
+    anyhow::ensure!(
+        endpoints.len() == 3,
+        "connect= has not three endpoints: {connect}"
+    );
+    let surfaces: Vec<Surface> = endpoints
+        .iter()
+        .zip(["PULL", "PUSH", "SUB"])
+        .map(|(e, t)| Surface {
+            endpoint: e.to_string(),
+            socket_type: t,
+        })
+        .collect();
+    let mut v = Verdict::new(name, "wire");
+    // One batch per master: service is proven after the fuzzing only, by the batch itself.
+    let serves = |_: &'static str| async { Ok(true) };
+    if course(&mut v, &mut master, &surfaces, config, serves, false).await? {
+        let worker_args = strings(&["--connect", &connect, "--id", "w1"]);
+        let _worker = Proc::spawn(
+            "worker",
+            &lab.bins.path("pipeline-worker"),
+            &worker_args,
+            &logs,
+        )?;
+        let status = master.wait(Duration::from_secs(120)).await?;
+        let summary: serde_json::Value = master.json()?;
+        let done = summary.get("done").and_then(|d| d.as_u64()).unwrap_or(0);
+        v.figure("images_done", done);
+        v.expect(
+            status.success() && done == 12,
+            format!("a real worker then does the whole batch: 12 images, got {done}, {status}"),
+        );
+    }
+    Ok(v)
+}
+
+/// A real subscriber gets 200 updates of a real publisher through the proxy.
+async fn updates_flow(
+    lab: &Lab,
+    logs: &std::path::Path,
+    xsub: &str,
+    xpub: &str,
+    run: &str,
+) -> Result<bool> {
+    let sub_args = strings(&[
+        "--connect",
+        xpub,
+        "--zip",
+        "10001",
+        "--count",
+        "200",
+        "--json",
+    ]);
+    let mut sub = Proc::spawn(
+        &format!("subscriber-{run}"),
+        &lab.bins.path("subscriber"),
+        &sub_args,
+        logs,
+    )?;
+    sub.ready(Duration::from_secs(20)).await?;
+    let pub_args = strings(&[
+        "--connect",
+        xsub,
+        "--id",
+        "fuzz",
+        "--zips",
+        "10001",
+        "--rate",
+        "1000",
+        "--count",
+        "200",
+        "--wait-subscriber-ms",
+        "10000",
+        "--json",
+    ]);
+    let mut publisher = Proc::spawn(
+        &format!("publisher-{run}"),
+        &lab.bins.path("publisher"),
+        &pub_args,
+        logs,
+    )?;
+    let published = publisher.wait(Duration::from_secs(60)).await?.success();
+    let Ok(status) = sub.wait(Duration::from_secs(20)).await else {
+        return Ok(false);
+    };
+    let got: pubsub::SubscriberSummary = sub.json()?;
+    Ok(published && status.success() && got.received == 200)
 }
 
 /// A real client's 200 requests through `frontend`: all answered, exit 0.
