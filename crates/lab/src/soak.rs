@@ -1059,8 +1059,8 @@ impl Soak {
     async fn run_faults(&mut self, config: &SoakConfig) -> Result<()> {
         let end = self.started + config.duration;
         let mut next_fault = self.started + Duration::from_secs(3);
-        // The fault in force: what, until when, since when, its record.
-        let mut active: Option<(Fault, Instant, Instant, usize)> = None;
+        // The fault in force: what, until when, since when, its record, failed undo attempts.
+        let mut active: Option<(Fault, Instant, Instant, usize, u32)> = None;
         let mut next_sample = Instant::now();
         let mut sabotage = config.sabotage;
         loop {
@@ -1072,19 +1072,46 @@ impl Soak {
                     sabotage = None;
                 }
             }
-            if let Some((fault, until, since, record)) = active {
+            if let Some((fault, until, since, record, attempts)) = active {
                 if now >= until {
-                    self.undo(fault).await?;
-                    self.faults[record].held_ms = since.elapsed().as_millis() as u64;
-                    active = None;
-                    next_fault =
-                        Instant::now() + Duration::from_millis(self.rng.gen_range(1500..=5000));
+                    // A restart that fails (no ready line on a starved machine) is tried again
+                    // a few times; either way the run goes on and its figures are kept.
+                    match self.undo(fault).await {
+                        Err(e) if attempts < 3 => {
+                            self.fail(format!("undoing {} failed: {e:#}", fault.kind()));
+                            active = Some((
+                                fault,
+                                Instant::now() + SAMPLE_EVERY,
+                                since,
+                                record,
+                                attempts + 1,
+                            ));
+                        }
+                        result => {
+                            if let Err(e) = result {
+                                self.fail(format!(
+                                    "undoing {} failed, given up: {e:#}",
+                                    fault.kind()
+                                ));
+                            }
+                            self.faults[record].held_ms = since.elapsed().as_millis() as u64;
+                            active = None;
+                            next_fault = Instant::now()
+                                + Duration::from_millis(self.rng.gen_range(1500..=5000));
+                        }
+                    }
                 }
             } else if now >= end + SETTLE {
                 break;
             } else if now >= next_fault && now < end {
                 let (fault, hold) = Fault::pick(&mut self.rng);
-                let target = self.apply(fault).await?;
+                let target = match self.apply(fault).await {
+                    Ok(target) => target,
+                    Err(e) => {
+                        self.fail(format!("making {} failed: {e:#}", fault.kind()));
+                        "?".into()
+                    }
+                };
                 self.faults.push(FaultRecord {
                     at_s: self.started.elapsed().as_secs_f64(),
                     kind: fault.kind(),
@@ -1097,16 +1124,28 @@ impl Soak {
                     "fault"
                 );
                 let now = Instant::now();
-                active = Some((fault, now + hold, now, self.faults.len() - 1));
+                active = Some((fault, now + hold, now, self.faults.len() - 1, 0));
             }
             if now >= next_sample {
-                self.sample().await?;
+                if let Err(e) = self.sample().await {
+                    self.fail(format!("sampling failed: {e:#}"));
+                }
                 next_sample += SAMPLE_EVERY;
             }
-            self.poll_work(true).await?;
+            if let Err(e) = self.poll_work(true).await {
+                self.fail(format!("{e:#}"));
+            }
             tokio::time::sleep(TICK).await;
         }
         Ok(())
+    }
+
+    /// Records a failure (at most 100: a broken run repeats itself).
+    fn fail(&mut self, failure: String) {
+        tracing::warn!("{failure}");
+        if self.failures.len() < 100 && self.failures.last() != Some(&failure) {
+            self.failures.push(failure);
+        }
     }
 }
 
@@ -1145,7 +1184,9 @@ pub async fn run(lab: &Lab, config: &SoakConfig) -> Result<Verdict> {
     for slot in soak.slots() {
         tracing::info!(process = %slot.name, pid = slot.proc.as_ref().map(Proc::pid), "started");
     }
-    soak.run_faults(config).await?;
+    if let Err(e) = soak.run_faults(config).await {
+        soak.fail(format!("the run stopped early: {e:#}"));
+    }
     let run_s = soak.started.elapsed().as_secs_f64();
 
     let mut v = Verdict::new("soak", "relay");
@@ -1155,9 +1196,17 @@ pub async fn run(lab: &Lab, config: &SoakConfig) -> Result<Verdict> {
             (config.duration.as_secs_f64() / 60.0 * 100.0).round() / 100.0,
         )
         .figure("run_s", run_s.round() as u64);
-    soak.queue.finish(&mut soak.failures).await?;
-    soak.pipe.finish(&mut soak.failures).await?;
-    soak.pubsub.finish(&mut v).await?;
+    // Whatever fails from here on is a failure of the verdict, not an error: the figures and
+    // samples gathered so far are still written.
+    if let Err(e) = soak.queue.finish(&mut soak.failures).await {
+        soak.fail(format!("the last client rounds: {e:#}"));
+    }
+    if let Err(e) = soak.pipe.finish(&mut soak.failures).await {
+        soak.fail(format!("the last pipeline batch: {e:#}"));
+    }
+    if let Err(e) = soak.pubsub.finish(&mut v).await {
+        soak.fail(format!("pub/sub summaries: {e:#}"));
+    }
     // Publishers and subscribers were stopped and judged above.
     let q = &mut soak.queue;
     let mut rest: Vec<&mut Slot> = vec![&mut q.broker, &mut soak.pubsub.proxy];
