@@ -80,6 +80,8 @@ pub const RSS_SLACK_PERCENT: u64 = 25;
 /// or per reconnect (hundreds of them) shows far beyond.
 pub const FD_SLACK: u64 = 8;
 
+/// The lab's own name in the samples.
+const LAB: &str = "lab";
 const SQ_WORKERS: usize = 3;
 const CLIENTS: usize = 2;
 const CLIENT_REQUESTS: u64 = 400;
@@ -914,6 +916,8 @@ impl Soak {
         if let Some(m) = &self.pipe.master {
             live.push(("pipeline-master".into(), m.pid()));
         }
+        // The lab itself, for its relays' connections; shown, not judged (it keeps the samples).
+        live.push((LAB.into(), std::process::id() as i32));
         for (process, pid) in live {
             if let (Some(rss_kib), Some(fds)) = (procstat::rss_kib(pid), procstat::open_fds(pid)) {
                 if !procstat::exited(pid) {
@@ -1273,8 +1277,10 @@ pub async fn run(lab: &Lab, config: &SoakConfig) -> Result<Verdict> {
         let Some((figures, failures)) = judge_process(name, &mine, run_s) else {
             continue;
         };
-        for failure in failures {
-            v.expect(false, failure);
+        if name != LAB {
+            for failure in failures {
+                v.expect(false, failure);
+            }
         }
         processes.insert(name.to_string(), figures);
     }
