@@ -29,6 +29,13 @@ pub fn exited(pid: i32) -> bool {
         .is_none_or(|state| state == "Z" || state == "X")
 }
 
+/// Whether two processes run the same executable (`/proc/PID/exe`): a child between fork and
+/// exec still runs its parent's.
+pub fn same_program(a: i32, b: i32) -> bool {
+    let exe = |pid: i32| std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    matches!((exe(a), exe(b)), (Some(x), Some(y)) if x == y)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -40,5 +47,6 @@ mod tests {
         assert!(open_fds(me).is_some_and(|n| n >= 3));
         assert!(!exited(me));
         assert!(exited(i32::MAX));
+        assert!(same_program(me, me) && !same_program(me, i32::MAX));
     }
 }

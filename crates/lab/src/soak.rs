@@ -918,7 +918,13 @@ impl Soak {
         }
         // The lab itself, for its relays' connections; shown, not judged (it keeps the samples).
         live.push((LAB.into(), std::process::id() as i32));
+        let me = std::process::id() as i32;
         for (process, pid) in live {
+            // A child caught between fork and exec is still a copy of the lab (its descriptors
+            // and all): not a sample of the role.
+            if pid != me && procstat::same_program(pid, me) {
+                continue;
+            }
             if let (Some(rss_kib), Some(fds)) = (procstat::rss_kib(pid), procstat::open_fds(pid)) {
                 if !procstat::exited(pid) {
                     self.samples.push(Sample {
