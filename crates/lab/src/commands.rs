@@ -51,6 +51,9 @@ pub struct SoakArgs {
     /// Break something the soak does not recover from (to see its verdict fail).
     #[arg(long, value_enum, hide = true)]
     pub sabotage: Option<soak::Sabotage>,
+    /// Only draw `rss.svg` in --out again from the samples.csv of an earlier soak.
+    #[arg(long, value_name = "SAMPLES_CSV")]
+    pub plot: Option<PathBuf>,
 }
 
 /// Runs a subcommand; prints its verdicts. `Ok(true)` when all passed.
@@ -95,6 +98,16 @@ pub async fn run(command: Command, log_dir: PathBuf, no_build: bool, json: bool)
                 verdicts.push(fuzz::run(target, &lab, &config).await);
             }
             verdicts
+        }
+        Command::Soak(SoakArgs {
+            plot: Some(csv),
+            out,
+            seed,
+            ..
+        }) => {
+            let svg = soak::replot(&csv, &out, seed)?;
+            println!("{}", svg.display());
+            return Ok(true);
         }
         Command::Soak(args) => {
             anyhow::ensure!(
