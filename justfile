@@ -170,3 +170,11 @@ pubsub-bench:
 # The test suite, as CI runs it
 test:
     cargo test --workspace
+
+# Wire fuzzer: random and mutated ZMTP connections at a guarded live process (lab fuzz --help)
+fuzz *args:
+    cargo run --release -p lab -- fuzz {{args}}
+
+# Soak: shared queue, pipeline and pub/sub together under random faults (docs/soak.md)
+soak minutes="5" seed="1":
+    cargo run --release -p lab -- soak --minutes {{minutes}} --seed {{seed}}

@@ -15,6 +15,8 @@ use lab::scenarios::{self, Lab, PartitionMode};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<lab::commands::Command>,
     /// Scenarios to run (default: all). `lab --list` names them.
     scenarios: Vec<String>,
     /// List the scenarios and exit.
@@ -28,10 +30,15 @@ struct Args {
     #[arg(long, env = "LAB_OUTAGE_MS")]
     outage_ms: Option<u64>,
     /// Directory for the children's logs.
-    #[arg(long, env = "LAB_LOG_DIR", default_value = "target/lab-logs")]
+    #[arg(
+        long,
+        env = "LAB_LOG_DIR",
+        default_value = "target/lab-logs",
+        global = true
+    )]
     log_dir: PathBuf,
     /// Print verdicts as JSON lines instead of text (no narration, no table).
-    #[arg(long)]
+    #[arg(long, global = true)]
     json: bool,
     /// Do not narrate each step on stderr.
     #[arg(long, short)]
@@ -40,7 +47,7 @@ struct Args {
     #[arg(long, env = "LAB_REPORT_DIR", default_value = "target/lab-report")]
     report_dir: PathBuf,
     /// Do not build the role binaries first (they must be next to `lab`, or in LAB_BIN_DIR).
-    #[arg(long, env = "LAB_NO_BUILD")]
+    #[arg(long, env = "LAB_NO_BUILD", global = true)]
     no_build: bool,
 }
 
@@ -59,6 +66,9 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<bool> {
+    if let Some(command) = args.command {
+        return lab::commands::run(command, args.log_dir, args.no_build, args.json).await;
+    }
     let all = scenarios::all();
     if args.list {
         let width = all.iter().map(|s| s.name.len()).max().unwrap_or(0);
