@@ -154,6 +154,8 @@ struct Row {
     proxy_in: Option<f64>,
     /// Share of the updates our proxy read that it dropped at its queue.
     proxy_dropped: Option<f64>,
+    /// Share of the updates due to subscribers that our proxy dropped at their own queues.
+    slow_dropped: Option<f64>,
 }
 
 /// `pubs` publishers over `topics` topics round robin; `subs` subscribers, subscriber i
@@ -209,8 +211,7 @@ async fn run_case(
         readers.push(tokio::spawn(async move {
             let mut n = 0u64;
             while !stop.load(Relaxed) {
-                if let Ok(Ok(m)) =
-                    tokio::time::timeout(Duration::from_millis(100), s.recv()).await
+                if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(100), s.recv()).await
                 {
                     // Our proxy's heartbeats and re-sent last values are not updates.
                     if m.get(0).is_some_and(|t| t.starts_with(b"t")) {
@@ -291,6 +292,9 @@ async fn run_case(
         proxy_dropped: stats
             .as_ref()
             .map(|s| s.dropped as f64 / s.messages_in.max(1) as f64),
+        slow_dropped: stats
+            .as_ref()
+            .map(|s| s.slow_dropped as f64 / expected.max(1) as f64),
     })
 }
 
@@ -371,8 +375,8 @@ async fn run(args: Args) -> Result<()> {
             ", publishers flooding".to_string()
         }
     );
-    println!("| case | size | via | sent/s | delivered/s | loss | read by our proxy | dropped at its queue |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| case | size | via | sent/s | delivered/s | loss | read by our proxy | dropped at its intake queue | at subscribers' queues |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for (key, rows) in table {
         let col = |f: fn(&Row) -> Option<f64>| {
             let v: Vec<f64> = rows.iter().filter_map(f).collect();
@@ -383,12 +387,13 @@ async fn run(args: Args) -> Result<()> {
             }
         };
         println!(
-            "{key} {:.0} | {:.0} | {} | {} | {} |",
+            "{key} {:.0} | {:.0} | {} | {} | {} | {} |",
             median(rows.iter().map(|r| r.sent).collect()),
             median(rows.iter().map(|r| r.delivered).collect()),
             percent(median(rows.iter().map(|r| r.loss).collect())),
             col(|r| r.proxy_in),
             col(|r| r.proxy_dropped),
+            col(|r| r.slow_dropped),
         );
     }
     Ok(())
