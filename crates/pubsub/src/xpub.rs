@@ -434,6 +434,12 @@ async fn write_loop(
         }
         match tokio::time::timeout(stall_timeout, write.write_all(&buf)).await {
             Ok(Ok(())) => buf.clear(),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+                // The kernel's user timeout (the listener's, = stall timeout) came first.
+                counters.stalled_cut.fetch_add(1, Relaxed);
+                tracing::warn!(peer = %addr, "subscriber stopped reading: cut by the kernel");
+                break;
+            }
             Ok(Err(e)) => {
                 tracing::info!(peer = %addr, error = %e, "subscriber gone");
                 break;

@@ -44,6 +44,9 @@ struct Args {
     /// Skip libzmq's proxy (needs python3 with pyzmq).
     #[arg(long)]
     no_libzmq: bool,
+    /// Also measure this proxy binary (an older build of ours, say), same flags as ours.
+    #[arg(long, value_name = "PROXY")]
+    before: Option<PathBuf>,
     /// Print each proxy's process id on stderr (to attach perf or strace to it).
     #[arg(long)]
     show_pid: bool,
@@ -52,6 +55,7 @@ struct Args {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Via {
     Ours,
+    Before,
     Libzmq,
     Direct,
 }
@@ -60,6 +64,7 @@ impl Via {
     fn name(self) -> &'static str {
         match self {
             Via::Ours => "our proxy",
+            Via::Before => "our proxy, --before build",
             Via::Libzmq => "libzmq zmq_proxy",
             Via::Direct => "zmq.rs PUB->SUB, no proxy",
         }
@@ -95,12 +100,16 @@ impl ProxyChild {
     }
 }
 
-async fn start_proxy(via: Via, show_pid: bool) -> Result<ProxyChild> {
+async fn start_proxy(via: Via, before: Option<&PathBuf>, show_pid: bool) -> Result<ProxyChild> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("no binary directory")?;
     let mut cmd = match via {
-        Via::Ours => {
-            let mut c = Command::new(dir.join("proxy"));
+        Via::Ours | Via::Before => {
+            let binary = match before {
+                Some(path) if via == Via::Before => path.clone(),
+                _ => dir.join("proxy"),
+            };
+            let mut c = Command::new(binary);
             c.args(["--xsub", "tcp://127.0.0.1:0", "--xpub", "tcp://127.0.0.1:0"]);
             c.args(["--json", "--stats-secs", "3600"]);
             c.env("RUST_LOG", "error");
@@ -169,11 +178,12 @@ async fn run_case(
     size: usize,
     secs: f64,
     rate: f64,
+    before: Option<&PathBuf>,
     show_pid: bool,
 ) -> Result<Row> {
     let proxy = match via {
         Via::Direct => None,
-        v => Some(start_proxy(v, show_pid).await?),
+        v => Some(start_proxy(v, before, show_pid).await?),
     };
     // Publishers: connect to the proxy, or bind for the subscribers to connect to.
     let mut publishers = Vec::new();
@@ -320,10 +330,13 @@ fn percent(x: f64) -> String {
 
 async fn run(args: Args) -> Result<()> {
     let mut vias = if args.via.is_empty() {
-        vec![Via::Ours, Via::Libzmq, Via::Direct]
+        vec![Via::Ours, Via::Before, Via::Libzmq, Via::Direct]
     } else {
         args.via.clone()
     };
+    if args.before.is_none() {
+        vias.retain(|v| *v != Via::Before);
+    }
     if args.no_libzmq {
         vias.retain(|v| *v != Via::Libzmq);
     }
@@ -348,6 +361,7 @@ async fn run(args: Args) -> Result<()> {
                         size,
                         args.seconds,
                         args.rate,
+                        args.before.as_ref(),
                         args.show_pid,
                     )
                     .await?;
