@@ -226,7 +226,7 @@ async fn run_case(
                     // Our proxy's heartbeats and re-sent last values are not updates.
                     if m.get(0).is_some_and(|t| t.starts_with(b"t")) {
                         n += 1;
-                        if n % 1024 == 0 {
+                        if n.is_multiple_of(1024) {
                             received.fetch_add(1024, Relaxed);
                             *last_received.lock().expect("lock") = Instant::now();
                         }
