@@ -501,6 +501,100 @@ mod tests {
         assert!(next_frame(&mut buf).is_err(), "unknown flag bits");
     }
 
+    async fn read_frames(peer: &mut TcpStream, buf: &mut BytesMut, n: usize) -> Vec<Frame> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            match next_frame(buf).expect("valid") {
+                Some(f) => got.push(f),
+                None => {
+                    let read = tokio::time::timeout(Duration::from_secs(5), peer.read_buf(buf));
+                    assert!(read.await.expect("a frame within 5 s").expect("read") > 0);
+                }
+            }
+        }
+        got
+    }
+
+    /// A raw ZMTP peer against [`serve`]: handshake, a ZMTP 3.1 SUBSCRIBE command, PING, an
+    /// update delivered, then a frame header over the limit ends the connection.
+    #[tokio::test]
+    async fn serves_a_raw_zmtp_subscriber() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (events_tx, mut events) = mpsc::channel(16);
+        let counters = Arc::new(PeerCounters::default());
+        let stop = CancellationToken::new();
+        let options = PeerOptions {
+            queue: 16,
+            stall_timeout: Duration::from_secs(5),
+        };
+        tokio::spawn(serve(
+            listener,
+            events_tx,
+            options,
+            counters.clone(),
+            stop.clone(),
+        ));
+
+        let mut peer = TcpStream::connect(addr).await.expect("connect");
+        let mut theirs = [0u8; GREETING_LEN];
+        peer.read_exact(&mut theirs).await.expect("greeting");
+        assert_eq!((theirs[0], theirs[9], theirs[10]), (0xff, 0x7f, 3));
+        let mut sub_ready = BytesMut::new();
+        sub_ready.put_u8(11);
+        sub_ready.put_slice(b"Socket-Type");
+        sub_ready.put_u32(3);
+        sub_ready.put_slice(b"SUB");
+        peer.write_all(&greeting()).await.expect("write");
+        peer.write_all(&command("READY", &sub_ready))
+            .await
+            .expect("write");
+        let mut buf = BytesMut::new();
+        let ready = read_frames(&mut peer, &mut buf, 1).await;
+        assert_eq!(parse_command(&ready[0].body).expect("command").0, b"READY");
+
+        let PeerEvent::Joined { id, queue, .. } = events.recv().await.expect("joined") else {
+            panic!("not joined first");
+        };
+        peer.write_all(&command("SUBSCRIBE", b"10001"))
+            .await
+            .expect("write");
+        match events.recv().await.expect("message") {
+            PeerEvent::Message { id: from, msg } => {
+                assert_eq!(from, id);
+                assert_eq!(msg.get(0).map(|f| f.as_ref()), Some(&b"\x0110001"[..]));
+            }
+            other => panic!("{other:?}"),
+        }
+        peer.write_all(&command("PING", b"\x00\x0aabc"))
+            .await
+            .expect("write");
+        let pong = read_frames(&mut peer, &mut buf, 1).await;
+        assert_eq!(pong[0].flags, FLAG_COMMAND);
+        assert_eq!(
+            parse_command(&pong[0].body).expect("pong"),
+            (&b"PONG"[..], &b"abc"[..])
+        );
+        let mut update = ZmqMessage::from(Bytes::from_static(b"10001"));
+        update.push_back(Bytes::from_static(b"body"));
+        queue.send(encode(&update)).await.expect("queued");
+        let got = read_frames(&mut peer, &mut buf, 2).await;
+        assert_eq!(
+            (got[0].flags, got[0].body.as_ref()),
+            (FLAG_MORE, &b"10001"[..])
+        );
+        assert_eq!((got[1].flags, got[1].body.as_ref()), (0, &b"body"[..]));
+
+        // A header announcing 16 MiB: the connection ends before any body is sent.
+        let mut huge = vec![FLAG_LONG];
+        huge.extend_from_slice(&(16u64 << 20).to_be_bytes());
+        peer.write_all(&huge).await.expect("write");
+        let left = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
+        assert!(matches!(left, Ok(Some(PeerEvent::Left { id: left })) if left == id));
+        assert_eq!(counters.peer_errors.load(Relaxed), 1);
+        stop.cancel();
+    }
+
     #[test]
     fn reads_ready_properties() {
         let ready = ready();
