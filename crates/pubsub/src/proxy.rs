@@ -57,6 +57,8 @@ pub enum ProxyError {
 const UPSTREAM_QUEUE: usize = 1024;
 /// Updates delivered per turn of the fanout loop before it looks at its other inputs.
 const BATCH: usize = 256;
+/// Updates read per turn of the intake loop, at most, when they are ready.
+const INTAKE_BATCH: usize = 256;
 /// Updates waiting for one subscriber's socket, at most; beyond, it misses them (counted as
 /// `slow_dropped`), like a libzmq XPUB at its high-water mark. About 10 MB at 1 KiB.
 pub const SUBSCRIBER_QUEUE: usize = 10_000;
@@ -250,21 +252,33 @@ async fn run_intake(
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            msg = xsub.recv() => match msg {
-                Ok(msg) => {
-                    counters.messages_in.fetch_add(1, Relaxed);
-                    if data.try_send(msg).is_err() {
-                        let dropped = counters.dropped.fetch_add(1, Relaxed) + 1;
-                        if dropped.is_power_of_two() {
-                            tracing::warn!(dropped, "subscribers are behind: queue full, dropping updates");
+            msg = xsub.recv() => {
+                // Then whatever else is ready, without a turn of the select for each (recv
+                // is cancel-safe: a pending one dropped loses nothing).
+                let mut next = Some(msg);
+                let mut more = INTAKE_BATCH;
+                while let Some(msg) = next.take() {
+                    match msg {
+                        Ok(msg) => {
+                            counters.messages_in.fetch_add(1, Relaxed);
+                            if data.try_send(msg).is_err() {
+                                let dropped = counters.dropped.fetch_add(1, Relaxed) + 1;
+                                if dropped.is_power_of_two() {
+                                    tracing::warn!(dropped, "subscribers are behind: queue full, dropping updates");
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            counters.peer_errors.fetch_add(1, Relaxed);
+                            tracing::info!(error = %e, "publisher connection failed");
                         }
                     }
+                    more -= 1;
+                    if more > 0 {
+                        next = futures::FutureExt::now_or_never(xsub.recv());
+                    }
                 }
-                Err(e) => {
-                    counters.peer_errors.fetch_add(1, Relaxed);
-                    tracing::info!(error = %e, "publisher connection failed");
-                }
-            },
+            }
             Some(msg) = upstream.recv() => {
                 // XSUB keeps the set and re-sends it to publishers that connect later.
                 if !matches!(try_send(&mut xsub, msg), Sent::Queued) {
