@@ -1,6 +1,7 @@
-//! The lab's wire fuzzer (`lab fuzz`, [`lab::fuzz`]) against the guarded broker: thousands of
-//! random and mutated ZMTP connections, after which it still serves every request and its
-//! memory is back near where it started. Seeded, so that a failure can be replayed
+//! The lab's wire fuzzer (`lab fuzz`, [`lab::fuzz`]) against the guarded broker, proxy and
+//! pipeline master: thousands of random and mutated ZMTP connections, after which each still
+//! serves (every request answered, updates delivered, the whole batch done) and its memory is
+//! back near where it started. Seeded, so that a failure can be replayed
 //! (`WIRE_FUZZ_SEED`, or `lab fuzz --seed`).
 
 use integration::{figure, heavy, lab};
@@ -16,9 +17,13 @@ fn seed() -> u64 {
 }
 
 async fn fuzz_broker(test: &str, config: FuzzConfig) -> Verdict {
+    fuzz_target("broker", test, config).await
+}
+
+async fn fuzz_target(name: &str, test: &str, config: FuzzConfig) -> Verdict {
     let _g = heavy().await;
     let lab = lab(test, PartitionMode::Relay);
-    let target = fuzz::find("broker").expect("the broker is a fuzz target");
+    let target = fuzz::find(name).expect("a fuzz target");
     let verdict = fuzz::run(&target, &lab, &config).await;
     eprintln!("{}", verdict.render());
     verdict
@@ -59,4 +64,26 @@ async fn without_the_guard_the_fuzzer_finds_the_broker_dead() {
         "{}",
         v.render()
     );
+}
+
+/// The same at the proxy (its XSUB behind the guard, its XPUB the proxy's own ZMTP reader) and
+/// at a pipeline master (its three sockets behind the guard), fewer connections each.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_connections_leave_the_proxy_and_the_master_serving_and_flat() {
+    let seed = seed();
+    for name in ["proxy", "pipeline"] {
+        let v = fuzz_target(
+            name,
+            &format!("wire-fuzz-{name}"),
+            FuzzConfig {
+                seed,
+                connections: 1000,
+                ..FuzzConfig::default()
+            },
+        )
+        .await;
+        assert!(v.passed, "{name}, seed {seed}: {}", v.render());
+        assert_eq!(figure(&v, "connections"), 1000);
+        assert!(figure(&v, "guard_refused") > 0, "{}", v.render());
+    }
 }

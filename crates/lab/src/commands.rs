@@ -29,7 +29,7 @@ pub struct FuzzArgs {
     /// Seed of the random connections (replay a failure with the same seed).
     #[arg(long, default_value_t = 0x5eed_2026)]
     pub seed: u64,
-    /// Targets, comma-separated (default: all). `broker` is the only one so far.
+    /// Targets, comma-separated (default: all): broker, proxy, pipeline.
     #[arg(long, value_delimiter = ',')]
     pub target: Vec<String>,
     /// The target's guard mode (`never` shows what the fuzzer does to an unguarded process).

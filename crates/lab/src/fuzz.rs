@@ -66,9 +66,16 @@ pub fn targets() -> Vec<FuzzTarget> {
             about: "the shared-queue broker, frontend (as clients) and backend (as workers)",
             run: |l, c| Box::pin(broker(l, c)),
         },
-        // LEAD: once `pipeline` and `proxy` take --guard, add (targets written, see below):
-        // FuzzTarget { name: "proxy", about: "the pub/sub proxy, XSUB (as publishers) and XPUB (as subscribers)", run: |l, c| Box::pin(proxy(l, c)) },
-        // FuzzTarget { name: "pipeline", about: "a pipeline master, tasks, results and control", run: |l, c| Box::pin(pipeline(l, c)) },
+        FuzzTarget {
+            name: "proxy",
+            about: "the pub/sub proxy, XSUB (as publishers) and XPUB (as subscribers)",
+            run: |l, c| Box::pin(proxy(l, c)),
+        },
+        FuzzTarget {
+            name: "pipeline",
+            about: "a pipeline master, tasks, results and control",
+            run: |l, c| Box::pin(pipeline(l, c)),
+        },
     ]
 }
 
@@ -428,6 +435,9 @@ pub async fn pipeline(lab: &Lab, config: &FuzzConfig) -> Result<Verdict> {
         let summary: serde_json::Value = master.json()?;
         let done = summary.get("done").and_then(|d| d.as_u64()).unwrap_or(0);
         v.figure("images_done", done);
+        if let Some(refused) = summary.get("guard_refused").and_then(|r| r.as_u64()) {
+            v.figure("guard_refused", refused);
+        }
         v.expect(
             status.success() && done == 12,
             format!("a real worker then does the whole batch: 12 images, got {done}, {status}"),

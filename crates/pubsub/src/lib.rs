@@ -13,11 +13,11 @@ pub mod config;
 pub mod protocol;
 pub mod proxy;
 pub mod publisher;
-pub mod stall;
 pub mod stats;
 pub mod subscriber;
 pub mod subscriptions;
 pub mod tracker;
+pub mod xpub;
 
 pub use config::{ProxyConfig, PublisherConfig, SubscriberConfig};
 pub use proxy::{Proxy, ProxyError};

@@ -24,15 +24,15 @@ struct Args {
     heartbeat: HeartbeatArgs,
     #[command(flatten)]
     guard: GuardArgs,
-    /// Updates waiting for subscribers beyond this many are dropped (counted).
+    /// Updates read from publishers and not yet handed to the fanout beyond this many are
+    /// dropped (counted). Each subscriber also has its own queue of 10,000.
     #[arg(long, env = "PROXY_QUEUE", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     queue: u64,
     /// Distinct subscription prefixes held at most; beyond, new ones are refused.
     #[arg(long, env = "PROXY_MAX_TOPICS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     max_topics: u64,
-    /// Milliseconds a subscriber may keep its window closed (stopped reading) or leave data
-    /// unacknowledged before the kernel cuts it (TCP_USER_TIMEOUT); delivery to everyone waits
-    /// that long at most.
+    /// Milliseconds a subscriber may take no data (stopped reading) or leave data
+    /// unacknowledged before it is cut; the other subscribers never wait for it.
     #[arg(long, env = "PROXY_STALL_TIMEOUT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..))]
     stall_timeout_ms: u64,
     /// Do not re-send the last update of each topic to new subscriptions.

@@ -11,7 +11,10 @@ pub struct ProxyStats {
     pub messages_out: u64,
     /// Messages dropped because the queue toward subscribers was full.
     pub dropped: u64,
-    /// Subscriber connections cut because they stopped reading while a send waited on them.
+    /// Updates a subscriber missed because its own queue was full (once per subscriber).
+    #[serde(default)]
+    pub slow_dropped: u64,
+    /// Subscriber connections cut because they stopped reading for the stall timeout.
     pub stalled_cut: u64,
     /// Last values re-sent for new subscriptions.
     pub cached_sent: u64,

@@ -648,9 +648,9 @@ async fn stalled_subscriber(lab: &Lab) -> Result<Verdict> {
         format!("the proxy's intake never stopped: {ins:?}"),
     );
     v.expect(
-        h.longest_silence_ms < 4000,
+        h.longest_silence_ms < 2000,
         format!(
-            "the healthy subscriber waited less than twice the stall timeout, waited {} ms",
+            "the healthy subscriber was not held until the stopped one was cut (stall timeout 2000 ms), waited {} ms",
             h.longest_silence_ms
         ),
     );
