@@ -39,8 +39,6 @@ pub struct Limits {
     /// Most bytes the socket sent that the peer has not taken yet, held by the guard; beyond,
     /// the peer is cut off as stalled.
     pub max_peer_bytes: u64,
-    /// What the peer's messages must be.
-    pub expect: Expect,
 }
 
 impl Default for Limits {
@@ -49,20 +47,8 @@ impl Default for Limits {
             max_message_bytes: 1 << 20,
             max_frames: 1024,
             max_peer_bytes: 16 << 20,
-            expect: Expect::Any,
         }
     }
-}
-
-/// What a peer's messages (not its commands) must look like, beyond the limits.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Expect {
-    #[default]
-    Any,
-    /// Subscriptions, as an XPUB gets them: one frame, starting with 0x00 (unsubscribe), 0x01
-    /// (subscribe) or 0x02 (our subscribers' release). zmq.rs's XPUB does not say which peer
-    /// sent a message, so only the guard can name the one that sends something else.
-    Subscriptions,
 }
 
 /// When a bound socket gets a guard.
@@ -120,8 +106,6 @@ pub enum Violation {
     Truncated(usize),
     #[error("greeting not finished within {0:?}")]
     Slow(Duration),
-    #[error("not a subscription: {0}")]
-    Subscription(&'static str),
     #[error("{0} bytes waiting for the peer to read")]
     Stalled(u64),
 }
@@ -151,8 +135,6 @@ pub struct Inspector {
     state: State,
     message_bytes: u64,
     message_frames: u32,
-    /// The first body byte of the frame now passing is a subscription's kind, to check.
-    check_kind: bool,
 }
 
 impl Inspector {
@@ -162,7 +144,6 @@ impl Inspector {
             state: State::Greeting(0),
             message_bytes: 0,
             message_frames: 0,
-            check_kind: false,
         }
     }
 
@@ -230,11 +211,6 @@ impl Inspector {
                     }
                 }
                 State::Body(left) => {
-                    if std::mem::take(&mut self.check_kind) && data[0] > 2 {
-                        return Err(Violation::Subscription(
-                            "does not start with 0x00, 0x01 or 0x02",
-                        ));
-                    }
                     let take = (*left).min(data.len() as u64);
                     *left -= take;
                     data = &data[take as usize..];
@@ -257,15 +233,6 @@ impl Inspector {
         }
         if flags & COMMAND != 0 {
             return Ok(());
-        }
-        if self.limits.expect == Expect::Subscriptions {
-            if flags & MORE != 0 {
-                return Err(Violation::Subscription("more than one frame"));
-            }
-            if size == 0 {
-                return Err(Violation::Subscription("empty"));
-            }
-            self.check_kind = true;
         }
         self.message_bytes += size;
         self.message_frames += 1;
@@ -657,41 +624,6 @@ mod tests {
             Inspector::new(limits()).feed(&old),
             Err(Violation::Greeting)
         );
-    }
-
-    #[test]
-    fn subscriptions_only_lets_subscriptions_through() {
-        let subs = Limits {
-            expect: Expect::Subscriptions,
-            ..limits()
-        };
-        let mut good = greeting();
-        good.extend(frame(COMMAND, b"\x05READY"));
-        good.extend(frame(0, b"\x0110001"));
-        good.extend(frame(0, b"\x00"));
-        good.extend(frame(0, b"\x02ab12 100"));
-        let mut inspector = Inspector::new(subs);
-        for byte in &good {
-            inspector
-                .feed(std::slice::from_ref(byte))
-                .expect("subscriptions");
-        }
-        for (bad, why) in [
-            (
-                frame(0, b"\x05junk"),
-                "does not start with 0x00, 0x01 or 0x02",
-            ),
-            (frame(MORE, b"\x01a"), "more than one frame"),
-            (frame(0, b""), "empty"),
-        ] {
-            let stream = [greeting(), bad].concat();
-            assert_eq!(
-                Inspector::new(subs).feed(&stream),
-                Err(Violation::Subscription(why))
-            );
-            // Anything goes elsewhere.
-            Inspector::new(limits()).feed(&stream).expect("any message");
-        }
     }
 
     #[test]
