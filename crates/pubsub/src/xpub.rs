@@ -341,12 +341,14 @@ async fn connection(
         return;
     }
     let cut = CancellationToken::new();
+    let stall = Stall::default();
     let writer = tokio::spawn(write_loop(
         write,
         queued,
         addr,
         options.stall_timeout,
         counters.clone(),
+        stall.clone(),
         cut.clone(),
     ));
     let ended = tokio::select! {
@@ -354,9 +356,15 @@ async fn connection(
         // The writer cut a stalled peer or failed: its reads end too.
         () = cut.cancelled() => Ok(()),
     };
-    if let Err(e) = ended {
-        counters.peer_errors.fetch_add(1, Relaxed);
-        tracing::info!(peer = %addr, error = %e, "subscriber connection failed");
+    match ended {
+        // The kernel's user timeout (the stall timeout) ended the connection: the reads may see
+        // it before the writer does.
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => stall.cut(&counters, addr, "kernel"),
+        Err(e) => {
+            counters.peer_errors.fetch_add(1, Relaxed);
+            tracing::info!(peer = %addr, error = %e, "subscriber connection failed");
+        }
+        Ok(()) => {}
     }
     let _ = events.send(PeerEvent::Left { id }).await;
     drop(replies);
@@ -419,6 +427,20 @@ async fn read_loop(
     Ok(())
 }
 
+/// Whether a connection was cut as stalled, so that it is counted once, by its reads or its
+/// writer, whichever sees it first.
+#[derive(Debug, Clone, Default)]
+struct Stall(Arc<std::sync::atomic::AtomicBool>);
+
+impl Stall {
+    fn cut(&self, counters: &PeerCounters, addr: SocketAddr, by: &str) {
+        if !self.0.swap(true, Relaxed) {
+            counters.stalled_cut.fetch_add(1, Relaxed);
+            tracing::warn!(peer = %addr, by, "subscriber stopped reading: cut");
+        }
+    }
+}
+
 /// Drains the queue into one buffer per write. A write that cannot progress for
 /// `stall_timeout` cuts the connection.
 async fn write_loop(
@@ -427,6 +449,7 @@ async fn write_loop(
     addr: SocketAddr,
     stall_timeout: Duration,
     counters: Arc<PeerCounters>,
+    stall: Stall,
     cut: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(1024);
@@ -445,8 +468,7 @@ async fn write_loop(
             Ok(Ok(())) => buf.clear(),
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
                 // The kernel's user timeout (the listener's, = stall timeout) came first.
-                counters.stalled_cut.fetch_add(1, Relaxed);
-                tracing::warn!(peer = %addr, "subscriber stopped reading: cut by the kernel");
+                stall.cut(&counters, addr, "kernel");
                 break;
             }
             Ok(Err(e)) => {
@@ -454,8 +476,7 @@ async fn write_loop(
                 break;
             }
             Err(_) => {
-                counters.stalled_cut.fetch_add(1, Relaxed);
-                tracing::warn!(peer = %addr, stalled_ms = stall_timeout.as_millis() as u64, "subscriber stopped reading: cut");
+                stall.cut(&counters, addr, "stall timeout");
                 let _ = socket2::SockRef::from(write.as_ref()).shutdown(std::net::Shutdown::Both);
                 break;
             }
