@@ -7,7 +7,10 @@
 //!   reply to a request the worker held gives one; a heartbeat never does.
 //! - Every request queued or held is *owned*: one that arrives again while owned is a retry
 //!   and is merged, so no request is ever held twice or by two workers.
-//! - A purged worker's requests go back to the front of the queue.
+//! - A purged worker's requests go back to the front of the queue. If the purged worker's reply
+//!   comes after all while another worker holds the copy, that reply answers the client and the
+//!   copy is marked *answered*: its own reply only frees its worker's slot, and it is dropped,
+//!   not re-queued, if that worker is purged too. So no client gets two replies to one request.
 
 use std::collections::VecDeque;
 
@@ -53,6 +56,9 @@ pub struct Books {
     owned: HashSet<RequestKey>,
     idle: VecDeque<Bytes>,
     workers: HashMap<Bytes, Worker>,
+    /// Keys held by a worker whose client has its reply already (from a worker purged before it
+    /// answered): that worker's reply is not forwarded.
+    answered: HashSet<RequestKey>,
     pub stats: BrokerStats,
 }
 
@@ -64,6 +70,7 @@ impl Books {
             owned: HashSet::new(),
             idle: VecDeque::new(),
             workers: HashMap::new(),
+            answered: HashSet::new(),
             stats: BrokerStats::default(),
         }
     }
@@ -165,21 +172,33 @@ impl Books {
                 }
             }
         }
-        if !answered {
-            // A late reply from a worker purged meanwhile: it still answers the client, and a
-            // queued copy need not run. If the key is no longer owned, the request was
-            // answered already and this is a repeat.
-            if !self.owned.contains(key) {
+        if answered {
+            self.owned.remove(key);
+            if self.answered.remove(key) {
+                // Its client has the reply of a worker purged before: this one only freed a slot.
                 self.stats.stale_replies += 1;
                 return ReplyFate::Stale;
             }
-            if self.queue.remove(key).is_none() {
-                // Held by another worker, whose reply will free its slot.
-                return ReplyFate::Forward;
-            }
+            return ReplyFate::Forward;
         }
-        self.owned.remove(key);
-        ReplyFate::Forward
+        // A late reply from a worker purged meanwhile: it still answers the client, and a
+        // queued copy need not run. If the key is no longer owned, the request was answered
+        // already and this is a repeat.
+        if !self.owned.contains(key) {
+            self.stats.stale_replies += 1;
+            return ReplyFate::Stale;
+        }
+        if self.queue.remove(key).is_some() {
+            self.owned.remove(key);
+            return ReplyFate::Forward;
+        }
+        // Held by another worker: this reply answers the client, that worker's will not.
+        if self.answered.insert(key.clone()) {
+            ReplyFate::Forward
+        } else {
+            self.stats.stale_replies += 1;
+            ReplyFate::Stale
+        }
     }
 
     /// The next request to hand out and the least recently used worker with a free slot.
@@ -236,11 +255,17 @@ impl Books {
         };
         self.stats.purged += 1;
         self.idle.retain(|id| id != worker_id);
-        let requeued = worker.held.len();
-        for (_, request) in worker.held {
-            self.queue.push_front(request);
+        let mut requeued = 0;
+        for (key, request) in worker.held {
+            if self.answered.remove(&key) {
+                // Answered already: nothing to run again.
+                self.owned.remove(&key);
+            } else {
+                self.queue.push_front(request);
+                requeued += 1;
+            }
         }
-        self.stats.requeued += requeued as u64;
+        self.stats.requeued += requeued;
         tracing::warn!(worker = %frames::show(worker_id), why, requeued, "worker purged");
     }
 
@@ -371,6 +396,42 @@ mod model {
         assert_eq!(queued.len(), books.queue.len());
         let both: BTreeSet<_> = queued.union(&held).cloned().collect();
         assert_eq!(both, owned(books), "owned = queued + held");
+        for key in &books.answered {
+            assert!(held.contains(key), "{key:?} answered early but not held");
+        }
+    }
+
+    /// Worker A takes a request and is purged; worker B takes the copy; A's reply comes after
+    /// all. The client gets A's reply; B's only frees B's slot; purging B then runs nothing again.
+    #[test]
+    fn a_late_reply_answers_once_while_another_worker_holds_the_copy() {
+        for purge_b in [false, true] {
+            let mut books = Books::new(6, 1 << 20, Heartbeat::default());
+            let (a, b) = (id(1), id(2));
+            books.request(request(1, 1));
+            books.ready(a.clone());
+            let (to, r) = books.next_dispatch().expect("dispatched");
+            assert_eq!(to, a);
+            books.handed(&to, r);
+            books.purge(&a, "test");
+            books.ready(b.clone());
+            let (to, r) = books.next_dispatch().expect("dispatched again");
+            assert_eq!(to, b);
+            let key = r.key();
+            books.handed(&to, r);
+            assert_eq!(books.reply(&a, &key), ReplyFate::Forward, "A's late reply");
+            check(&books);
+            if purge_b {
+                books.purge(&b, "test");
+                assert_eq!(books.queued(), 0, "answered: not queued again");
+            } else {
+                assert_eq!(books.reply(&b, &key), ReplyFate::Stale, "B's reply");
+                assert_eq!(books.idle(), 1, "B's slot is free again");
+            }
+            assert!(books.owned.is_empty());
+            assert!(books.answered.is_empty());
+            check(&books);
+        }
     }
 
     proptest! {
@@ -378,11 +439,21 @@ mod model {
         #[test]
         fn no_request_lost_or_held_twice(events in proptest::collection::vec(event(), 1..80)) {
             let mut books = Books::new(6, 20, Heartbeat::default());
+            // Keys whose reply went to the client, in any event so far: a key may leave the
+            // books later without a reply forwarded then (its copy answered early).
+            let mut forwarded = BTreeSet::new();
             for event in events {
                 let before = owned(&books);
                 let mut answered = BTreeSet::new();
                 match event.clone() {
-                    Event::Request { client: c, id } => books.request(request(c, id)),
+                    Event::Request { client: c, id } => {
+                        // A key asked again after its answer is a new request.
+                        let key = request(c, id).key();
+                        if !books.owned.contains(&key) {
+                            forwarded.remove(&key);
+                        }
+                        books.request(request(c, id));
+                    }
                     Event::Ready(w) => books.ready(id(w)),
                     Event::Dispatch { refuse_every } => {
                         let mut n = 0u8;
@@ -402,6 +473,7 @@ mod model {
                             .and_then(|wk| wk.held.keys().nth(nth as usize).cloned())
                             .unwrap_or_else(|| request(nth % 3, nth).key());
                         if books.reply(&id(w), &key) == ReplyFate::Forward {
+                            prop_assert!(forwarded.insert(key.clone()), "{:?} forwarded twice", key);
                             answered.insert(key);
                         }
                     }
@@ -415,7 +487,7 @@ mod model {
                 let after = owned(&books);
                 let left: Vec<&RequestKey> = before
                     .difference(&after)
-                    .filter(|k| !answered.contains(*k))
+                    .filter(|k| !answered.contains(*k) && !forwarded.contains(*k))
                     .collect();
                 match event {
                     Event::Forget(c) => prop_assert!(left.iter().all(|k| k.0 == client(c))),
@@ -425,8 +497,12 @@ mod model {
                     _ => prop_assert!(left.is_empty(), "{:?} lost", left),
                 }
             }
-            // A fresh worker with room for everything: every owned request is served, once.
-            let still: BTreeSet<RequestKey> = owned(&books);
+            // A fresh worker with room for everything: every owned request not answered yet is
+            // served, once.
+            let still: BTreeSet<RequestKey> = owned(&books)
+                .into_iter()
+                .filter(|k| !books.answered.contains(k))
+                .collect();
             let others: Vec<Bytes> = books.workers.keys().cloned().collect();
             for w in others {
                 books.purge(&w, "finale");
@@ -438,6 +514,7 @@ mod model {
             let mut served = BTreeSet::new();
             while let Some((worker, request)) = books.next_dispatch() {
                 prop_assert!(served.insert(request.key()), "served twice");
+                prop_assert!(!forwarded.contains(&request.key()), "answered, then served again");
                 books.handed(&worker, request.clone());
                 prop_assert_eq!(books.reply(&worker, &request.key()), ReplyFate::Forward);
             }
