@@ -77,7 +77,6 @@ impl GuardArgs {
             max_message_bytes: self.max_message_bytes,
             max_frames: self.max_frames,
             max_peer_bytes: self.max_peer_bytes,
-            ..Limits::default()
         }
     }
 }
