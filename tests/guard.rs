@@ -7,15 +7,8 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use broker::BrokerStats;
-use integration::{broker, client, guarded_broker, heavy, zmtp_greeting};
+use integration::{broker, client, guarded_broker, heavy};
 use lab::Signal;
-
-/// A frame header claiming a 1 TiB frame: flags LONG, then the size.
-fn nine_bytes() -> Vec<u8> {
-    let mut h = vec![0x02];
-    h.extend((1u64 << 40).to_be_bytes());
-    h
-}
 
 /// Connects to `endpoint`, writes `bytes`, and waits (bounded) for the other side to close.
 fn send_raw(endpoint: &str, bytes: &[u8]) -> bool {
@@ -43,27 +36,7 @@ async fn the_guard_cuts_off_oversized_input_and_passes_the_rest() {
     let test = "guard";
     let (mut broker, _worker, frontend, backend) = guarded_broker(test, 4).await;
 
-    let mut attacks: Vec<(&str, Vec<u8>)> = vec![
-        ("nine bytes, no greeting", nine_bytes()),
-        (
-            "nine bytes after the greeting",
-            [zmtp_greeting(), nine_bytes()].concat(),
-        ),
-        ("one frame over the limit", {
-            let mut s = zmtp_greeting();
-            s.push(0x02);
-            s.extend(100_000u64.to_be_bytes());
-            s.extend(vec![0u8; 1000]);
-            s
-        }),
-        ("empty frames with MORE", {
-            let mut s = zmtp_greeting();
-            for _ in 0..5000 {
-                s.extend([0x01, 0x00]);
-            }
-            s
-        }),
-    ];
+    let mut attacks = common::zmtp::attacks();
     for endpoint in [&frontend, &backend] {
         for (what, bytes) in &mut attacks {
             assert!(send_raw(endpoint, bytes), "{what}: cannot reach {endpoint}");
@@ -86,7 +59,10 @@ async fn the_guard_cuts_off_oversized_input_and_passes_the_rest() {
 async fn without_the_guard_nine_bytes_abort_the_broker() {
     let _g = heavy().await;
     let (mut broker, frontend, _backend) = broker("unguarded", &["--guard", "never"]).await;
-    send_raw(&frontend, &[zmtp_greeting(), nine_bytes()].concat());
+    send_raw(
+        &frontend,
+        &[common::zmtp::greeting(), common::zmtp::huge_header()].concat(),
+    );
     let status = broker
         .wait(Duration::from_secs(20))
         .await

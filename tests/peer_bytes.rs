@@ -10,7 +10,8 @@
 use std::time::Duration;
 
 use broker::BrokerStats;
-use integration::{broker, client, heavy, worker, zmtp_greeting};
+use common::zmtp;
+use integration::{broker, client, heavy, worker};
 use lab::Signal;
 use tokio::io::AsyncWriteExt;
 
@@ -29,15 +30,7 @@ fn rss_kib(pid: i32) -> u64 {
 
 /// A DEALER's greeting and READY, then `REQUESTS` requests `[""]["r<n>"][200 kB]`.
 fn requests() -> Vec<Vec<u8>> {
-    let mut ready = vec![5u8];
-    ready.extend(b"READY");
-    ready.push(11);
-    ready.extend(b"Socket-Type");
-    ready.extend(6u32.to_be_bytes());
-    ready.extend(b"DEALER");
-    let mut handshake = zmtp_greeting();
-    handshake.extend([0x04, ready.len() as u8]);
-    handshake.extend(ready);
+    let handshake = [zmtp::greeting(), zmtp::ready("DEALER")].concat();
     let mut all = vec![handshake];
     for n in 0..REQUESTS {
         let id = format!("r{n}");
@@ -150,15 +143,7 @@ async fn a_worker_that_never_reads_is_cut_at_max_peer_bytes_and_its_requests_go_
     .await;
     let before = rss_kib(broker.pid());
     // The rogue first, so that it holds most of the credits when the requests come.
-    let mut ready = vec![5u8];
-    ready.extend(b"READY");
-    ready.push(11);
-    ready.extend(b"Socket-Type");
-    ready.extend(6u32.to_be_bytes());
-    ready.extend(b"DEALER");
-    let mut rogue_bytes = zmtp_greeting();
-    rogue_bytes.extend([0x04, ready.len() as u8]);
-    rogue_bytes.extend(ready);
+    let mut rogue_bytes = [zmtp::greeting(), zmtp::ready("DEALER")].concat();
     for _ in 0..200 {
         rogue_bytes.extend([0x00, 0x01, 0x01]); // RFC 6 READY: one credit each
     }

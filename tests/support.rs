@@ -173,16 +173,6 @@ pub fn require_pyzmq() {
     );
 }
 
-/// A ZMTP 3.0 NULL greeting, as any peer sends first.
-pub fn zmtp_greeting() -> Vec<u8> {
-    let mut g = vec![0u8; 64];
-    g[0] = 0xFF;
-    g[9] = 0x7F;
-    g[10] = 3;
-    g[12..16].copy_from_slice(b"NULL");
-    g
-}
-
 /// A broker with its guard on both sockets (64 KiB limit, `--json` counters) and one ready
 /// worker of capacity `capacity`: broker, worker, frontend, backend.
 pub async fn guarded_broker(test: &str, capacity: u32) -> (Proc, Proc, String, String) {

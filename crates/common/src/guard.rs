@@ -525,15 +525,7 @@ async fn downstream(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn greeting() -> Vec<u8> {
-        let mut g = vec![0u8; GREETING];
-        g[0] = 0xFF;
-        g[9] = 0x7F;
-        g[10] = 3;
-        g[12..16].copy_from_slice(b"NULL");
-        g
-    }
+    use crate::zmtp::{frame, greeting};
 
     fn limits() -> Limits {
         Limits {
@@ -541,22 +533,6 @@ mod tests {
             max_frames: 4,
             ..Limits::default()
         }
-    }
-
-    fn frame(flags: u8, body: &[u8]) -> Vec<u8> {
-        let flags = if body.len() > 255 {
-            flags | LONG
-        } else {
-            flags
-        };
-        let mut f = vec![flags];
-        if flags & LONG != 0 {
-            f.extend((body.len() as u64).to_be_bytes());
-        } else {
-            f.push(body.len() as u8);
-        }
-        f.extend(body);
-        f
     }
 
     #[test]

@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use common::zmtp;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -84,27 +85,9 @@ pub fn find(name: &str) -> Option<FuzzTarget> {
     targets().into_iter().find(|t| t.name == name)
 }
 
-/// A ZMTP 3.0 NULL greeting, as any peer sends first.
-pub fn greeting() -> Vec<u8> {
-    let mut g = vec![0u8; 64];
-    g[0] = 0xFF;
-    g[9] = 0x7F;
-    g[10] = 3;
-    g[12..16].copy_from_slice(b"NULL");
-    g
-}
-
 /// A well-formed session of a `socket_type` peer: greeting, READY, then a few short messages.
 pub fn session(rng: &mut StdRng, socket_type: &str) -> Vec<u8> {
-    let mut s = greeting();
-    let mut ready = vec![5u8];
-    ready.extend(b"READY");
-    ready.push(11);
-    ready.extend(b"Socket-Type");
-    ready.extend((socket_type.len() as u32).to_be_bytes());
-    ready.extend(socket_type.as_bytes());
-    s.extend([0x04, ready.len() as u8]);
-    s.extend(ready);
+    let mut s = [zmtp::greeting(), zmtp::ready(socket_type)].concat();
     for i in 0..rng.gen_range(0..4) {
         let body = format!("fuzz {i}");
         s.extend([0x01, 0x00]);

@@ -11,48 +11,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use common::zmtp::{self, greeting, huge_header as nine_bytes};
+
 use support::*;
-
-/// A ZMTP 3.0 NULL greeting, as any peer sends first.
-fn greeting() -> Vec<u8> {
-    let mut g = vec![0u8; 64];
-    g[0] = 0xFF;
-    g[9] = 0x7F;
-    g[10] = 3;
-    g[12..16].copy_from_slice(b"NULL");
-    g
-}
-
-/// A frame header claiming a 1 TiB frame: flags LONG, then the size.
-fn nine_bytes() -> Vec<u8> {
-    let mut h = vec![0x02];
-    h.extend((1u64 << 40).to_be_bytes());
-    h
-}
-
-fn attacks() -> Vec<(&'static str, Vec<u8>)> {
-    vec![
-        ("nine bytes, no greeting", nine_bytes()),
-        (
-            "nine bytes after the greeting",
-            [greeting(), nine_bytes()].concat(),
-        ),
-        ("one frame over the limit", {
-            let mut s = greeting();
-            s.push(0x02);
-            s.extend(100_000u64.to_be_bytes());
-            s.extend(vec![0u8; 1000]);
-            s
-        }),
-        ("empty frames with MORE", {
-            let mut s = greeting();
-            for _ in 0..5000 {
-                s.extend([0x01, 0x00]);
-            }
-            s
-        }),
-    ]
-}
 
 /// Connects to `endpoint`, writes `bytes`, and waits (bounded) for the other side to close.
 fn send_raw(endpoint: &str, bytes: &[u8]) -> bool {
@@ -97,7 +58,7 @@ fn the_guard_cuts_off_bad_peers_on_every_master_socket_and_the_batch_completes()
     let endpoints: Vec<&str> = connect.split(',').collect();
     assert_eq!(endpoints.len(), 3, "{connect}");
     for endpoint in &endpoints {
-        for (what, bytes) in attacks() {
+        for (what, bytes) in zmtp::attacks() {
             assert!(
                 send_raw(endpoint, &bytes),
                 "{what}: cannot reach {endpoint}"

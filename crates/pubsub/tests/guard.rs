@@ -9,6 +9,8 @@
 
 use std::time::Duration;
 
+use common::zmtp::{self, frame, greeting, huge_header as nine_bytes};
+
 use pubsub::{PublisherSummary, SubscriberSummary};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -16,63 +18,16 @@ use tokio::net::TcpStream;
 mod support;
 use support::*;
 
-fn greeting() -> Vec<u8> {
-    let mut g = vec![0u8; 64];
-    g[0] = 0xFF;
-    g[9] = 0x7F;
-    g[10] = 3;
-    g[12..16].copy_from_slice(b"NULL");
-    g
-}
-
-fn nine_bytes() -> Vec<u8> {
-    let mut h = vec![0x02];
-    h.extend((1u64 << 40).to_be_bytes());
-    h
-}
-
-/// A short frame (flags, one size byte, body).
-fn frame(flags: u8, body: &[u8]) -> Vec<u8> {
-    let mut f = vec![flags, body.len() as u8];
-    f.extend(body);
-    f
-}
-
 /// Greeting and READY of a SUB socket.
 fn sub_handshake() -> Vec<u8> {
-    let mut ready = vec![5u8];
-    ready.extend(b"READY");
-    ready.push(11);
-    ready.extend(b"Socket-Type");
-    ready.extend(3u32.to_be_bytes());
-    ready.extend(b"SUB");
-    [greeting(), frame(0x04, &ready)].concat()
+    [greeting(), zmtp::ready("SUB")].concat()
 }
 
 fn attacks() -> Vec<(&'static str, Vec<u8>)> {
-    vec![
-        ("nine bytes, no greeting", nine_bytes()),
-        (
-            "nine bytes after the greeting",
-            [greeting(), nine_bytes()].concat(),
-        ),
-        ("one frame over the limit", {
-            let mut s = greeting();
-            s.push(0x02);
-            s.extend(100_000u64.to_be_bytes());
-            s.extend(vec![0u8; 1000]);
-            s
-        }),
-        ("empty frames with MORE", {
-            let mut s = greeting();
-            for _ in 0..5000 {
-                s.extend([0x01, 0x00]);
-            }
-            s
-        }),
-        ("garbage", b"GET / HTTP/1.1\r\n\r\nnot zmtp at all".to_vec()),
-        ("a greeting cut short", greeting()[..11].to_vec()),
-    ]
+    let mut all = zmtp::attacks();
+    all.push(("garbage", b"GET / HTTP/1.1\r\n\r\nnot zmtp at all".to_vec()));
+    all.push(("a greeting cut short", greeting()[..11].to_vec()));
+    all
 }
 
 fn bad_subscriptions() -> Vec<(&'static str, Vec<u8>)> {
