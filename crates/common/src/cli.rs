@@ -109,3 +109,18 @@ pub fn exit_code<E: std::fmt::Display>(
         std::process::ExitCode::FAILURE
     })
 }
+
+/// A clap value parser for a number that must be positive and finite (a rate).
+pub fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err("must be a positive number".into()),
+    }
+}
+
+/// A clap value parser for a positive number of seconds, fractions allowed (`--duration-s`).
+pub fn positive_secs(s: &str) -> Result<Duration, String> {
+    positive(s)
+        .map(Duration::from_secs_f64)
+        .map_err(|_| "must be a positive number of seconds".into())
+}

@@ -47,8 +47,8 @@ struct Args {
     #[arg(long, env = "POLL_COUNT")]
     count: Option<u64>,
     /// Stop after this many seconds.
-    #[arg(long, env = "POLL_DURATION_S")]
-    duration_s: Option<f64>,
+    #[arg(long, env = "POLL_DURATION_S", value_parser = common::cli::positive_secs)]
+    duration_s: Option<Duration>,
     /// The timer branch's period in milliseconds (the poll timeout; a status line each).
     #[arg(long, env = "POLL_TICK_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     tick_ms: u64,
@@ -59,7 +59,7 @@ struct Args {
     #[arg(long, env = "POLL_DRAIN_MS", default_value_t = 1000)]
     drain_ms: u64,
     /// Self-fed mode: updates per second, and tasks per second.
-    #[arg(long, env = "POLL_FEED_RATE", default_value_t = 100.0)]
+    #[arg(long, env = "POLL_FEED_RATE", default_value_t = 100.0, value_parser = common::cli::positive)]
     feed_rate: f64,
     /// Print only the summary, as one JSON object on stdout (last line), not a line per tick.
     #[arg(long)]
@@ -74,17 +74,6 @@ struct Args {
 async fn main() -> ExitCode {
     let args = Args::parse();
     common::logging::init("poll=info,common=info");
-    let duration = match args.duration_s {
-        Some(s) if !(s > 0.0 && s.is_finite()) => {
-            eprintln!("error: --duration-s must be a positive number of seconds");
-            return ExitCode::from(2);
-        }
-        s => s.map(Duration::from_secs_f64),
-    };
-    if !(args.feed_rate > 0.0 && args.feed_rate.is_finite()) {
-        eprintln!("error: --feed-rate must be a positive number");
-        return ExitCode::from(2);
-    }
     let shutdown = common::shutdown::on_signals();
     let mut zips = args.zips;
     zips.sort();
@@ -96,7 +85,7 @@ async fn main() -> ExitCode {
         zips,
         tick: Duration::from_millis(args.tick_ms),
         count: args.count,
-        duration,
+        duration: args.duration_s,
         out_capacity: args.out_capacity as usize,
         drain: Duration::from_millis(args.drain_ms),
         heartbeat: args.heartbeat.heartbeat(),

@@ -25,8 +25,8 @@ struct Args {
     #[arg(long, env = "SUBSCRIBER_COUNT", conflicts_with = "duration_s")]
     count: Option<u64>,
     /// Stop after this many seconds.
-    #[arg(long, env = "SUBSCRIBER_DURATION_S")]
-    duration_s: Option<f64>,
+    #[arg(long, env = "SUBSCRIBER_DURATION_S", value_parser = common::cli::positive_secs)]
+    duration_s: Option<Duration>,
     /// Print only the summary, as one JSON object on stdout (last line), not each update.
     #[arg(long)]
     json: bool,
@@ -40,13 +40,6 @@ struct Args {
 async fn main() -> ExitCode {
     let args = Args::parse();
     common::logging::init("pubsub=info,common=info");
-    let duration = match args.duration_s {
-        Some(s) if !(s > 0.0 && s.is_finite()) => {
-            eprintln!("error: --duration-s must be a positive number of seconds");
-            return ExitCode::from(2);
-        }
-        s => s.map(Duration::from_secs_f64),
-    };
     let shutdown = common::shutdown::on_signals();
     let mut zips = args.zips;
     if zips.is_empty() {
@@ -58,7 +51,7 @@ async fn main() -> ExitCode {
         connect: args.connect,
         zips,
         count: args.count,
-        duration,
+        duration: args.duration_s,
         print_updates: !args.json,
         heartbeat: args.heartbeat.heartbeat(),
         reconnect: args.reconnect.reconnect(),
