@@ -446,6 +446,7 @@ impl Pipe {
             if self.batch_started.elapsed() > Duration::from_secs(180) {
                 // Counted as failed when judged below.
                 failures.push(format!("pipeline batch {} stuck for 180 s", self.batch));
+                snapshot_sockets(&logs.join(format!("stuck-batch-{}.txt", self.batch)));
                 master.kill().await?;
             } else {
                 return Ok(());
@@ -514,6 +515,17 @@ impl Pipe {
             self.master = None;
         }
         Ok(())
+    }
+}
+
+/// Every TCP socket on the machine with its owner and queues (`ss -tanpi`), kept beside the
+/// logs when a batch is stuck, to tell a master that stopped accepting from a link that hangs.
+fn snapshot_sockets(path: &Path) {
+    match std::process::Command::new("ss").arg("-tanpi").output() {
+        Ok(out) => {
+            let _ = std::fs::write(path, out.stdout);
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot run ss for the stuck batch"),
     }
 }
 
