@@ -17,9 +17,9 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 use common::frames;
 use common::heartbeat::{Heartbeat, Liveness};
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use foldhash::{HashMap, HashMapExt};
 
-use crate::protocol::{Request, RequestKey};
+use crate::protocol::{KeyMap, KeySet, Request, RequestKey};
 use crate::queue::{Overflow, RequestQueue};
 use crate::stats::BrokerStats;
 
@@ -33,7 +33,7 @@ struct Worker {
     /// Its entries in the idle queue: requests it can take now.
     credits: usize,
     /// Requests this worker holds, to send elsewhere if it dies.
-    held: HashMap<RequestKey, Request>,
+    held: KeyMap<Request>,
     /// It said DISCONNECT: it answers what it holds and takes nothing more.
     leaving: bool,
 }
@@ -53,12 +53,12 @@ pub struct Books {
     heartbeat: Heartbeat,
     queue: RequestQueue,
     /// Keys of every request queued or held by a worker.
-    owned: HashSet<RequestKey>,
+    owned: KeySet,
     idle: VecDeque<Bytes>,
     workers: HashMap<Bytes, Worker>,
     /// Keys held by a worker whose client has its reply already (from a worker purged before it
     /// answered): that worker's reply is not forwarded.
-    answered: HashSet<RequestKey>,
+    answered: KeySet,
     pub stats: BrokerStats,
 }
 
@@ -67,10 +67,10 @@ impl Books {
         Self {
             heartbeat,
             queue: RequestQueue::new(max_queued, max_queued_bytes),
-            owned: HashSet::new(),
+            owned: KeySet::default(),
             idle: VecDeque::new(),
             workers: HashMap::new(),
-            answered: HashSet::new(),
+            answered: KeySet::default(),
             stats: BrokerStats::default(),
         }
     }
@@ -79,7 +79,7 @@ impl Books {
     /// because the queue is full.
     pub fn request(&mut self, request: Request) {
         self.stats.requests_in += 1;
-        let key = request.key();
+        let key = request.key().clone();
         if !self.owned.insert(key.clone()) {
             // A retry of a request still queued or with a worker: its reply answers both.
             self.stats.merged += 1;
@@ -92,7 +92,7 @@ impl Books {
                 match overflow {
                     Overflow::Displaced(dropped) => {
                         for request in dropped {
-                            self.owned.remove(&request.key());
+                            self.owned.remove(request.key());
                         }
                     }
                     Overflow::Refused(_) => {
@@ -118,7 +118,7 @@ impl Books {
             Worker {
                 liveness: Liveness::new(heartbeat),
                 credits: 0,
-                held: HashMap::new(),
+                held: KeyMap::default(),
                 leaving: false,
             }
         });
@@ -174,7 +174,7 @@ impl Books {
         }
         if answered {
             self.owned.remove(key);
-            if self.answered.remove(key) {
+            if !self.answered.is_empty() && self.answered.remove(key) {
                 // Its client has the reply of a worker purged before: this one only freed a slot.
                 self.stats.stale_replies += 1;
                 return ReplyFate::Stale;
@@ -220,7 +220,7 @@ impl Books {
     pub fn handed(&mut self, worker_id: &Bytes, request: Request) {
         self.stats.dispatched += 1;
         if let Some(worker) = self.workers.get_mut(worker_id) {
-            worker.held.insert(request.key(), request);
+            worker.held.insert(request.key().clone(), request);
         }
     }
 
@@ -274,7 +274,7 @@ impl Books {
     pub fn forget_client(&mut self, client: &Bytes, why: &str) {
         let dropped = self.queue.remove_client(client);
         for request in &dropped {
-            self.owned.remove(&request.key());
+            self.owned.remove(request.key());
         }
         if !dropped.is_empty() {
             self.stats.forgotten += dropped.len() as u64;
@@ -286,7 +286,7 @@ impl Books {
     pub fn close(&mut self) -> (usize, usize) {
         let dropped = self.queue.drain();
         for request in &dropped {
-            self.owned.remove(&request.key());
+            self.owned.remove(request.key());
         }
         (self.held(), dropped.len())
     }
@@ -390,8 +390,8 @@ mod model {
         let mut queued = BTreeSet::new();
         let mut copy = books.queue.clone_for_test();
         while let Some(r) = copy.pop() {
-            assert!(queued.insert(r.key()), "{:?} queued twice", r.key());
-            assert!(!held.contains(&r.key()), "{:?} queued and held", r.key());
+            assert!(queued.insert(r.key().clone()), "{:?} queued twice", r.key());
+            assert!(!held.contains(r.key()), "{:?} queued and held", r.key());
         }
         assert_eq!(queued.len(), books.queue.len());
         let both: BTreeSet<_> = queued.union(&held).cloned().collect();
@@ -417,7 +417,7 @@ mod model {
             books.ready(b.clone());
             let (to, r) = books.next_dispatch().expect("dispatched again");
             assert_eq!(to, b);
-            let key = r.key();
+            let key = r.key().clone();
             books.handed(&to, r);
             assert_eq!(books.reply(&a, &key), ReplyFate::Forward, "A's late reply");
             check(&books);
@@ -448,7 +448,7 @@ mod model {
                 match event.clone() {
                     Event::Request { client: c, id } => {
                         // A key asked again after its answer is a new request.
-                        let key = request(c, id).key();
+                        let key = request(c, id).key().clone();
                         if !books.owned.contains(&key) {
                             forwarded.remove(&key);
                         }
@@ -471,7 +471,7 @@ mod model {
                             .workers
                             .get(&id(w))
                             .and_then(|wk| wk.held.keys().nth(nth as usize).cloned())
-                            .unwrap_or_else(|| request(nth % 3, nth).key());
+                            .unwrap_or_else(|| request(nth % 3, nth).key().clone());
                         if books.reply(&id(w), &key) == ReplyFate::Forward {
                             prop_assert!(forwarded.insert(key.clone()), "{:?} forwarded twice", key);
                             answered.insert(key);
@@ -490,9 +490,9 @@ mod model {
                     .filter(|k| !answered.contains(*k) && !forwarded.contains(*k))
                     .collect();
                 match event {
-                    Event::Forget(c) => prop_assert!(left.iter().all(|k| k.0 == client(c))),
+                    Event::Forget(c) => prop_assert!(left.iter().all(|k| k.client == client(c))),
                     Event::Request { client: c, .. } => {
-                        prop_assert!(left.iter().all(|k| k.0 != client(c)), "the sender displaced itself")
+                        prop_assert!(left.iter().all(|k| k.client != client(c)), "the sender displaced itself")
                     }
                     _ => prop_assert!(left.is_empty(), "{:?} lost", left),
                 }
@@ -513,10 +513,10 @@ mod model {
             }
             let mut served = BTreeSet::new();
             while let Some((worker, request)) = books.next_dispatch() {
-                prop_assert!(served.insert(request.key()), "served twice");
-                prop_assert!(!forwarded.contains(&request.key()), "answered, then served again");
+                prop_assert!(served.insert(request.key().clone()), "served twice");
+                prop_assert!(!forwarded.contains(request.key()), "answered, then served again");
                 books.handed(&worker, request.clone());
-                prop_assert_eq!(books.reply(&worker, &request.key()), ReplyFate::Forward);
+                prop_assert_eq!(books.reply(&worker, request.key()), ReplyFate::Forward);
             }
             prop_assert_eq!(&served, &still);
             prop_assert!(books.owned.is_empty());

@@ -184,13 +184,13 @@ impl RequestQueue {
 
     /// Takes out the queued request with this key, if any (it was answered meanwhile).
     pub fn remove(&mut self, key: &RequestKey) -> Option<Request> {
-        let queue = self.by_client.get_mut(&key.0)?;
-        let at = queue.requests.iter().position(|r| r.key() == *key)?;
+        let queue = self.by_client.get_mut(&key.client)?;
+        let at = queue.requests.iter().position(|r| r.key() == key)?;
         let request = queue.requests.remove(at)?;
         queue.bytes -= request.bytes();
         if queue.requests.is_empty() {
-            self.by_client.remove(&key.0);
-            self.turns.retain(|c| c != &key.0);
+            self.by_client.remove(&key.client);
+            self.turns.retain(|c| c != &key.client);
         }
         self.taken(&request);
         Some(request)
@@ -234,14 +234,14 @@ mod tests {
         Request::parse(common::frames::message_of(frames)).expect("valid request")
     }
 
-    fn ids(queue: &mut RequestQueue) -> Vec<(Bytes, Bytes)> {
+    fn ids(queue: &mut RequestQueue) -> Vec<RequestKey> {
         std::iter::from_fn(|| queue.pop())
-            .map(|r| r.key())
+            .map(|r| r.key().clone())
             .collect()
     }
 
     fn key(client: &'static str, id: u64) -> RequestKey {
-        (
+        RequestKey::new(
             Bytes::from_static(client.as_bytes()),
             Bytes::from(id.to_string()),
         )
@@ -274,7 +274,7 @@ mod tests {
         match q.push(req("N", 0)) {
             Err(Overflow::Displaced(r)) => {
                 assert_eq!(
-                    r.iter().map(Request::key).collect::<Vec<_>>(),
+                    r.iter().map(|r| r.key().clone()).collect::<Vec<_>>(),
                     [key("F", 3)]
                 )
             }
@@ -293,9 +293,12 @@ mod tests {
         q.push(req("A", 1)).expect("room");
         q.push(req("B", 1)).expect("room");
         q.push_front(req("B", 0));
-        assert_eq!(q.pop().map(|r| r.key()), Some(key("A", 1)));
+        assert_eq!(q.pop().map(|r| r.key().clone()), Some(key("A", 1)));
         q.push(req("A", 2)).expect("room");
-        assert_eq!(q.remove(&key("A", 2)).map(|r| r.key()), Some(key("A", 2)));
+        assert_eq!(
+            q.remove(&key("A", 2)).map(|r| r.key().clone()),
+            Some(key("A", 2))
+        );
         assert!(q.remove(&key("A", 2)).is_none());
         assert_eq!(q.remove_client(&Bytes::from_static(b"B")).len(), 2);
         assert!(q.is_empty());
