@@ -75,16 +75,27 @@ impl Books {
         }
     }
 
-    /// A valid request from a client: queued, merged with the copy already owned, or dropped
-    /// because the queue is full.
-    pub fn request(&mut self, request: Request) {
+    /// A valid request from a client: merged with the copy already owned, handed out at once
+    /// (returned, with its worker: the caller sends it, then says [`Books::handed`] or
+    /// [`Books::not_handed`]), queued, or dropped because the queue is full.
+    ///
+    /// It goes straight to a worker only when nothing waits, so no request overtakes another.
+    /// That is the common case with workers holding many requests, and it skips the per-client
+    /// queue (which frees a client's queue each time it empties and builds it again).
+    #[must_use = "a request handed out at once must be sent"]
+    pub fn request(&mut self, request: Request) -> Option<(Bytes, Request)> {
         self.stats.requests_in += 1;
-        let key = request.key().clone();
-        if !self.owned.insert(key.clone()) {
+        if !self.owned.insert(request.key().clone()) {
             // A retry of a request still queued or with a worker: its reply answers both.
             self.stats.merged += 1;
-            return;
+            return None;
         }
+        if self.queue.is_empty() {
+            if let Some(worker_id) = self.take_credit() {
+                return Some((worker_id, request));
+            }
+        }
+        let key = request.key().clone();
         match self.queue.push(request) {
             Ok(()) => {}
             Err(overflow) => {
@@ -108,6 +119,7 @@ impl Books {
                 }
             }
         }
+        None
     }
 
     /// READY: one more free slot for this worker (which is registered on its first READY).
@@ -204,16 +216,24 @@ impl Books {
     /// The next request to hand out and the least recently used worker with a free slot.
     /// The caller sends it, then says [`Books::handed`] or [`Books::not_handed`].
     pub fn next_dispatch(&mut self) -> Option<(Bytes, Request)> {
-        while !self.queue.is_empty() {
-            let worker_id = self.idle.pop_front()?;
-            let Some(worker) = self.workers.get_mut(&worker_id) else {
-                continue; // a slot of a purged worker
-            };
-            worker.credits -= 1;
-            let request = self.queue.pop().expect("queue is not empty");
-            return Some((worker_id, request));
+        if self.queue.is_empty() {
+            return None;
         }
-        None
+        let worker_id = self.take_credit()?;
+        let request = self.queue.pop().expect("queue is not empty");
+        Some((worker_id, request))
+    }
+
+    /// The least recently used free slot of a live worker, taken.
+    fn take_credit(&mut self) -> Option<Bytes> {
+        loop {
+            let worker_id = self.idle.pop_front()?;
+            if let Some(worker) = self.workers.get_mut(&worker_id) {
+                worker.credits -= 1;
+                return Some(worker_id);
+            }
+            // A slot of a purged worker.
+        }
     }
 
     /// The worker's queue took the request: it holds it now.
@@ -408,7 +428,7 @@ mod model {
         for purge_b in [false, true] {
             let mut books = Books::new(6, 1 << 20, Heartbeat::default());
             let (a, b) = (id(1), id(2));
-            books.request(request(1, 1));
+            assert!(books.request(request(1, 1)).is_none(), "no worker yet");
             books.ready(a.clone());
             let (to, r) = books.next_dispatch().expect("dispatched");
             assert_eq!(to, a);
@@ -452,7 +472,9 @@ mod model {
                         if !books.owned.contains(&key) {
                             forwarded.remove(&key);
                         }
-                        books.request(request(c, id));
+                        if let Some((worker, request)) = books.request(request(c, id)) {
+                            books.handed(&worker, request);
+                        }
                     }
                     Event::Ready(w) => books.ready(id(w)),
                     Event::Dispatch { refuse_every } => {

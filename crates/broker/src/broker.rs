@@ -214,7 +214,11 @@ impl Broker {
         let Ok(msg) = msg else { return };
         let peer = msg.get(0).cloned().unwrap_or_default();
         match Request::parse(msg) {
-            Ok(request) => self.books.request(request),
+            Ok(request) => {
+                if let Some((worker_id, request)) = self.books.request(request) {
+                    self.send_to_worker(worker_id, request);
+                }
+            }
             Err(e) => {
                 self.books.stats.bad_frontend += 1;
                 tracing::warn!(peer = %frames::show(&peer), error = %e, "bad message from client dropped");
@@ -263,11 +267,15 @@ impl Broker {
     /// Hands queued requests to idle workers, least recently used first.
     fn dispatch(&mut self) {
         while let Some((worker_id, request)) = self.books.next_dispatch() {
-            match try_send(&mut self.backend, request.to_worker(&worker_id)) {
-                Sent::Queued => self.books.handed(&worker_id, request),
-                Sent::Stalled => self.books.not_handed(&worker_id, request, "not reading"),
-                Sent::Failed(_) => self.books.not_handed(&worker_id, request, "send failed"),
-            }
+            self.send_to_worker(worker_id, request);
+        }
+    }
+
+    fn send_to_worker(&mut self, worker_id: Bytes, request: Request) {
+        match try_send(&mut self.backend, request.to_worker(&worker_id)) {
+            Sent::Queued => self.books.handed(&worker_id, request),
+            Sent::Stalled => self.books.not_handed(&worker_id, request, "not reading"),
+            Sent::Failed(_) => self.books.not_handed(&worker_id, request, "send failed"),
         }
     }
 
