@@ -361,3 +361,60 @@ async fn a_flooding_client_does_not_delay_the_others() {
     assert_eq!(other.retries, 0, "{other:?}");
     stop_broker(broker).await;
 }
+
+/// Found by the 30-minute soak: a worker hung (SIGSTOP) while it holds a request is purged and
+/// the request goes to a second worker; when the hung one resumes, its late reply answers the
+/// client, and the second worker's reply to the same request must not reach the client again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_workers_late_reply_and_the_requeued_copy_answer_the_client_once() {
+    let _g = heavy().await;
+    let test = "late-reply-requeued";
+    // Liveness 3 x 200 ms: a worker silent for 0.6 s is purged.
+    let hb = ["--heartbeat-ms", "200"];
+    let (broker, frontend, backend) = broker(test, &[&hb[..], &["--json"]].concat()).await;
+    let work = ["--work-ms", "3000"];
+    let hung = ready_worker(
+        test,
+        &backend,
+        &[&hb[..], &work, &["--id", "hung"]].concat(),
+    )
+    .await;
+    let mut dealer = raw_client(&frontend).await;
+    send_body(&mut dealer, "once").await;
+    let counters = |what: &'static str, done: fn(&lab::broker_stats::Counters) -> bool| {
+        lab::broker_stats::wait_for(&broker, Duration::from_secs(20), what, done)
+    };
+    counters("the request dispatched", |c| c.get("dispatched") == 1)
+        .await
+        .expect("the first worker holds the request");
+    hung.signal(Signal::SIGSTOP).expect("SIGSTOP");
+    let _spare = ready_worker(
+        test,
+        &backend,
+        &[&hb[..], &work, &["--id", "spare"]].concat(),
+    )
+    .await;
+    counters("purged and dispatched again", |c| {
+        c.get("purged") >= 1 && c.get("dispatched") == 2
+    })
+    .await
+    .expect("the hung worker purged, its request with the spare");
+    // Its 3 s of work are over by now or soon: the late reply goes out as it resumes, about two
+    // seconds before the spare's.
+    hung.signal(Signal::SIGCONT).expect("SIGCONT");
+    let mut replies = Vec::new();
+    while let Some(reply) = recv_reply(&mut dealer, Duration::from_secs(6)).await {
+        replies.push(reply);
+    }
+    assert_eq!(
+        replies,
+        [("once".to_string(), "hung".to_string())],
+        "one reply, the late one"
+    );
+    let stats = stop_broker(broker).await;
+    assert_eq!(
+        (stats.replies_out, stats.stale_replies),
+        (1, 1),
+        "the spare's reply dropped: {stats:?}"
+    );
+}
