@@ -446,7 +446,10 @@ impl Pipe {
             if self.batch_started.elapsed() > Duration::from_secs(180) {
                 // Counted as failed when judged below.
                 failures.push(format!("pipeline batch {} stuck for 180 s", self.batch));
-                snapshot_sockets(&logs.join(format!("stuck-batch-{}.txt", self.batch)));
+                snapshot(
+                    master.pid(),
+                    &logs.join(format!("stuck-batch-{}.txt", self.batch)),
+                );
                 master.kill().await?;
             } else {
                 return Ok(());
@@ -507,9 +510,16 @@ impl Pipe {
         let _ = std::fs::remove_dir_all(&output);
     }
 
-    async fn finish(&mut self, failures: &mut Vec<String>) -> Result<()> {
+    async fn finish(&mut self, logs: &Path, failures: &mut Vec<String>) -> Result<()> {
         if let Some(master) = &mut self.master {
-            let status = master.wait(Duration::from_secs(180)).await?;
+            let status = master.wait(Duration::from_secs(180)).await;
+            if status.is_err() {
+                snapshot(
+                    master.pid(),
+                    &logs.join(format!("stuck-batch-{}.txt", self.batch)),
+                );
+            }
+            let status = status?;
             let summary: Result<Value> = master.json();
             self.judge(status, summary, failures);
             self.master = None;
@@ -518,15 +528,24 @@ impl Pipe {
     }
 }
 
-/// Every TCP socket on the machine with its owner and queues (`ss -tanpi`), kept beside the
-/// logs when a batch is stuck, to tell a master that stopped accepting from a link that hangs.
-fn snapshot_sockets(path: &Path) {
-    match std::process::Command::new("ss").arg("-tanpi").output() {
-        Ok(out) => {
-            let _ = std::fs::write(path, out.stdout);
+/// What a stuck master was doing, kept beside the logs: every TCP socket on the machine with its
+/// owner and queues (`ss -tanpi`, to tell a master that stopped accepting from a link that
+/// hangs) and, where gdb is installed, the stack of each of its threads.
+fn snapshot(pid: i32, path: &Path) {
+    let pid = pid.to_string();
+    let commands: [(&str, &[&str]); 2] = [
+        ("ss", &["-tanpi"]),
+        ("gdb", &["-batch", "-p", &pid, "-ex", "thread apply all bt"]),
+    ];
+    let mut text = Vec::new();
+    for (program, args) in commands {
+        text.extend(format!("$ {program} {}\n", args.join(" ")).into_bytes());
+        match std::process::Command::new(program).args(args).output() {
+            Ok(out) => text.extend(out.stdout),
+            Err(e) => text.extend(format!("cannot run {program}: {e}\n").into_bytes()),
         }
-        Err(e) => tracing::warn!(error = %e, "cannot run ss for the stuck batch"),
     }
+    let _ = std::fs::write(path, text);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1223,7 +1242,7 @@ pub async fn run(lab: &Lab, config: &SoakConfig) -> Result<Verdict> {
     if let Err(e) = soak.queue.finish(&mut soak.failures).await {
         soak.fail(format!("the last client rounds: {e:#}"));
     }
-    if let Err(e) = soak.pipe.finish(&mut soak.failures).await {
+    if let Err(e) = soak.pipe.finish(&soak.logs, &mut soak.failures).await {
         soak.fail(format!("the last pipeline batch: {e:#}"));
     }
     if let Err(e) = soak.pubsub.finish(&mut v).await {
