@@ -512,14 +512,19 @@ impl Pipe {
 
     async fn finish(&mut self, logs: &Path, failures: &mut Vec<String>) -> Result<()> {
         if let Some(master) = &mut self.master {
-            let status = master.wait(Duration::from_secs(180)).await;
-            if status.is_err() {
-                snapshot(
-                    master.pid(),
-                    &logs.join(format!("stuck-batch-{}.txt", self.batch)),
-                );
-            }
-            let status = status?;
+            let status = match master.wait(Duration::from_secs(180)).await {
+                Ok(status) => status,
+                Err(_) => {
+                    // Stuck: counted as a failed batch (its images lost), as during the run.
+                    failures.push(format!("pipeline batch {} stuck for 180 s", self.batch));
+                    snapshot(
+                        master.pid(),
+                        &logs.join(format!("stuck-batch-{}.txt", self.batch)),
+                    );
+                    master.kill().await?;
+                    master.wait(EXIT_WITHIN).await?
+                }
+            };
             let summary: Result<Value> = master.json();
             self.judge(status, summary, failures);
             self.master = None;
