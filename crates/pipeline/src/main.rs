@@ -77,7 +77,10 @@ enum TransferArg {
     Inline,
 }
 
-#[tokio::main]
+// One thread, like every role on zmq.rs: the library takes its peer-map locks both
+// asynchronously (held across awaits) and with blocking calls, and on a multi-threaded
+// runtime the two can deadlock every worker thread (docs/architecture.md, "One thread").
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args: Args = common::cli::parse_with_guard_defaults(
         pipeline::master::DEFAULT_MAX_MESSAGE_BYTES,

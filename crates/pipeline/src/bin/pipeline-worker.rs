@@ -50,7 +50,10 @@ struct Args {
     reconnect: ReconnectArgs,
 }
 
-#[tokio::main]
+// One thread, like every role on zmq.rs: the library takes its peer-map locks both
+// asynchronously (held across awaits) and with blocking calls, and on a multi-threaded
+// runtime the two can deadlock every worker thread (docs/architecture.md, "One thread").
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = Args::parse();
     common::logging::init("pipeline=info,common=info");
