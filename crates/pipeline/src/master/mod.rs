@@ -26,6 +26,7 @@ use bytes::Bytes;
 use common::guard::{GuardStats, Limits, Mode};
 use common::heartbeat::Heartbeat;
 use common::send::Sent;
+use common::watchdog::Watchdog;
 use common::CancellationToken;
 use futures::FutureExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -43,6 +44,10 @@ use ventilator::{TaskSource, Ventilator};
 
 /// Reports handled in a row when they are already waiting, before the next `select!` turn.
 const DRAIN: usize = 64;
+
+/// How long the batch loop may stall before the process exits (`common::watchdog`): far above
+/// the slowest file operation it awaits.
+const WATCHDOG: Duration = Duration::from_secs(30);
 
 /// How image bytes reach workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -468,7 +473,12 @@ impl Master<'_> {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_beat = Instant::now() - self.cfg.heartbeat.interval;
+        // The tick turns this loop ten times a second; one that stops turning (a frozen runtime,
+        // a file operation that never returns) ends the process with status 70 rather than
+        // leaving a master that workers wait on forever.
+        let watchdog = Watchdog::spawn("master", WATCHDOG.max(self.cfg.heartbeat.expiry()));
         while !self.books.is_complete() {
+            watchdog.pet();
             tokio::select! {
                 () = cancel.cancelled() => return false,
                 (report, image) = self.sink.recv() => {
