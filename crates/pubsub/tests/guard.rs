@@ -124,23 +124,8 @@ async fn bad_peers_are_cut_off_on_both_proxy_sockets_and_updates_still_flow() {
     assert_eq!(stats.bad_xpub, bad, "{stats:?}");
     assert!(stats.topics.is_empty(), "no junk forwarded: {stats:?}");
 
-    let mut s = subscriber(&logs, "sub", &px.xpub, "10001", &["--count", "50"]).await;
-    let mut p = publisher(
-        &logs,
-        "p1",
-        &px.xsub,
-        &[
-            "--zips",
-            "10001",
-            "--rate",
-            "500",
-            "--wait-subscriber-ms",
-            "20000",
-        ],
-    );
-    let s: SubscriberSummary = summary(&mut s).await;
+    let s = serves(&logs, &px, 50).await;
     assert_eq!((s.received, s.gaps), (50, 0));
-    let _: PublisherSummary = stop(&mut p).await;
 
     let last: pubsub::ProxyStats = stop(&mut px.proc).await;
     assert_eq!(last.guard_refused, guarded, "{last:?}");
@@ -184,19 +169,7 @@ async fn a_subscriber_that_stops_reading_costs_the_others_nothing_and_is_cut() {
         .await
         .expect("subscribe");
     // Then never read.
-    let mut p = publisher(
-        &logs,
-        "p1",
-        &px.xsub,
-        &[
-            "--zips",
-            "10001",
-            "--rate",
-            "50000",
-            "--wait-subscriber-ms",
-            "20000",
-        ],
-    );
+    let mut p = feed(&logs, "p1", &px.xsub, "10001", 50_000, &[]);
     let mut s = subscriber(&logs, "sub", &px.xpub, "10001", &["--count", "20000"]).await;
     let mut peak = before;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -241,27 +214,12 @@ async fn without_the_guard_nine_bytes_abort_the_proxy_through_its_xsub() {
     let logs = logs("unguarded");
     let mut px = proxy(&logs, "proxy", LOOPBACK, LOOPBACK, &["--guard", "never"]).await;
     send_raw(&px.xpub, &[greeting(), nine_bytes()].concat()).await;
-    let mut s = subscriber(&logs, "sub", &px.xpub, "10001", &["--count", "20"]).await;
-    let mut p = publisher(
-        &logs,
-        "p1",
-        &px.xsub,
-        &[
-            "--zips",
-            "10001",
-            "--rate",
-            "500",
-            "--wait-subscriber-ms",
-            "20000",
-        ],
-    );
-    let s: SubscriberSummary = summary(&mut s).await;
+    let s = serves(&logs, &px, 20).await;
     assert_eq!(
         (s.received, s.gaps),
         (20, 0),
         "the XPUB survived and serves"
     );
-    let _: PublisherSummary = stop(&mut p).await;
     let xsub = px.xsub.clone();
     send_raw(&xsub, &[greeting(), nine_bytes()].concat()).await;
     let status = px.proc.wait(EXIT_WITHIN).await.expect("the proxy dies");

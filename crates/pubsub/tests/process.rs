@@ -77,19 +77,7 @@ async fn one_subscriber_leaving_keeps_the_topic_for_the_others() {
     let mut a = subscriber(&logs, "sub-a", &px.xpub, "10001", &[]).await;
     let mut b = subscriber(&logs, "sub-b", &px.xpub, "10001", &[]).await;
     await_topic(&px.proc, "10001", 2).await;
-    let mut p = publisher(
-        &logs,
-        "p1",
-        &px.xsub,
-        &[
-            "--zips",
-            "10001",
-            "--rate",
-            "200",
-            "--wait-subscriber-ms",
-            "20000",
-        ],
-    );
+    let mut p = feed(&logs, "p1", &px.xsub, "10001", 200, &[]);
     p.ready(READY_WITHIN).await.expect("publisher ready");
     // Both receive for a while, then A leaves.
     await_stats(&px.proc, READY_WITHIN, |s| s.messages_out >= 100).await;
@@ -126,21 +114,7 @@ async fn proxy_restart_is_recovered_and_gaps_are_exact() {
     let mut px = proxy(&logs, "proxy", LOOPBACK, LOOPBACK, &[]).await;
     let (xsub, xpub) = (px.xsub.clone(), px.xpub.clone());
     let mut s = subscriber(&logs, "sub", &xpub, "10001,10002", &[]).await;
-    let mut p = publisher(
-        &logs,
-        "p1",
-        &xsub,
-        &[
-            "--zips",
-            "10001,10002",
-            "--rate",
-            "200",
-            "--count",
-            "1600",
-            "--wait-subscriber-ms",
-            "20000",
-        ],
-    );
+    let mut p = feed(&logs, "p1", &xsub, "10001,10002", 200, &["--count", "1600"]);
     p.ready(READY_WITHIN).await.expect("publisher ready");
     tokio::time::sleep(Duration::from_millis(2000)).await;
     px.proc.kill().await.expect("proxy killed");
@@ -213,23 +187,8 @@ async fn bad_input_is_counted_and_never_fatal() {
     let bad = await_stats(&px.proc, READY_WITHIN, |s| s.bad_xpub >= 4).await;
     assert_eq!(bad.topics.len(), 0, "no junk topic forwarded: {bad:?}");
     // Still serving.
-    let mut s = subscriber(&logs, "sub", &px.xpub, "10001", &["--count", "50"]).await;
-    let mut p = publisher(
-        &logs,
-        "p1",
-        &px.xsub,
-        &[
-            "--zips",
-            "10001",
-            "--rate",
-            "500",
-            "--wait-subscriber-ms",
-            "20000",
-        ],
-    );
-    let s: SubscriberSummary = summary(&mut s).await;
+    let s = serves(&logs, &px, 50).await;
     assert_eq!((s.received, s.gaps), (50, 0));
-    let _: PublisherSummary = stop(&mut p).await;
     drop(rogue);
 }
 

@@ -93,6 +93,32 @@ pub fn publisher(logs: &Path, name: &str, xsub: &str, extra: &[&str]) -> Proc {
     Proc::spawn(name, Path::new(PUBLISHER), &args, logs).expect("publisher")
 }
 
+/// A publisher of `zips` at `rate` updates/s that waits up to 20 s for a first subscriber.
+pub fn feed(logs: &Path, name: &str, xsub: &str, zips: &str, rate: u32, extra: &[&str]) -> Proc {
+    let rate = rate.to_string();
+    let mut args = vec![
+        "--zips",
+        zips,
+        "--rate",
+        &rate,
+        "--wait-subscriber-ms",
+        "20000",
+    ];
+    args.extend_from_slice(extra);
+    publisher(logs, name, xsub, &args)
+}
+
+/// Proves the proxy serves: a fresh subscriber of zip 10001 takes `count` updates from a fresh
+/// publisher at 500 updates/s. Returns what the subscriber counted.
+pub async fn serves(logs: &Path, px: &Proxy, count: u64) -> pubsub::SubscriberSummary {
+    let count = count.to_string();
+    let mut s = subscriber(logs, "sub", &px.xpub, "10001", &["--count", &count]).await;
+    let mut p = feed(logs, "p1", &px.xsub, "10001", 500, &[]);
+    let got = summary(&mut s).await;
+    let _: pubsub::PublisherSummary = stop(&mut p).await;
+    got
+}
+
 /// Waits for a child to exit 0 and reads its JSON summary.
 pub async fn summary<T: serde::de::DeserializeOwned>(proc: &mut Proc) -> T {
     let status = proc.wait(EXIT_WITHIN).await.expect("exits");
