@@ -40,6 +40,35 @@ async fn proxy(test: &str, xsub: &str, xpub: &str) -> (Proc, String, String) {
 }
 
 /// Runs `poll` to its end and returns its summary.
+/// Binds `socket` on a free loopback port; its endpoint.
+async fn bind_free<S: Socket>(socket: &mut S) -> String {
+    socket
+        .bind("tcp://127.0.0.1:0")
+        .await
+        .expect("bind")
+        .to_string()
+}
+
+/// `poll` on `xpub` (zip 10001) and `pull`, ticking every 100 ms for `secs` seconds, with a JSON
+/// summary and `extra` flags.
+fn spawn_poll(test: &str, xpub: &str, pull: &str, secs: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "--sub",
+        xpub,
+        "--zip",
+        "10001",
+        "--pull",
+        pull,
+        "--tick-ms",
+        "100",
+        "--duration-s",
+        secs,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    spawn(test, "poll", &args)
+}
+
 async fn finish(mut poll: Proc) -> Summary {
     let status = poll
         .wait(Duration::from_secs(120))
@@ -99,28 +128,8 @@ async fn both_sockets_are_served_while_one_floods() {
     let test = "poll-flood";
     let (_proxy, xsub, xpub) = proxy(test, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0").await;
     let mut push = PushSocket::new();
-    let pull_ep = push
-        .bind("tcp://127.0.0.1:0")
-        .await
-        .expect("bind")
-        .to_string();
-    let mut poll = spawn(
-        test,
-        "poll",
-        &[
-            "--sub",
-            &xpub,
-            "--zip",
-            "10001",
-            "--pull",
-            &pull_ep,
-            "--tick-ms",
-            "100",
-            "--duration-s",
-            "5",
-            "--json",
-        ],
-    );
+    let pull_ep = bind_free(&mut push).await;
+    let mut poll = spawn_poll(test, &xpub, &pull_ep, "5", &[]);
     poll.ready(READY).await.expect("poll ready");
     let mut publisher = spawn(
         test,
@@ -167,17 +176,9 @@ async fn pollout_waits_for_its_peer_without_blocking_the_other_branches() {
     let test = "poll-pollout";
     const TASKS: u64 = 3000;
     let mut publisher = PubSocket::new();
-    let sub_ep = publisher
-        .bind("tcp://127.0.0.1:0")
-        .await
-        .expect("bind")
-        .to_string();
+    let sub_ep = bind_free(&mut publisher).await;
     let mut push = PushSocket::new();
-    let pull_ep = push
-        .bind("tcp://127.0.0.1:0")
-        .await
-        .expect("bind")
-        .to_string();
+    let pull_ep = bind_free(&mut push).await;
     let sink_port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
@@ -297,30 +298,8 @@ async fn peers_that_die_and_come_back_do_not_stop_the_loop() {
     let test = "poll-restart";
     let (mut proxy1, xsub, xpub) = proxy(test, "tcp://127.0.0.1:0", "tcp://127.0.0.1:0").await;
     let mut push = PushSocket::new();
-    let pull_ep = push
-        .bind("tcp://127.0.0.1:0")
-        .await
-        .expect("bind")
-        .to_string();
-    let mut poll = spawn(
-        test,
-        "poll",
-        &[
-            "--sub",
-            &xpub,
-            "--zip",
-            "10001",
-            "--pull",
-            &pull_ep,
-            "--tick-ms",
-            "100",
-            "--duration-s",
-            "10",
-            "--reconnect-max-ms",
-            "300",
-            "--json",
-        ],
-    );
+    let pull_ep = bind_free(&mut push).await;
+    let mut poll = spawn_poll(test, &xpub, &pull_ep, "10", &["--reconnect-max-ms", "300"]);
     poll.ready(READY).await.expect("poll ready");
     let started = Instant::now();
     let mut publisher = spawn(
