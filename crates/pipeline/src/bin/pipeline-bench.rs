@@ -48,7 +48,9 @@ struct Args {
     dir: Option<PathBuf>,
 }
 
-#[tokio::main]
+// One thread, as the `pipeline` binary runs its master (the in-process baseline uses threads of
+// its own).
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = Args::parse();
     common::logging::init("pipeline=warn,common=warn");
