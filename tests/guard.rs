@@ -2,33 +2,12 @@
 //! oversized messages and empty-frame floods are cut off and counted, and everything else
 //! passes, our peers and libzmq's alike.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use broker::BrokerStats;
+use common::zmtp::send_raw;
 use integration::{broker, client, guarded_broker, heavy};
 use lab::Signal;
-
-/// Connects to `endpoint`, writes `bytes`, and waits (bounded) for the other side to close.
-fn send_raw(endpoint: &str, bytes: &[u8]) -> bool {
-    let addr = endpoint.trim_start_matches("tcp://");
-    let Ok(mut stream) = TcpStream::connect(addr) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    if stream.write_all(bytes).is_err() {
-        return true;
-    }
-    let mut sink = [0u8; 1024];
-    // The server's greeting may come first; a cut-off connection then reads 0 or fails.
-    loop {
-        match stream.read(&mut sink) {
-            Ok(0) | Err(_) => return true,
-            Ok(_) => continue,
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_guard_cuts_off_oversized_input_and_passes_the_rest() {

@@ -69,3 +69,24 @@ pub fn attacks() -> Vec<(&'static str, Vec<u8>)> {
         }),
     ]
 }
+
+/// Connects to `endpoint` (`tcp://host:port`), writes `bytes` and reads until the other side
+/// closes or 5 s pass. False if it could not connect. Blocking: for tests and tools.
+pub fn send_raw(endpoint: &str, bytes: &[u8]) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(endpoint.trim_start_matches("tcp://")) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    if stream.write_all(bytes).is_err() {
+        return true;
+    }
+    // The server's greeting may come first; a cut-off connection then reads 0 or fails.
+    let mut sink = [0u8; 1024];
+    while let Ok(n) = stream.read(&mut sink) {
+        if n == 0 {
+            break;
+        }
+    }
+    true
+}

@@ -7,31 +7,12 @@
 
 mod support;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
-use std::time::Duration;
 
-use common::zmtp::{self, greeting, huge_header as nine_bytes};
+use common::zmtp::{self, greeting, huge_header as nine_bytes, send_raw};
 
 use support::*;
-
-/// Connects to `endpoint`, writes `bytes`, and waits (bounded) for the other side to close.
-fn send_raw(endpoint: &str, bytes: &[u8]) -> bool {
-    let Ok(mut stream) = TcpStream::connect(endpoint.trim_start_matches("tcp://")) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    if stream.write_all(bytes).is_err() {
-        return true;
-    }
-    let mut sink = [0u8; 1024];
-    loop {
-        match stream.read(&mut sink) {
-            Ok(0) | Err(_) => return true,
-            Ok(_) => continue,
-        }
-    }
-}
 
 #[test]
 fn the_guard_cuts_off_bad_peers_on_every_master_socket_and_the_batch_completes() {
