@@ -445,12 +445,7 @@ impl Pipe {
             // A batch of a few seconds that takes minutes is stuck: that is a failure.
             if self.batch_started.elapsed() > Duration::from_secs(180) {
                 // Counted as failed when judged below.
-                failures.push(format!("pipeline batch {} stuck for 180 s", self.batch));
-                snapshot(
-                    master.pid(),
-                    &logs.join(format!("stuck-batch-{}.txt", self.batch)),
-                );
-                master.kill().await?;
+                give_up_stuck(self.batch, master, logs, failures).await?;
             } else {
                 return Ok(());
             }
@@ -516,12 +511,7 @@ impl Pipe {
                 Ok(status) => status,
                 Err(_) => {
                     // Stuck: counted as a failed batch (its images lost), as during the run.
-                    failures.push(format!("pipeline batch {} stuck for 180 s", self.batch));
-                    snapshot(
-                        master.pid(),
-                        &logs.join(format!("stuck-batch-{}.txt", self.batch)),
-                    );
-                    master.kill().await?;
+                    give_up_stuck(self.batch, master, logs, failures).await?;
                     master.wait(EXIT_WITHIN).await?
                 }
             };
@@ -531,6 +521,18 @@ impl Pipe {
         }
         Ok(())
     }
+}
+
+/// Records batch `batch` as stuck, keeps a [`snapshot`] of its master and kills it.
+async fn give_up_stuck(
+    batch: u64,
+    master: &mut Proc,
+    logs: &Path,
+    failures: &mut Vec<String>,
+) -> Result<()> {
+    failures.push(format!("pipeline batch {batch} stuck for 180 s"));
+    snapshot(master.pid(), &logs.join(format!("stuck-batch-{batch}.txt")));
+    master.kill().await
 }
 
 /// What a stuck master was doing, kept beside the logs: every TCP socket on the machine with its
