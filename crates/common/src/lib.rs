@@ -7,6 +7,7 @@
 //! - [`heartbeat`]: liveness bookkeeping for application-level heartbeats.
 //! - [`ready`]: the one `ready k=v ...` line a server prints on stdout, and its parser.
 //! - [`timeline`]: deliveries per 100 ms, for the lab's timelines.
+//! - [`wire`]: ZMTP 3 on a TCP stream, for the server sides written without zmq.rs.
 //! - [`zmtp`]: raw ZMTP 3 bytes, for the wire fuzzer and the tests that attack the roles.
 //! - [`logging`], [`shutdown`], [`cli`], [`watchdog`]: process plumbing every binary needs.
 
@@ -22,6 +23,7 @@ pub mod send;
 pub mod shutdown;
 pub mod timeline;
 pub mod watchdog;
+pub mod wire;
 pub mod zmtp;
 
 pub use tokio_util::sync::CancellationToken;

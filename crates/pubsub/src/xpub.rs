@@ -25,28 +25,29 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use bytes::Bytes;
+use common::wire::{self, command, parse_command, protocol_error, Reader};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use zeromq::ZmqMessage;
+
+pub use common::wire::encode;
 
 /// Largest frame, and message, a subscriber may send (subscriptions are short).
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Most frames in one message from a subscriber (a subscription is one frame): without a bound,
 /// empty frames with MORE set would grow the message forever at no size.
 pub const MAX_PARTS: usize = 64;
+/// The socket types that may connect.
+const SUBSCRIBERS: &[&[u8]] = &[b"SUB", b"XSUB"];
 /// A writer gathers queued messages into one write up to about this many bytes.
 const WRITE_BATCH: usize = 256 * 1024;
 /// How long a new connection has to complete its greeting and READY.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-const GREETING_LEN: usize = 64;
-const FLAG_MORE: u8 = 0x01;
-const FLAG_LONG: u8 = 0x02;
-const FLAG_COMMAND: u8 = 0x04;
 
 /// Settings of every subscriber connection.
 #[derive(Debug, Clone, Copy)]
@@ -77,200 +78,6 @@ pub enum PeerEvent {
     Message { id: u64, msg: ZmqMessage },
     /// Its connection ended.
     Left { id: u64 },
-}
-
-/// One message in ZMTP 3 wire form, encoded once and shared by every subscriber it goes to.
-pub fn encode(msg: &ZmqMessage) -> Bytes {
-    let frames = msg.iter().collect::<Vec<_>>();
-    let size: usize = frames.iter().map(|f| f.len() + 9).sum();
-    let mut out = BytesMut::with_capacity(size);
-    for (i, frame) in frames.iter().enumerate() {
-        let more = if i + 1 < frames.len() { FLAG_MORE } else { 0 };
-        put_frame(&mut out, more, frame);
-    }
-    out.freeze()
-}
-
-fn put_frame(out: &mut BytesMut, flags: u8, body: &[u8]) {
-    match u8::try_from(body.len()) {
-        Ok(len) => {
-            out.put_u8(flags);
-            out.put_u8(len);
-        }
-        Err(_) => {
-            out.put_u8(flags | FLAG_LONG);
-            out.put_u64(body.len() as u64);
-        }
-    }
-    out.put_slice(body);
-}
-
-fn greeting() -> [u8; GREETING_LEN] {
-    let mut g = [0u8; GREETING_LEN];
-    g[0] = 0xff;
-    g[8] = 0x01;
-    g[9] = 0x7f;
-    g[10] = 3; // ZMTP 3.0: libzmq then sends subscriptions as 0x01/0x00 messages
-    g[11] = 0;
-    g[12..16].copy_from_slice(b"NULL");
-    g
-}
-
-fn command(name: &str, body: &[u8]) -> Bytes {
-    let mut cmd = BytesMut::new();
-    cmd.put_u8(name.len() as u8);
-    cmd.put_slice(name.as_bytes());
-    cmd.put_slice(body);
-    let mut out = BytesMut::new();
-    put_frame(&mut out, FLAG_COMMAND, &cmd);
-    out.freeze()
-}
-
-fn ready() -> Bytes {
-    let mut props = BytesMut::new();
-    props.put_u8(b"Socket-Type".len() as u8);
-    props.put_slice(b"Socket-Type");
-    props.put_u32(4);
-    props.put_slice(b"XPUB");
-    command("READY", &props)
-}
-
-fn protocol_error(what: impl Into<String>) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, what.into())
-}
-
-/// One frame read from a subscriber.
-#[derive(Debug, PartialEq, Eq)]
-struct Frame {
-    flags: u8,
-    body: Bytes,
-}
-
-/// Takes one whole frame off the front of `buf`, if there is one. A header announcing more
-/// than [`MAX_FRAME`] is an error at once.
-fn next_frame(buf: &mut BytesMut) -> std::io::Result<Option<Frame>> {
-    let Some(&flags) = buf.first() else {
-        return Ok(None);
-    };
-    if flags & !(FLAG_MORE | FLAG_LONG | FLAG_COMMAND) != 0 {
-        return Err(protocol_error(format!("bad frame flags {flags:#04x}")));
-    }
-    let (header, len) = if flags & FLAG_LONG != 0 {
-        if buf.len() < 9 {
-            return Ok(None);
-        }
-        let len = u64::from_be_bytes(buf[1..9].try_into().expect("8 bytes"));
-        (9, usize::try_from(len).unwrap_or(usize::MAX))
-    } else {
-        if buf.len() < 2 {
-            return Ok(None);
-        }
-        (2, usize::from(buf[1]))
-    };
-    if len > MAX_FRAME {
-        return Err(protocol_error(format!("frame of {len} bytes")));
-    }
-    if buf.len() < header + len {
-        buf.reserve(header + len - buf.len());
-        return Ok(None);
-    }
-    buf.advance(header);
-    Ok(Some(Frame {
-        flags,
-        body: buf.split_to(len).freeze(),
-    }))
-}
-
-/// Reads frames from one connection.
-struct Reader {
-    read: OwnedReadHalf,
-    buf: BytesMut,
-}
-
-impl Reader {
-    async fn frame(&mut self) -> std::io::Result<Option<Frame>> {
-        loop {
-            if let Some(frame) = next_frame(&mut self.buf)? {
-                return Ok(Some(frame));
-            }
-            if self.read.read_buf(&mut self.buf).await? == 0 {
-                return if self.buf.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(std::io::ErrorKind::UnexpectedEof.into())
-                };
-            }
-        }
-    }
-}
-
-/// A command's name and body.
-fn parse_command(body: &Bytes) -> std::io::Result<(&[u8], &[u8])> {
-    let len = usize::from(
-        *body
-            .first()
-            .ok_or_else(|| protocol_error("empty command"))?,
-    );
-    if body.len() < 1 + len {
-        return Err(protocol_error("command name past its frame"));
-    }
-    Ok((&body[1..1 + len], &body[1 + len..]))
-}
-
-/// The value of property `name` in a READY command's body.
-fn property<'a>(mut props: &'a [u8], name: &[u8]) -> std::io::Result<Option<&'a [u8]>> {
-    let bad = || protocol_error("bad READY properties");
-    while let Some((&len, rest)) = props.split_first() {
-        let len = usize::from(len);
-        let key = rest.get(..len).ok_or_else(bad)?;
-        let rest = &rest[len..];
-        let size = rest.get(..4).ok_or_else(bad)?;
-        let size = u32::from_be_bytes(size.try_into().expect("4 bytes")) as usize;
-        let value = rest.get(4..4 + size).ok_or_else(bad)?;
-        if key.eq_ignore_ascii_case(name) {
-            return Ok(Some(value));
-        }
-        props = &rest[4 + size..];
-    }
-    Ok(None)
-}
-
-/// Greeting and READY; returns the reader, positioned after the peer's READY.
-async fn handshake(stream: TcpStream) -> std::io::Result<(Reader, OwnedWriteHalf)> {
-    let (mut read, mut write) = stream.into_split();
-    write.write_all(&greeting()).await?;
-    write.write_all(&ready()).await?;
-    let mut theirs = [0u8; GREETING_LEN];
-    read.read_exact(&mut theirs).await?;
-    if theirs[0] != 0xff || theirs[9] & 0x01 != 0x01 {
-        return Err(protocol_error("not a ZMTP greeting"));
-    }
-    if theirs[10] < 3 {
-        return Err(protocol_error(format!("ZMTP {}.x peer", theirs[10])));
-    }
-    if !theirs[12..32].starts_with(b"NULL\0") {
-        return Err(protocol_error("security mechanism other than NULL"));
-    }
-    let mut reader = Reader {
-        read,
-        buf: BytesMut::with_capacity(4096),
-    };
-    let frame = reader
-        .frame()
-        .await?
-        .ok_or_else(|| protocol_error("closed before READY"))?;
-    let (name, props) = parse_command(&frame.body)?;
-    if frame.flags & FLAG_COMMAND == 0 || name != b"READY" {
-        return Err(protocol_error("first frame is not READY"));
-    }
-    match property(props, b"Socket-Type")? {
-        Some(b"SUB" | b"XSUB") => Ok((reader, write)),
-        Some(other) => Err(protocol_error(format!(
-            "a {} cannot subscribe",
-            String::from_utf8_lossy(other)
-        ))),
-        None => Err(protocol_error("READY without Socket-Type")),
-    }
 }
 
 /// Accepts subscribers until `stop`; each connection gets a reader task (this function's
@@ -316,9 +123,9 @@ async fn connection(
     counters: Arc<PeerCounters>,
 ) {
     let _ = stream.set_nodelay(true);
-    let (mut reader, write) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(stream)).await
-    {
-        Ok(Ok(halves)) => halves,
+    let handshake = wire::handshake(stream, "XPUB", SUBSCRIBERS, MAX_FRAME);
+    let (mut reader, write) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(peer)) => (peer.reader, peer.write),
         Ok(Err(e)) => {
             counters.peer_errors.fetch_add(1, Relaxed);
             tracing::info!(peer = %addr, error = %e, "subscriber handshake failed");
@@ -380,7 +187,7 @@ async fn read_loop(
     let mut parts: Option<ZmqMessage> = None;
     let mut size = 0;
     while let Some(frame) = reader.frame().await? {
-        if frame.flags & FLAG_COMMAND != 0 {
+        if frame.is_command() {
             let (name, body) = parse_command(&frame.body)?;
             let msg = match name {
                 b"PING" => {
@@ -405,7 +212,7 @@ async fn read_loop(
         if size > MAX_FRAME {
             return Err(protocol_error(format!("message of over {MAX_FRAME} bytes")));
         }
-        let more = frame.flags & FLAG_MORE != 0;
+        let more = frame.more();
         match &mut parts {
             Some(msg) if msg.len() >= MAX_PARTS => {
                 return Err(protocol_error(format!(
@@ -488,53 +295,14 @@ async fn write_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn encodes_short_and_long_frames() {
-        let mut msg = ZmqMessage::from(Bytes::from_static(b"10001"));
-        msg.push_back(Bytes::from(vec![b'x'; 300]));
-        let wire = encode(&msg);
-        assert_eq!(&wire[..7], b"\x01\x0510001");
-        assert_eq!(wire[7], FLAG_LONG);
-        assert_eq!(&wire[8..16], &300u64.to_be_bytes());
-        assert_eq!(wire.len(), 7 + 9 + 300);
-    }
-
-    #[test]
-    fn decodes_frames_split_anywhere() {
-        let mut wire = BytesMut::new();
-        put_frame(&mut wire, FLAG_MORE, b"\x01a");
-        put_frame(&mut wire, 0, &[7u8; 400]);
-        let wire = wire.freeze();
-        for cut in 0..wire.len() {
-            let mut buf = BytesMut::from(&wire[..cut]);
-            let mut got = Vec::new();
-            while let Some(f) = next_frame(&mut buf).expect("valid") {
-                got.push(f);
-            }
-            buf.extend_from_slice(&wire[cut..]);
-            while let Some(f) = next_frame(&mut buf).expect("valid") {
-                got.push(f);
-            }
-            assert_eq!(got.len(), 2, "cut at {cut}");
-            assert_eq!(got[0].body.as_ref(), b"\x01a");
-            assert_eq!(got[1].body.len(), 400);
-            assert!(buf.is_empty());
-        }
-    }
-
-    #[test]
-    fn refuses_a_huge_header_before_its_body() {
-        let mut buf = BytesMut::from(&[FLAG_LONG, 0x7f, 0, 0, 0, 0, 0, 0, 0][..]);
-        assert!(next_frame(&mut buf).is_err());
-        let mut buf = BytesMut::from(&[0x80, 1][..]);
-        assert!(next_frame(&mut buf).is_err(), "unknown flag bits");
-    }
+    use bytes::{BufMut, BytesMut};
+    use common::wire::{greeting, next_frame, Frame, FLAG_COMMAND, FLAG_LONG, FLAG_MORE, GREETING_LEN};
+    use tokio::io::AsyncReadExt;
 
     async fn read_frames(peer: &mut TcpStream, buf: &mut BytesMut, n: usize) -> Vec<Frame> {
         let mut got = Vec::new();
         while got.len() < n {
-            match next_frame(buf).expect("valid") {
+            match next_frame(buf, MAX_FRAME).expect("valid") {
                 Some(f) => got.push(f),
                 None => {
                     let read = tokio::time::timeout(Duration::from_secs(5), peer.read_buf(buf));
@@ -623,21 +391,5 @@ mod tests {
         assert!(matches!(left, Ok(Some(PeerEvent::Left { id: left })) if left == id));
         assert_eq!(counters.peer_errors.load(Relaxed), 1);
         stop.cancel();
-    }
-
-    #[test]
-    fn reads_ready_properties() {
-        let ready = ready();
-        let mut buf = BytesMut::from(&ready[..]);
-        let frame = next_frame(&mut buf).expect("valid").expect("whole");
-        assert_eq!(frame.flags, FLAG_COMMAND);
-        let (name, props) = parse_command(&frame.body).expect("command");
-        assert_eq!(name, b"READY");
-        assert_eq!(
-            property(props, b"socket-type").expect("props"),
-            Some(&b"XPUB"[..])
-        );
-        assert_eq!(property(props, b"Identity").expect("props"), None);
-        assert!(property(&[20, b'a'], b"x").is_err());
     }
 }
