@@ -98,8 +98,8 @@ async fn recv_reply(dealer: &mut DealerSocket, within: Duration) -> Option<(Stri
     (frames.len() == 3).then(|| (text(1), text(2)))
 }
 
-/// Case 1 and 2: a stock libzmq DEALER floods the broker and never reads, so its reply queue
-/// fills; then it is SIGKILLed. Others are served throughout, and the broker stops cleanly.
+/// Case 1 and 2: a stock libzmq DEALER floods the broker and never reads, so the replies waiting
+/// for it pass `--max-peer-bytes` and it is cut off; then it is SIGKILLed. Others are served throughout, and the broker stops cleanly.
 #[tokio::test(flavor = "multi_thread")]
 #[cfg_attr(
     no_pyzmq,
@@ -110,7 +110,7 @@ async fn a_client_that_stops_reading_starves_no_one_and_cannot_freeze_the_broker
     let _g = heavy().await;
     let test = "stalled-client";
     // A long heartbeat gives the bound sockets a long TCP user timeout (4 intervals), so the
-    // kernel does not cut the flooder first and the library's queue toward it fills.
+    // kernel does not cut the flooder first and the replies waiting for it pile up.
     let (broker, frontend, backend) = broker(
         test,
         &[
@@ -119,6 +119,9 @@ async fn a_client_that_stops_reading_starves_no_one_and_cannot_freeze_the_broker
             "500000",
             "--heartbeat-ms",
             "10000",
+            // 1 MiB of replies waiting for it (35,000 or so) and it is cut off.
+            "--max-peer-bytes",
+            "1048576",
         ],
     )
     .await;
@@ -145,7 +148,7 @@ async fn a_client_that_stops_reading_starves_no_one_and_cannot_freeze_the_broker
         .ready(Duration::from_secs(120))
         .await
         .expect("flooder sent everything");
-    // Wait until the broker reports replies dropped for the flooder: its queue is full.
+    // Wait until the broker reports the flooder cut off: over 1 MiB waited for it to read.
     let deadline = Instant::now() + Duration::from_secs(120);
     while stats_of(&broker).is_none_or(|s| s.stalled == 0) {
         assert!(

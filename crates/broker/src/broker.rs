@@ -12,17 +12,16 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::frames;
 use common::guard::GuardStats;
-use common::link::Monitor;
-use common::send::{try_send, Sent};
+use common::send::Sent;
 use common::watchdog::Watchdog;
-use futures::FutureExt;
 use tokio::time::{interval, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use zeromq::{RouterSocket, Socket, SocketRecv, ZmqMessage};
+use zeromq::ZmqMessage;
 
 use crate::books::{Books, ReplyFate};
 use crate::config::BrokerConfig;
 use crate::protocol::{self, FromWorker, Request, HEARTBEAT};
+use crate::router::{Event, Router};
 use crate::stats::BrokerStats;
 
 /// Messages handled from one socket in a row before the other gets its turn. Measured with
@@ -43,23 +42,24 @@ enum Side {
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error(transparent)]
-    Bind(#[from] common::guard::BindError),
-    #[error(transparent)]
     Endpoint(#[from] common::endpoint::EndpointError),
+    #[error("cannot serve {endpoint}: {source}")]
+    Serve {
+        endpoint: String,
+        source: std::io::Error,
+    },
 }
 
 /// A broker whose sockets are bound; [`Broker::run`] serves until cancelled.
 pub struct Broker {
     config: BrokerConfig,
-    frontend: RouterSocket,
-    backend: RouterSocket,
-    frontend_monitor: Monitor,
-    backend_monitor: Monitor,
+    frontend: Router,
+    backend: Router,
     /// Real endpoints (port 0 resolved).
     pub frontend_endpoint: String,
     pub backend_endpoint: String,
-    /// Counters of the guards in front of the sockets, if any.
-    guards: Vec<Arc<GuardStats>>,
+    /// Counters of the two sockets' limits.
+    guards: [Arc<GuardStats>; 2],
     books: Books,
 }
 
@@ -72,47 +72,35 @@ impl std::fmt::Debug for Broker {
     }
 }
 
-/// One bound ROUTER: the socket, its monitor, the endpoint peers use, the guard's counters.
-type Bound = (RouterSocket, Monitor, String, Option<Arc<GuardStats>>);
-
-async fn bind(endpoint: &str, config: &BrokerConfig) -> Result<Bound, BrokerError> {
+fn bind(endpoint: &str, config: &BrokerConfig) -> Result<Router, BrokerError> {
     // Keepalive and the user timeout let the kernel drop peers lost behind a partition or no
     // longer reading, releasing their queues.
     let keepalive = config.heartbeat.interval.max(Duration::from_secs(1));
-    let limits = common::guard::wanted(config.guard, endpoint)?.then_some(config.limits);
-    let mut socket = RouterSocket::new();
-    let monitor = Monitor::new(socket.monitor());
-    let (bound, guard) = common::guard::bind(&mut socket, endpoint, keepalive, limits).await?;
-    Ok((socket, monitor, bound, guard))
+    let listener = common::endpoint::bind_keepalive(endpoint, keepalive)?;
+    Router::serve(listener, config.limits).map_err(|source| BrokerError::Serve {
+        endpoint: endpoint.to_string(),
+        source,
+    })
 }
 
 impl Broker {
     /// Binds both sockets.
     pub async fn bind(config: BrokerConfig) -> Result<Self, BrokerError> {
-        let (frontend, frontend_monitor, frontend_endpoint, frontend_guard) =
-            bind(&config.frontend, &config).await?;
-        let (backend, backend_monitor, backend_endpoint, backend_guard) =
-            bind(&config.backend, &config).await?;
+        let frontend = bind(&config.frontend, &config)?;
+        let backend = bind(&config.backend, &config)?;
         tracing::info!(
-            frontend = %frontend_endpoint,
-            backend = %backend_endpoint,
-            guarded_frontend = frontend_guard.is_some(),
-            guarded_backend = backend_guard.is_some(),
+            frontend = %frontend.endpoint,
+            backend = %backend.endpoint,
             "broker bound"
         );
         Ok(Self {
             books: Books::new(config.max_queued, config.max_queued_bytes, config.heartbeat),
             config,
+            frontend_endpoint: frontend.endpoint.clone(),
+            backend_endpoint: backend.endpoint.clone(),
+            guards: [frontend.stats().clone(), backend.stats().clone()],
             frontend,
             backend,
-            frontend_monitor,
-            backend_monitor,
-            frontend_endpoint,
-            backend_endpoint,
-            guards: [frontend_guard, backend_guard]
-                .into_iter()
-                .flatten()
-                .collect(),
         })
     }
 
@@ -145,21 +133,13 @@ impl Broker {
             watchdog.pet();
             let handled = tokio::select! {
                 () = &mut cancelled => break,
-                msg = self.frontend.recv() => {
-                    self.on_frontend(msg);
+                event = self.frontend.recv() => {
+                    self.on_frontend(event);
                     1 + self.drain_ready(Side::Frontend)
                 }
-                msg = self.backend.recv() => {
-                    self.on_backend(msg);
+                event = self.backend.recv() => {
+                    self.on_backend(event);
                     1 + self.drain_ready(Side::Backend)
-                }
-                worker = self.backend_monitor.disconnected() => {
-                    self.books.purge(&worker, "disconnected");
-                    0
-                }
-                client = self.frontend_monitor.disconnected() => {
-                    self.books.forget_client(&client, "gone");
-                    0
                 }
                 _ = heartbeat.tick() => {
                     self.on_heartbeat();
@@ -194,24 +174,24 @@ impl Broker {
     /// many it handled.
     fn drain_ready(&mut self, side: Side) -> usize {
         for handled in 0..BATCH {
-            // `recv()` only takes a message the socket already has: when none is ready, nothing
-            // is lost by dropping the future, and the next `select!` polls the socket again
-            // with the task's own waker before the task sleeps.
-            let msg = match side {
-                Side::Frontend => self.frontend.recv().now_or_never(),
-                Side::Backend => self.backend.recv().now_or_never(),
+            let event = match side {
+                Side::Frontend => self.frontend.try_recv(),
+                Side::Backend => self.backend.try_recv(),
             };
-            match (side, msg) {
+            match (side, event) {
                 (_, None) => return handled,
-                (Side::Frontend, Some(msg)) => self.on_frontend(msg),
-                (Side::Backend, Some(msg)) => self.on_backend(msg),
+                (Side::Frontend, Some(event)) => self.on_frontend(event),
+                (Side::Backend, Some(event)) => self.on_backend(event),
             }
         }
         BATCH
     }
 
-    fn on_frontend(&mut self, msg: zeromq::ZmqResult<ZmqMessage>) {
-        let Ok(msg) = msg else { return };
+    fn on_frontend(&mut self, event: Event) {
+        let msg = match event {
+            Event::Message(msg) => msg,
+            Event::Gone(client) => return self.books.forget_client(&client, "gone"),
+        };
         let peer = msg.get(0).cloned().unwrap_or_default();
         match Request::parse(msg) {
             Ok(request) => {
@@ -226,8 +206,11 @@ impl Broker {
         }
     }
 
-    fn on_backend(&mut self, msg: zeromq::ZmqResult<ZmqMessage>) {
-        let Ok(msg) = msg else { return };
+    fn on_backend(&mut self, event: Event) {
+        let msg = match event {
+            Event::Message(msg) => msg,
+            Event::Gone(worker) => return self.books.purge(&worker, "disconnected"),
+        };
         let (worker_id, parsed) = FromWorker::parse(msg);
         match parsed {
             Ok(FromWorker::Ready) => self.books.ready(worker_id),
@@ -248,7 +231,7 @@ impl Broker {
     fn reply_to_client(&mut self, reply: ZmqMessage) {
         let client = reply.get(0).cloned().unwrap_or_default();
         let stats = &mut self.books.stats;
-        match try_send(&mut self.frontend, reply) {
+        match self.frontend.send(reply) {
             Sent::Queued => stats.replies_out += 1,
             Sent::Stalled => {
                 stats.undeliverable += 1;
@@ -272,7 +255,7 @@ impl Broker {
     }
 
     fn send_to_worker(&mut self, worker_id: Bytes, request: Request) {
-        match try_send(&mut self.backend, request.to_worker(&worker_id)) {
+        match self.backend.send(request.to_worker(&worker_id)) {
             Sent::Queued => self.books.handed(&worker_id, request),
             Sent::Stalled => self.books.not_handed(&worker_id, request, "not reading"),
             Sent::Failed(_) => self.books.not_handed(&worker_id, request, "send failed"),
@@ -284,7 +267,7 @@ impl Broker {
         for id in self.books.worker_ids() {
             let msg = frames::message_of(vec![id.clone(), Bytes::from_static(HEARTBEAT)]);
             // A full queue is not fatal: liveness decides, not one heartbeat.
-            let _ = try_send(&mut self.backend, msg);
+            let _ = self.backend.send(msg);
         }
     }
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use common::guard::{Limits, Mode};
+use common::guard::Limits;
 use common::heartbeat::Heartbeat;
 use common::link::Reconnect;
 
@@ -28,8 +28,7 @@ pub struct BrokerConfig {
     pub drain: Duration,
     /// How often to log a stats line.
     pub stats_every: Duration,
-    /// Which endpoints get a guard, and what it lets through.
-    pub guard: Mode,
+    /// What one peer may send, and make the broker hold (see [`crate::router`]).
     pub limits: Limits,
 }
 
@@ -44,7 +43,6 @@ impl Default for BrokerConfig {
             watchdog: Duration::from_secs(10),
             drain: Duration::from_secs(2),
             stats_every: Duration::from_secs(5),
-            guard: Mode::Auto,
             limits: Limits::default(),
         }
     }

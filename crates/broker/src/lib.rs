@@ -14,6 +14,7 @@ pub mod client;
 pub mod config;
 pub mod protocol;
 pub mod queue;
+pub mod router;
 pub mod stats;
 pub mod worker;
 

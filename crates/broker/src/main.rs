@@ -7,7 +7,7 @@ use std::time::Duration;
 use broker::config::{DEFAULT_BACKEND, DEFAULT_FRONTEND};
 use broker::{Broker, BrokerConfig};
 use clap::Parser;
-use common::cli::{GuardArgs, HeartbeatArgs};
+use common::cli::{HeartbeatArgs, LimitArgs};
 
 /// Shared-queue broker: ROUTER frontend for clients, ROUTER backend for RFC 6 workers.
 #[derive(Debug, Parser)]
@@ -22,7 +22,7 @@ struct Args {
     #[command(flatten)]
     heartbeat: HeartbeatArgs,
     #[command(flatten)]
-    guard: GuardArgs,
+    limits: LimitArgs,
     /// Requests waiting for a worker beyond this many are dropped (clients retry).
     #[arg(long, env = "BROKER_MAX_QUEUED", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     max_queued: u64,
@@ -63,8 +63,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         watchdog: Duration::from_secs(args.watchdog_secs),
         drain: Duration::from_millis(args.drain_ms),
         stats_every: Duration::from_secs(args.stats_secs),
-        guard: args.guard.guard,
-        limits: args.guard.limits(),
+        limits: args.limits.limits(),
     };
     let broker = Broker::bind(config).await?;
     common::ready::announce(&[

@@ -52,26 +52,33 @@ impl ReconnectArgs {
     }
 }
 
-/// Flags of a server's guard (message-size limit in front of its bound sockets).
+/// Flags of a server's guard (message-size limit in front of its bound zmq.rs sockets).
 #[derive(Debug, Clone, Args)]
 pub struct GuardArgs {
     /// Which bound endpoints get a guard that cuts off peers sending oversized frames or
     /// messages (auto: all but loopback endpoints).
     #[arg(long, env = "GUARD", value_enum, default_value_t = Mode::Auto)]
     pub guard: Mode,
-    /// Largest frame, and largest message, a peer may send through the guard.
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// What one peer may send to a server, and make it hold.
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// Largest frame, and largest message, a peer may send.
     #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(64..))]
     pub max_message_bytes: u64,
-    /// Most frames in one message through the guard.
+    /// Most frames in one message.
     #[arg(long, env = "MAX_FRAMES", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_frames: u32,
-    /// Bytes sent to one peer and not yet read by it that the guard holds at most; a peer that
-    /// lets more pile up (it stopped reading) is cut off.
+    /// Bytes sent to one peer and not yet read by it, at most; a peer that lets more pile up
+    /// (it stopped reading) is cut off.
     #[arg(long, env = "MAX_PEER_BYTES", default_value_t = 16 << 20, value_parser = clap::value_parser!(u64).range(1024..))]
     pub max_peer_bytes: u64,
 }
 
-impl GuardArgs {
+impl LimitArgs {
     pub fn limits(&self) -> Limits {
         Limits {
             max_message_bytes: self.max_message_bytes,
@@ -81,7 +88,7 @@ impl GuardArgs {
     }
 }
 
-/// Parses the command line of a binary that flattens [`GuardArgs`], with defaults of its own for
+/// Parses the command line of a binary that flattens [`LimitArgs`], with defaults of its own for
 /// `--max-message-bytes` and `--max-peer-bytes` (shown by `--help`); exits on bad flags as
 /// clap does.
 pub fn parse_with_guard_defaults<P: clap::Parser>(

@@ -228,13 +228,23 @@ pub async fn handshake(
     let (mut read, mut write) = stream.into_split();
     write.write_all(&greeting()).await?;
     write.write_all(&ready(socket_type)).await?;
+    // Checked as it comes: a peer that sends a few wrong bytes and waits is refused at once.
     let mut theirs = [0u8; GREETING_LEN];
-    read.read_exact(&mut theirs).await?;
-    if theirs[0] != 0xff || theirs[9] & 0x01 != 0x01 {
-        return Err(protocol_error("not a ZMTP greeting"));
-    }
-    if theirs[10] < 3 {
-        return Err(protocol_error(format!("ZMTP {}.x peer", theirs[10])));
+    let mut have = 0;
+    while have < GREETING_LEN {
+        let n = read.read(&mut theirs[have..]).await?;
+        if n == 0 {
+            return Err(protocol_error(format!(
+                "greeting cut short after {have} bytes"
+            )));
+        }
+        have += n;
+        if theirs[0] != 0xff || (have > 9 && theirs[9] & 0x01 != 0x01) {
+            return Err(protocol_error("not a ZMTP greeting"));
+        }
+        if have > 10 && theirs[10] < 3 {
+            return Err(protocol_error(format!("ZMTP {}.x peer", theirs[10])));
+        }
     }
     if !theirs[12..32].starts_with(b"NULL\0") {
         return Err(protocol_error("security mechanism other than NULL"));

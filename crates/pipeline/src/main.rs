@@ -112,7 +112,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .max(args.local_workers as usize),
         progress: !args.no_progress && std::io::stderr().is_terminal(),
         guard: args.guard.guard,
-        limits: args.guard.limits(),
+        limits: args.guard.limits.limits(),
     };
     let cancel = common::shutdown::on_signals();
     let locals = cancel.child_token();

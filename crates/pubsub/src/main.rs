@@ -69,7 +69,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         watchdog: Duration::from_secs(args.watchdog_secs),
         stats_every: Duration::from_secs(args.stats_secs),
         guard: args.guard.guard,
-        limits: args.guard.limits(),
+        limits: args.guard.limits.limits(),
     };
     let proxy = Proxy::bind(config).await?;
     common::ready::announce(&[
