@@ -3,8 +3,8 @@
 //! This file moves messages; [`crate::books`] decides where they go (per-client queues served
 //! in turn, least-recently-used worker credits, merged retries, re-queue on purge). Heartbeats
 //! go to every worker each interval; a worker silent for `interval x liveness`, or whose
-//! connection closes, is purged. Nothing the loop sends ever waits on a peer: a peer that
-//! stopped reading is skipped at once (see `common::send`).
+//! connection closes, is purged. Both ROUTERs are our own ([`crate::router`]): nothing the loop
+//! sends ever waits on a peer, and a peer that stopped reading is cut off at its byte bound.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,11 +25,12 @@ use crate::router::{Event, Router};
 use crate::stats::BrokerStats;
 
 /// Messages handled from one socket in a row before the other gets its turn. Measured with
-/// libzmq's client and workers holding 64 requests each (docs/performance.md): 16 gave a
-/// quarter of the throughput of 256, 64 two thirds; beyond 256 nothing more.
+/// libzmq's client and workers holding 64 requests each, on zmq.rs's sockets then
+/// (docs/performance.md): 16 gave a quarter of the throughput of 256, 64 two thirds; beyond 256
+/// nothing more.
 const BATCH: usize = 256;
 
-/// Messages handled between two yields to the library's reader and writer tasks.
+/// Messages handled between two yields to the sockets' reader and writer tasks.
 const YIELD_EVERY: usize = 256;
 
 #[derive(Debug, Clone, Copy)]
@@ -153,10 +154,11 @@ impl Broker {
                 }
             };
             self.dispatch();
-            // zmq.rs's sockets are not part of tokio's cooperative budget: with a client
-            // flooding the frontend, `recv()` is always ready and this task would never yield,
-            // starving the library's writer tasks on this one thread (measured: workers heard
-            // nothing for 4 s and reconnected). So it yields once every `YIELD_EVERY` messages.
+            // Draining a socket with `try_recv` spends none of tokio's cooperative budget: with
+            // a client flooding the frontend this task would never yield, starving the
+            // connections' writer tasks on this one thread (measured on zmq.rs's sockets:
+            // workers heard nothing for 4 s and reconnected). So it yields once every
+            // `YIELD_EVERY` messages.
             since_yield += handled;
             if since_yield >= YIELD_EVERY {
                 since_yield = 0;

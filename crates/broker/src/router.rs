@@ -44,8 +44,9 @@ use zeromq::{ZmqError, ZmqMessage};
 
 /// How long a new connection has to complete its greeting and READY.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Batches of messages waiting for the broker, per socket: beyond, the readers wait.
-const INBOUND_BATCHES: usize = 256;
+/// Batches of messages waiting for the broker, per socket (a batch is what one read of one
+/// connection held): beyond, the readers wait, and the kernel pushes back on their peers.
+const INBOUND_BATCHES: usize = 64;
 /// The socket types a ROUTER talks to.
 const PEERS: &[&[u8]] = &[b"DEALER", b"REQ", b"ROUTER"];
 

@@ -33,9 +33,11 @@ pub struct BrokerStats {
     pub bad_frontend: u64,
     /// Malformed messages from workers.
     pub bad_backend: u64,
-    /// Connections the guards cut off (oversized frames or messages, not ZMTP).
+    /// Connections the sockets cut off for breaking the limits (oversized frames or messages,
+    /// too many frames, not ZMTP 3, a handshake not done in time). The name is the one the
+    /// roles behind `common::guard` report.
     pub guard_refused: u64,
-    /// Connections the guards cut off because more than `--max-peer-bytes` waited for the peer
+    /// Connections the sockets cut off because more than `--max-peer-bytes` waited for the peer
     /// to read (a client not reading its replies, a worker not reading its requests).
     #[serde(default)]
     pub guard_stalled: u64,
