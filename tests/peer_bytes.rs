@@ -1,11 +1,10 @@
 //! What one peer can make the broker hold, in bytes. A client that sends requests of 200 kB and
-//! never reads the replies: behind the guard (`--guard always`), the replies waiting for it are
-//! held by the guard up to `--max-peer-bytes` (8 MiB here), then the client is cut off
-//! (`guard_stalled`), the broker's memory stays within a stated figure and it goes on serving
-//! everyone else. Without the guard the library's per-peer queue (100,000 messages, whatever
-//! their size) holds every reply until the kernel gives up on the connection:
-//! `PEER_BYTES_GUARD=never cargo test -p integration --test peer_bytes -- --nocapture` prints
-//! that figure (and fails the bound).
+//! never reads the replies: the broker's ROUTER holds the replies waiting for it up to
+//! `--max-peer-bytes` (8 MiB here), then cuts the client off (`guard_stalled`, and the reply
+//! refused counts as `stalled`); the broker's memory stays within a stated figure and it goes
+//! on serving everyone else. The same for a worker that never reads its requests: cut off,
+//! purged, its requests given to another. (zmq.rs's ROUTER, which the broker used before, held
+//! up to 100,000 messages per peer whatever their size: every reply, +115 MiB here.)
 
 use std::time::Duration;
 
@@ -48,12 +47,9 @@ fn requests() -> Vec<Vec<u8>> {
 async fn a_client_that_never_reads_is_cut_at_max_peer_bytes_and_the_broker_stays_small() {
     let _g = heavy().await;
     let test = "peer-bytes";
-    let mode = std::env::var("PEER_BYTES_GUARD").unwrap_or_else(|_| "always".into());
     let (mut broker, frontend, backend) = broker(
         test,
         &[
-            "--guard",
-            &mode,
             "--max-peer-bytes",
             "8388608",
             "--max-queued-bytes",
@@ -97,7 +93,7 @@ async fn a_client_that_never_reads_is_cut_at_max_peer_bytes_and_the_broker_stays
         peak = peak.max(rss_kib(broker.pid()));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Then a while longer: replies may still be on their way to the guard or the queue.
+    // Then a while longer: replies may still be on their way to the client's outbox.
     for _ in 0..50 {
         peak = peak.max(rss_kib(broker.pid()));
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -117,30 +113,28 @@ async fn a_client_that_never_reads_is_cut_at_max_peer_bytes_and_the_broker_stays
         0
     };
     eprintln!(
-        "--guard {mode}: {sent} of {REQUESTS} requests of {BODY} B written; broker RSS {before} KiB, peak {peak} KiB (+{} MiB); {stats:?}",
+        "{sent} of {REQUESTS} requests of {BODY} B written; broker RSS {before} KiB, peak {peak} KiB (+{} MiB); {stats:?}",
         (peak - before) / 1024
     );
     assert_eq!(stats.guard_stalled, 1, "the client cut off: {stats:?}");
-    // 8 MiB held for the client, 4 MiB of queued requests at most, buffers in flight. Measured:
-    // +9 MiB with the guard, +115 MiB without (every reply held).
+    assert_eq!(stats.stalled, 1, "the reply that found it full: {stats:?}");
+    // 8 MiB held for the client (twice that at most: its outbox and the write in progress),
+    // 4 MiB of queued requests at most, buffers in flight. Measured (debug build): +8 MiB.
     assert!(
         peak < before + 24 * 1024,
         "RSS grew from {before} KiB to {peak} KiB"
     );
 }
 
-/// A worker that announces room for 200 requests and never reads them: behind the guard, the
-/// requests waiting for it are held up to `--max-peer-bytes`, then it is cut off; the broker
+/// A worker that announces room for 200 requests and never reads them: the requests waiting for
+/// it are held up to `--max-peer-bytes`, then it is cut off; the broker
 /// purges it and gives its requests to the real worker, and the client loses none.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_that_never_reads_is_cut_at_max_peer_bytes_and_its_requests_go_elsewhere() {
     let _g = heavy().await;
     let test = "peer-bytes-worker";
-    let (mut broker, frontend, backend) = broker(
-        test,
-        &["--guard", "always", "--max-peer-bytes", "8388608", "--json"],
-    )
-    .await;
+    let (mut broker, frontend, backend) =
+        broker(test, &["--max-peer-bytes", "8388608", "--json"]).await;
     let before = rss_kib(broker.pid());
     // The rogue first, so that it holds most of the credits when the requests come.
     let mut rogue_bytes = [zmtp::greeting(), zmtp::ready("DEALER")].concat();

@@ -173,16 +173,11 @@ pub fn require_pyzmq() {
     );
 }
 
-/// A broker with its guard on both sockets (64 KiB limit, `--json` counters) and one ready
-/// worker of capacity `capacity`: broker, worker, frontend, backend.
-pub async fn guarded_broker(test: &str, capacity: u32) -> (Proc, Proc, String, String) {
-    let flags = [
-        "--guard",
-        "always",
-        "--max-message-bytes",
-        "65536",
-        "--json",
-    ];
+/// A broker with a 64 KiB message limit (enforced by its own ROUTERs on both sockets, loopback
+/// too: there is no switch), `--json` counters, and one ready worker of capacity `capacity`:
+/// broker, worker, frontend, backend.
+pub async fn limited_broker(test: &str, capacity: u32) -> (Proc, Proc, String, String) {
+    let flags = ["--max-message-bytes", "65536", "--json"];
     let (broker, frontend, backend) = broker(test, &flags).await;
     let mut w = worker(test, &backend, &["--capacity", &capacity.to_string()]);
     w.ready(Duration::from_secs(20))

@@ -47,6 +47,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Batches of messages waiting for the broker, per socket (a batch is what one read of one
 /// connection held): beyond, the readers wait, and the kernel pushes back on their peers.
 const INBOUND_BATCHES: usize = 64;
+/// A writer keeps a buffer of at most this much capacity between writes.
+const SPARE_BYTES: usize = 1 << 20;
 /// The socket types a ROUTER talks to.
 const PEERS: &[&[u8]] = &[b"DEALER", b"REQ", b"ROUTER"];
 
@@ -99,6 +101,27 @@ impl Outbox {
     fn close(&self) {
         self.closed.store(true, Relaxed);
         self.cut.cancel();
+    }
+
+    /// Appends `size` bytes written by `put` and wakes the writer; or, if bytes are waiting
+    /// already and these would take them over `limit`, closes the outbox (the connection is
+    /// cut) and says how many were waiting.
+    fn push(&self, size: usize, limit: u64, put: impl FnOnce(&mut BytesMut)) -> Result<(), usize> {
+        let mut buf = self.buf.lock().expect("outbox lock");
+        let was_empty = buf.is_empty();
+        if !was_empty && (buf.len() + size) as u64 > limit {
+            let waiting = buf.len();
+            drop(buf);
+            self.close();
+            return Err(waiting);
+        }
+        buf.reserve(size);
+        put(&mut buf);
+        drop(buf);
+        if was_empty {
+            self.wake.notify_one();
+        }
+        Ok(())
     }
 }
 
@@ -190,7 +213,8 @@ impl Router {
     }
 
     /// Queues `msg` (routing id first) for its peer; never waits. A peer with more than
-    /// `max_peer_bytes` already waiting is cut off and the message dropped (`Stalled`).
+    /// `max_peer_bytes` already waiting is cut off and the message dropped (`Stalled`). (What
+    /// one peer pins is then at most twice that: the outbox, and the write in progress.)
     pub fn send(&mut self, msg: ZmqMessage) -> Sent {
         let Some(peer) = msg.get(0).and_then(|id| self.peers.get(id)) else {
             return Sent::Failed(ZmqError::Other("no such peer"));
@@ -200,27 +224,21 @@ impl Router {
             return Sent::Failed(ZmqError::Other("peer gone"));
         }
         let size: usize = msg.iter().skip(1).map(|f| f.len() + 9).sum();
-        let mut buf = outbox.buf.lock().expect("outbox lock");
-        let was_empty = buf.is_empty();
-        if !was_empty && (buf.len() + size) as u64 > self.limits.max_peer_bytes {
-            let waiting = buf.len();
-            drop(buf);
-            outbox.close();
-            self.stats.stalled.fetch_add(1, Relaxed);
-            tracing::warn!(
-                peer = %common::frames::show(&msg.get(0).cloned().unwrap_or_default()),
-                waiting,
-                "peer not reading: cut off"
-            );
-            return Sent::Stalled;
+        let queued = outbox.push(size, self.limits.max_peer_bytes, |buf| {
+            wire::put_message(buf, msg.iter().skip(1));
+        });
+        match queued {
+            Ok(()) => Sent::Queued,
+            Err(waiting) => {
+                self.stats.stalled.fetch_add(1, Relaxed);
+                tracing::warn!(
+                    peer = %common::frames::show(&msg.get(0).cloned().unwrap_or_default()),
+                    waiting,
+                    "peer not reading: cut off"
+                );
+                Sent::Stalled
+            }
         }
-        buf.reserve(size);
-        wire::put_message(&mut buf, msg.iter().skip(1));
-        drop(buf);
-        if was_empty {
-            outbox.wake.notify_one();
-        }
-        Sent::Queued
     }
 }
 
@@ -344,14 +362,19 @@ impl Connection {
                 if frame.is_command() {
                     let (name, body) = parse_command(&frame.body)?;
                     if name == b"PING" {
-                        // Context after the 2-byte TTL, echoed back.
-                        let pong = command("PONG", body.get(2..).unwrap_or_default());
-                        outbox
-                            .buf
-                            .lock()
-                            .expect("outbox lock")
-                            .extend_from_slice(&pong);
-                        outbox.wake.notify_one();
+                        // The context after the 2-byte TTL is echoed back: at most 16 bytes
+                        // (RFC 37), so PINGs cannot make the PONGs a peer leaves unread grow
+                        // faster than they are sent, and those count toward its byte bound.
+                        let context = body.get(2..).unwrap_or_default();
+                        let pong = command("PONG", &context[..context.len().min(16)]);
+                        let pushed = outbox.push(pong.len(), self.limits.max_peer_bytes, |buf| {
+                            buf.extend_from_slice(&pong);
+                        });
+                        if let Err(waiting) = pushed {
+                            self.stats.stalled.fetch_add(1, Relaxed);
+                            tracing::warn!(peer = %self.addr, waiting, "peer not reading its PONGs: cut off");
+                            return Ok(());
+                        }
                     }
                     continue;
                 }
@@ -405,6 +428,10 @@ async fn write_loop(mut write: OwnedWriteHalf, outbox: Arc<Outbox>) {
             () = outbox.cut.cancelled() => break,
         }
         spare.clear();
+        // After a burst, give back what a quiet peer would keep for nothing.
+        if spare.capacity() > SPARE_BYTES {
+            spare = BytesMut::new();
+        }
     }
     outbox.close();
     let _ = socket2::SockRef::from(write.as_ref()).shutdown(std::net::Shutdown::Both);
@@ -560,6 +587,60 @@ mod tests {
         }
         assert!(matches!(router.send(message(&id, b"x")), Sent::Failed(_)));
         drop(raw);
+    }
+
+    /// PING is answered with PONG and its context (16 bytes at most); a peer that sends PINGs
+    /// and never reads the PONGs is cut off at its byte bound like any other.
+    #[tokio::test(flavor = "current_thread")]
+    async fn pings_get_pongs_within_the_byte_bound() {
+        let mut router = router(256 * 1024);
+        let endpoint = router.endpoint.trim_start_matches("tcp://").to_string();
+        let handshake = [zmtp::greeting(), zmtp::ready("DEALER")].concat();
+        let ping = |context: &[u8]| zmtp::frame(0x04, &[b"\x04PING\x00\x0a", context].concat());
+        let (one, flood) = (ping(&[b'c'; 40]), ping(b"x"));
+        let polite = tokio::task::spawn_blocking({
+            let (endpoint, handshake) = (endpoint.clone(), handshake.clone());
+            move || {
+                let mut peer = std::net::TcpStream::connect(endpoint).expect("connect");
+                peer.set_read_timeout(Some(Duration::from_secs(5)))
+                    .expect("timeout");
+                peer.write_all(&[handshake, one].concat()).expect("write");
+                // Our greeting (64) and READY, then the PONG.
+                let mut got = Vec::new();
+                let mut buf = [0u8; 512];
+                while !got.windows(4).any(|w| w == b"PONG") {
+                    let n = peer.read(&mut buf).expect("read");
+                    assert!(n > 0, "closed");
+                    got.extend_from_slice(&buf[..n]);
+                }
+                let at = got.windows(4).position(|w| w == b"PONG").expect("PONG");
+                got[at + 4..].to_vec()
+            }
+        });
+        let rude = std::thread::spawn(move || {
+            let mut peer = std::net::TcpStream::connect(endpoint).expect("connect");
+            let mut all = handshake;
+            for _ in 0..1_000_000 {
+                all.extend_from_slice(&flood);
+            }
+            // Writes until cut off; never reads.
+            let _ = peer.write_all(&all);
+        });
+        let context = polite.await.expect("a PONG");
+        assert!(
+            context.starts_with(&[b'c'; 16]) && context.len() == 16,
+            "{context:?}"
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while router.stats().stalled() == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the PING flooder was never cut off"
+            );
+            let _ = router.try_recv();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        rude.join().expect("flooder");
     }
 
     /// Input over the limits ends the connection before the broker sees any of it: a frame

@@ -13,7 +13,7 @@ use crate::verdict::Verdict;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
-    /// Throw thousands of random and mutated ZMTP connections at a live process (guard on),
+    /// Throw thousands of random and mutated ZMTP connections at a live process (limits on),
     /// then check it still serves and its memory is back near where it started.
     Fuzz(FuzzArgs),
     /// Run the shared queue, the pipeline and pub/sub together under random faults for
@@ -32,7 +32,8 @@ pub struct FuzzArgs {
     /// Targets, comma-separated (default: all): broker, proxy, pipeline.
     #[arg(long, value_delimiter = ',')]
     pub target: Vec<String>,
-    /// The target's guard mode (`never` shows what the fuzzer does to an unguarded process).
+    /// The proxy's and the pipeline master's guard mode (`never` shows what the fuzzer does to
+    /// an unguarded zmq.rs socket). The broker has none: its ROUTERs check the limits always.
     #[arg(long, default_value = "always", value_parser = ["always", "auto", "never"])]
     pub guard: String,
 }

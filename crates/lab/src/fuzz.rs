@@ -3,9 +3,11 @@
 //! a real round trip and their memory must be back near where it started. Seeded, so that a
 //! failure can be replayed with the same `--seed`.
 //!
-//! Each target starts its process with the guard on, names the endpoints to attack (with the
-//! socket type a legitimate peer there would announce), and proves service before and after
-//! with the real client binaries. Adding a target is one entry in [`targets`].
+//! Each target starts its process with its limits on (the broker's own ROUTERs always check
+//! them; the proxy and the pipeline master put the guard relay in front of their zmq.rs sockets,
+//! `--guard` as [`FuzzConfig::guard`] says), names the endpoints to attack (with the socket type
+//! a legitimate peer there would announce), and proves service before and after with the real
+//! client binaries. Adding a target is one entry in [`targets`].
 
 use std::time::Duration;
 
@@ -29,8 +31,9 @@ pub struct FuzzConfig {
     pub seed: u64,
     /// Connections open at once.
     pub at_once: usize,
-    /// The guard mode the target is started with (`always`; `never` shows what the fuzzer
-    /// does to an unguarded process).
+    /// The guard mode the proxy and the pipeline master are started with (`always`; `never`
+    /// shows what the fuzzer does to an unguarded zmq.rs socket). The broker has no such
+    /// switch: its ROUTERs check the limits always.
     pub guard: String,
 }
 
@@ -58,8 +61,8 @@ pub struct FuzzTarget {
     pub run: for<'a> fn(&'a Lab, &'a FuzzConfig) -> Run<'a>,
 }
 
-/// Every target. The pipeline master and the pub/sub proxy take the same `--guard`,
-/// `--max-message-bytes` and `--max-frames` flags as the broker: their targets go here.
+/// Every target. The pipeline master and the pub/sub proxy take `--guard`; all three take
+/// `--max-message-bytes` and `--max-frames`: a new target with these flags goes here.
 pub fn targets() -> Vec<FuzzTarget> {
     vec![
         FuzzTarget {
@@ -197,25 +200,29 @@ pub async fn run(target: &FuzzTarget, lab: &Lab, config: &FuzzConfig) -> Verdict
     }
 }
 
-/// The guard flags every guarded process takes (the broker's names).
+/// The message limit every target is started with.
+const LIMIT_FLAGS: [&str; 2] = ["--max-message-bytes", "65536"];
+
+/// The flags of a process whose zmq.rs sockets the guard relay fronts: `--guard` and the limit.
 fn guard_flags(config: &FuzzConfig) -> Vec<String> {
-    ["--guard", &config.guard, "--max-message-bytes", "65536"]
-        .map(String::from)
-        .to_vec()
+    let mut flags = strings(&["--guard", &config.guard]);
+    flags.extend(strings(&LIMIT_FLAGS));
+    flags
 }
 
 fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
-/// The course every target runs: service proven before (`serves("before")`, skipped when
-/// `None`), RSS read, the attack, the process alive, service proven again, RSS back near where
+/// The course every target runs (`guard` is the mode recorded in the verdict): service proven
+/// before (`serves("before")`, skipped unless `before_too`), RSS read, the attack, the process alive, service proven again, RSS back near where
 /// it started. Leaves `target` running.
 async fn course<F, Fut>(
     v: &mut Verdict,
     target: &mut Proc,
     surfaces: &[Surface],
     config: &FuzzConfig,
+    guard: &str,
     serves: F,
     before_too: bool,
 ) -> Result<bool>
@@ -223,8 +230,7 @@ where
     F: Fn(&'static str) -> Fut,
     Fut: std::future::Future<Output = Result<bool>>,
 {
-    v.figure("seed", config.seed)
-        .figure("guard", config.guard.as_str());
+    v.figure("seed", config.seed).figure("guard", guard);
     if before_too {
         let ok = serves("before").await?;
         v.expect(ok, format!("{} serves before the fuzzing", target.name));
@@ -289,7 +295,7 @@ async fn broker(lab: &Lab, config: &FuzzConfig) -> Result<Verdict> {
         "1",
         "--json",
     ]);
-    args.extend(guard_flags(config));
+    args.extend(strings(&LIMIT_FLAGS));
     let mut broker = Proc::spawn("broker", &lab.bins.path("broker"), &args, &logs)?;
     let ready = broker.ready(Duration::from_secs(20)).await?;
     let frontend = ready.get("frontend").cloned().context("no frontend")?;
@@ -311,12 +317,14 @@ async fn broker(lab: &Lab, config: &FuzzConfig) -> Result<Verdict> {
         },
     ];
     let serves = |run: &'static str| round_trip(lab, &logs, &frontend, run);
-    if course(&mut v, &mut broker, &surfaces, config, serves, true).await? {
+    // Its ROUTERs are its own and check the limits whatever `config.guard` says.
+    let guard = "built in";
+    if course(&mut v, &mut broker, &surfaces, config, guard, serves, true).await? {
         stop(&mut v, &mut broker).await?;
         let refused = v.figures.get("guard_refused").and_then(|r| r.as_u64());
         v.expect(
-            config.guard == "never" || refused.is_some_and(|r| r > 0),
-            "the guard refused some of the bad connections",
+            refused.is_some_and(|r| r > 0),
+            "its ROUTERs refused some of the bad connections",
         );
     }
     let _ = worker.kill().await;
@@ -354,7 +362,8 @@ pub async fn proxy(lab: &Lab, config: &FuzzConfig) -> Result<Verdict> {
         },
     ];
     let serves = |run: &'static str| updates_flow(lab, &logs, &xsub, &xpub, run);
-    if course(&mut v, &mut proxy, &surfaces, config, serves, true).await? {
+    let guard = config.guard.as_str();
+    if course(&mut v, &mut proxy, &surfaces, config, guard, serves, true).await? {
         stop(&mut v, &mut proxy).await?;
     }
     Ok(v)
@@ -406,7 +415,8 @@ pub async fn pipeline(lab: &Lab, config: &FuzzConfig) -> Result<Verdict> {
     let mut v = Verdict::new(name, "wire");
     // One batch per master: service is proven after the fuzzing only, by the batch itself.
     let serves = |_: &'static str| async { Ok(true) };
-    if course(&mut v, &mut master, &surfaces, config, serves, false).await? {
+    let guard = config.guard.as_str();
+    if course(&mut v, &mut master, &surfaces, config, guard, serves, false).await? {
         let worker_args = strings(&["--connect", &connect, "--id", "w1"]);
         let _worker = Proc::spawn(
             "worker",

@@ -48,7 +48,6 @@ const WRITE_BATCH: usize = 256 * 1024;
 /// How long a new connection has to complete its greeting and READY.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-
 /// Settings of every subscriber connection.
 #[derive(Debug, Clone, Copy)]
 pub struct PeerOptions {
@@ -296,7 +295,9 @@ async fn write_loop(
 mod tests {
     use super::*;
     use bytes::{BufMut, BytesMut};
-    use common::wire::{greeting, next_frame, Frame, FLAG_COMMAND, FLAG_LONG, FLAG_MORE, GREETING_LEN};
+    use common::wire::{
+        greeting, next_frame, Frame, FLAG_COMMAND, FLAG_LONG, FLAG_MORE, GREETING_LEN,
+    };
     use tokio::io::AsyncReadExt;
 
     async fn read_frames(peer: &mut TcpStream, buf: &mut BytesMut, n: usize) -> Vec<Frame> {
