@@ -250,18 +250,7 @@ async fn accept(
     stop: CancellationToken,
 ) {
     let mut serial = 0u64;
-    loop {
-        let (stream, addr) = tokio::select! {
-            () = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, addr)) = wire::accept(&listener, &stop, "connection").await {
         serial += 1;
         stats.accepted.fetch_add(1, Relaxed);
         let conn = Connection {

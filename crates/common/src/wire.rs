@@ -6,7 +6,8 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 use zeromq::ZmqMessage;
 
 pub const GREETING_LEN: usize = 64;
@@ -280,6 +281,27 @@ pub async fn handshake(
         write,
         identity,
     })
+}
+
+/// The next connection on `listener`, or `None` once `stop` fires. A failed accept (out of
+/// descriptors, say) is logged and retried 100 ms later.
+pub async fn accept(
+    listener: &TcpListener,
+    stop: &CancellationToken,
+    what: &str,
+) -> Option<(TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => return Some(accepted),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot accept a {what}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
 }
 
 #[cfg(test)]

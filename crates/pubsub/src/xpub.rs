@@ -89,18 +89,7 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let mut next_id = 0u64;
-    loop {
-        let (stream, addr) = tokio::select! {
-            () = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot accept a subscriber");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, addr)) = wire::accept(&listener, &stop, "subscriber").await {
         next_id += 1;
         let (id, events, counters, stop) =
             (next_id, events.clone(), counters.clone(), stop.clone());
