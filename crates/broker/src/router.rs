@@ -69,7 +69,11 @@ enum Inbound {
         serial: u64,
         outbox: Arc<Outbox>,
     },
-    Messages(Vec<ZmqMessage>),
+    Messages {
+        id: Bytes,
+        serial: u64,
+        batch: Vec<ZmqMessage>,
+    },
     Left {
         id: Bytes,
         serial: u64,
@@ -83,7 +87,7 @@ struct Outbox {
     wake: Notify,
     /// Set when the connection ends or is cut: sends fail from then on.
     closed: AtomicBool,
-    /// Why the writer should cut the connection now, if it should.
+    /// Fires when the connection is to end: closed, cut off, or the router stopped.
     cut: CancellationToken,
 }
 
@@ -196,7 +200,12 @@ impl Router {
 
     fn take(&mut self, inbound: Inbound) {
         match inbound {
-            Inbound::Messages(batch) => self.ready.extend(batch.into_iter().map(Event::Message)),
+            Inbound::Messages { id, serial, batch } => {
+                // A connection taken over is heard no more.
+                if self.peers.get(&id).is_some_and(|p| p.serial == serial) {
+                    self.ready.extend(batch.into_iter().map(Event::Message));
+                }
+            }
             Inbound::Joined { id, serial, outbox } => {
                 if let Some(old) = self.peers.insert(id.clone(), Peer { serial, outbox }) {
                     old.outbox.close();
@@ -385,8 +394,12 @@ impl Connection {
                     batch.push(ZmqMessage::try_from(frames).expect("at least the id"));
                 }
             }
-            if !batch.is_empty() && self.tx.send(Inbound::Messages(batch)).await.is_err() {
-                return Ok(());
+            if !batch.is_empty() {
+                let (id, serial) = (id.clone(), self.serial);
+                let messages = Inbound::Messages { id, serial, batch };
+                if self.tx.send(messages).await.is_err() {
+                    return Ok(());
+                }
             }
             if !reader.fill().await? {
                 return Ok(());
