@@ -1,5 +1,6 @@
-//! Interoperability with libzmq peers (pyzmq): a stock REQ client through the broker, and a
-//! stock RFC 6 DEALER worker serving our client. Ignored outside CI when pyzmq was missing at
+//! Interoperability with libzmq peers (pyzmq): a stock REQ client through the broker (also with
+//! libzmq's ZMTP heartbeats, which the broker's ROUTER must answer), and a stock RFC 6 DEALER
+//! worker serving our client. Ignored outside CI when pyzmq was missing at
 //! build time (see `build.rs`); under CI a missing pyzmq fails them.
 
 use std::path::PathBuf;
@@ -47,6 +48,37 @@ async fn stock_req_client_works_through_the_broker() {
         .expect("client ends");
     let summary: serde_json::Value = client.json().expect("summary");
     assert_eq!(summary["answered"], 100, "{}", client.log_tail());
+    assert!(status.success(), "{}", client.log_tail());
+}
+
+/// libzmq with `ZMQ_HEARTBEAT_IVL` 100 ms pings the broker and drops the connection when no
+/// PONG comes back within 300 ms: idle for 1.5 s halfway, the client must keep its connection.
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    no_pyzmq,
+    ignore = "python3 with pyzmq was not installed when built (see tests/build.rs)"
+)]
+async fn a_stock_client_with_zmtp_heartbeats_keeps_its_connection() {
+    require_pyzmq();
+    let _g = heavy().await;
+    let (_broker, frontend, backend) = broker("interop-ping", &[]).await;
+    let logs = log_dir("interop-ping");
+    let args = ["--connect", &backend, "--id", "rust-worker"].map(String::from);
+    let _worker = Proc::spawn("worker", &bins().path("worker"), &args, &logs).expect("worker");
+    let mut client = Proc::spawn(
+        "req-client",
+        std::path::Path::new("python3"),
+        &[script("req_client.py"), frontend, "20".into(), "100".into()],
+        &logs,
+    )
+    .expect("python client");
+    let status = client
+        .wait(Duration::from_secs(60))
+        .await
+        .expect("client ends");
+    let summary: serde_json::Value = client.json().expect("summary");
+    assert_eq!(summary["answered"], 20, "{}", client.log_tail());
+    assert_eq!(summary["disconnects"], 0, "{}", client.log_tail());
     assert!(status.success(), "{}", client.log_tail());
 }
 
