@@ -257,7 +257,7 @@ impl Broker {
     }
 
     fn send_to_worker(&mut self, worker_id: Bytes, request: Request) {
-        match self.backend.send(request.to_worker(&worker_id)) {
+        match self.backend.send_to(&worker_id, request.frames()) {
             Sent::Queued => self.books.handed(&worker_id, request),
             Sent::Stalled => self.books.not_handed(&worker_id, request, "not reading"),
             Sent::Failed(_) => self.books.not_handed(&worker_id, request, "send failed"),
@@ -266,10 +266,10 @@ impl Broker {
 
     fn on_heartbeat(&mut self) {
         self.books.purge_expired();
+        let heartbeat = [Bytes::from_static(HEARTBEAT)];
         for id in self.books.worker_ids() {
-            let msg = frames::message_of(vec![id.clone(), Bytes::from_static(HEARTBEAT)]);
             // A full queue is not fatal: liveness decides, not one heartbeat.
-            let _ = self.backend.send(msg);
+            let _ = self.backend.send_to(id, heartbeat.iter());
         }
     }
 

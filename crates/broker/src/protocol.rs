@@ -7,8 +7,6 @@
 //! one extension (the command of the Majordomo Protocol, RFC 7), for a worker that is stopping. Our own clients put a request id in the
 //! first body frame; our workers echo the body and add their name as a last frame.
 
-use std::collections::VecDeque;
-
 use bytes::Bytes;
 use zeromq::ZmqMessage;
 
@@ -130,14 +128,10 @@ impl Request {
         &self.key
     }
 
-    /// The message for the backend ROUTER: `[worker-id][client-id][""][body...]`.
-    pub fn to_worker(&self, worker: &Bytes) -> ZmqMessage {
-        // Built at its final size: cloning the request and pushing the identity in front would
-        // allocate twice (the clone is exactly full, so the push grows it).
-        let mut frames = VecDeque::with_capacity(self.msg.len() + 1);
-        frames.push_back(worker.clone());
-        frames.extend(self.msg.iter().cloned());
-        ZmqMessage::try_from(frames).expect("at least the identity")
+    /// Its frames, `[client-id][""][body...]`: what goes to a worker after the worker's id (the
+    /// ROUTER encodes them straight from here; no message is built to forward it).
+    pub fn frames(&self) -> impl ExactSizeIterator<Item = &Bytes> + Clone {
+        self.msg.iter()
     }
 }
 
@@ -219,6 +213,13 @@ mod tests {
         Bytes::from_static(s)
     }
 
+    /// What the backend ROUTER sends a worker: its id, then the request's frames.
+    fn to_worker(request: &Request, worker: &'static [u8]) -> ZmqMessage {
+        let mut frames = vec![b(worker)];
+        frames.extend(request.frames().cloned());
+        common::frames::message_of(frames)
+    }
+
     fn m(frames: &[&'static [u8]]) -> ZmqMessage {
         common::frames::message_of(frames.iter().map(|f| b(f)).collect())
     }
@@ -228,7 +229,7 @@ mod tests {
         let req = Request::parse(m(&[b"C", b"", b"7", b"hi"])).expect("valid");
         assert_eq!(req.key(), &RequestKey::new(b(b"C"), b(b"7")));
         assert_eq!(req.client(), &b(b"C"));
-        let to_worker = req.to_worker(&b(b"W"));
+        let to_worker = to_worker(&req, b"W");
         assert_eq!(
             to_worker.clone().into_vec(),
             m(&[b"W", b"C", b"", b"7", b"hi"]).into_vec()
@@ -310,7 +311,7 @@ mod tests {
                 let msg = common::frames::message_of(frames.clone());
                 if let Ok(request) = Request::parse(msg.clone()) {
                     prop_assert_eq!(request.client(), &frames[0]);
-                    let (worker, back) = FromWorker::parse(request.to_worker(&Bytes::from_static(b"W")));
+                    let (worker, back) = FromWorker::parse(to_worker(&request, b"W"));
                     prop_assert_eq!(worker, Bytes::from_static(b"W"));
                     match back {
                         Ok(FromWorker::Reply(reply)) => prop_assert_eq!(&key_of(&reply), request.key()),

@@ -221,27 +221,40 @@ impl Router {
         }
     }
 
-    /// Queues `msg` (routing id first) for its peer; never waits. A peer with more than
+    /// Queues `msg` (routing id first) for its peer; see [`Router::send_to`].
+    pub fn send(&mut self, msg: ZmqMessage) -> Sent {
+        let mut frames = msg.iter();
+        match frames.next() {
+            Some(peer) => self.send_to(peer, frames),
+            None => Sent::Failed(ZmqError::Other("no routing id")),
+        }
+    }
+
+    /// Queues a message of `frames` for `peer`; never waits. A peer with more than
     /// `max_peer_bytes` already waiting is cut off and the message dropped (`Stalled`). (What
     /// one peer pins is then at most twice that: the outbox, and the write in progress.)
-    pub fn send(&mut self, msg: ZmqMessage) -> Sent {
-        let Some(peer) = msg.get(0).and_then(|id| self.peers.get(id)) else {
+    pub fn send_to<'a>(
+        &mut self,
+        peer: &Bytes,
+        frames: impl ExactSizeIterator<Item = &'a Bytes> + Clone,
+    ) -> Sent {
+        let Some(known) = self.peers.get(peer) else {
             return Sent::Failed(ZmqError::Other("no such peer"));
         };
-        let outbox = &peer.outbox;
+        let outbox = &known.outbox;
         if outbox.closed.load(Relaxed) {
             return Sent::Failed(ZmqError::Other("peer gone"));
         }
-        let size: usize = msg.iter().skip(1).map(|f| f.len() + 9).sum();
+        let size: usize = frames.clone().map(|f| f.len() + 9).sum();
         let queued = outbox.push(size, self.limits.max_peer_bytes, |buf| {
-            wire::put_message(buf, msg.iter().skip(1));
+            wire::put_message(buf, frames);
         });
         match queued {
             Ok(()) => Sent::Queued,
             Err(waiting) => {
                 self.stats.stalled.fetch_add(1, Relaxed);
                 tracing::warn!(
-                    peer = %common::frames::show(&msg.get(0).cloned().unwrap_or_default()),
+                    peer = %common::frames::show(peer),
                     waiting,
                     "peer not reading: cut off"
                 );
