@@ -6,7 +6,11 @@
 //! - Workers' free slots (READY credits) wait in a least-recently-used queue; only READY or a
 //!   reply to a request the worker held gives one; a heartbeat never does.
 //! - Every request queued or held is *owned*: one that arrives again while owned is a retry
-//!   and is merged, so no request is ever held twice or by two workers.
+//!   and is merged, so no request is ever held twice or by two workers. An owned request has
+//!   one entry, by key, that says where it is (queued, or held by a worker, which keeps it to
+//!   re-queue): a request costs one lookup to record and a reply one to settle.
+//! - Workers live in slots: the idle queue and the held requests point at them by number, and
+//!   only a message from a worker looks its identity up.
 //! - A purged worker's requests go back to the front of the queue. If the purged worker's reply
 //!   comes after all while another worker holds the copy, that reply answers the client and the
 //!   copy is marked *answered*: its own reply only frees its worker's slot, and it is dropped,
@@ -17,9 +21,10 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 use common::frames;
 use common::heartbeat::{Heartbeat, Liveness};
+use common::send::Sent;
 use foldhash::{HashMap, HashMapExt};
 
-use crate::protocol::{KeyMap, KeySet, Request, RequestKey};
+use crate::protocol::{KeyMap, Request, RequestKey};
 use crate::queue::{Overflow, RequestQueue};
 use crate::stats::BrokerStats;
 
@@ -27,15 +32,48 @@ use crate::stats::BrokerStats;
 /// sending READY cannot grow the broker's memory without bound.
 pub const MAX_CREDITS: usize = 10_000;
 
+/// A worker's place in [`Books::workers`]: what the idle queue and the held requests point at,
+/// so that neither hashes its identity.
+type Slot = u32;
+
 #[derive(Debug)]
 struct Worker {
+    id: Bytes,
     liveness: Liveness,
     /// Its entries in the idle queue: requests it can take now.
     credits: usize,
-    /// Requests this worker holds, to send elsewhere if it dies.
-    held: KeyMap<Request>,
+    /// Requests this worker holds (in [`Books::requests`]).
+    held: usize,
     /// It said DISCONNECT: it answers what it holds and takes nothing more.
     leaving: bool,
+}
+
+/// The worker in a slot in use.
+fn in_slot(workers: &mut [Option<Worker>], slot: Slot) -> &mut Worker {
+    workers[slot as usize].as_mut().expect("a slot in use")
+}
+
+/// The least recently used free slot of a live worker, taken. (Slots of purged workers leave
+/// the idle queue with them, so every entry is live.)
+fn take_credit(idle: &mut VecDeque<Slot>, workers: &mut [Option<Worker>]) -> Option<Slot> {
+    let slot = idle.pop_front()?;
+    in_slot(workers, slot).credits -= 1;
+    Some(slot)
+}
+
+/// Where an owned request is.
+#[derive(Debug)]
+enum Place {
+    /// In the queue, waiting for a worker.
+    Queued,
+    /// With a worker, kept to send elsewhere if that worker dies.
+    Held {
+        worker: Slot,
+        request: Request,
+        /// Its client has the reply already, from a worker purged before it answered: this
+        /// worker's reply only frees its slot, and the request is not re-queued if it dies.
+        answered: bool,
+    },
 }
 
 /// What to do with a reply from a worker.
@@ -52,13 +90,14 @@ pub enum ReplyFate {
 pub struct Books {
     heartbeat: Heartbeat,
     queue: RequestQueue,
-    /// Keys of every request queued or held by a worker.
-    owned: KeySet,
-    idle: VecDeque<Bytes>,
-    workers: HashMap<Bytes, Worker>,
-    /// Keys held by a worker whose client has its reply already (from a worker purged before it
-    /// answered): that worker's reply is not forwarded.
-    answered: KeySet,
+    /// Every request queued or held by a worker, by key: one lookup per request and one per
+    /// reply.
+    requests: KeyMap<Place>,
+    /// Free slots of live workers, least recently used first.
+    idle: VecDeque<Slot>,
+    workers: Vec<Option<Worker>>,
+    slots: HashMap<Bytes, Slot>,
+    free_slots: Vec<Slot>,
     pub stats: BrokerStats,
 }
 
@@ -67,34 +106,56 @@ impl Books {
         Self {
             heartbeat,
             queue: RequestQueue::new(max_queued, max_queued_bytes),
-            owned: KeySet::default(),
+            requests: KeyMap::default(),
             idle: VecDeque::new(),
-            workers: HashMap::new(),
-            answered: KeySet::default(),
+            workers: Vec::new(),
+            slots: HashMap::new(),
+            free_slots: Vec::new(),
             stats: BrokerStats::default(),
         }
     }
 
     /// A valid request from a client: merged with the copy already owned, handed out at once
-    /// (returned, with its worker: the caller sends it, then says [`Books::handed`] or
-    /// [`Books::not_handed`]), queued, or dropped because the queue is full.
+    /// (through `send`, which moves it to a worker: see [`Books::dispatch`]), queued, or
+    /// dropped because the queue is full.
     ///
     /// It goes straight to a worker only when nothing waits, so no request overtakes another.
     /// That is the common case with workers holding many requests, and it skips the per-client
     /// queue (which frees a client's queue each time it empties and builds it again).
-    #[must_use = "a request handed out at once must be sent"]
-    pub fn request(&mut self, request: Request) -> Option<(Bytes, Request)> {
+    pub fn request(&mut self, request: Request, send: impl FnOnce(&Bytes, &Request) -> Sent) {
         self.stats.requests_in += 1;
-        if !self.owned.insert(request.key().clone()) {
-            // A retry of a request still queued or with a worker: its reply answers both.
-            self.stats.merged += 1;
-            return None;
-        }
+        let key = request.key().clone();
+        let place = match self.requests.entry(key) {
+            std::collections::hash_map::Entry::Occupied(_) => {
+                // A retry of a request still queued or with a worker: its reply answers both.
+                self.stats.merged += 1;
+                return;
+            }
+            std::collections::hash_map::Entry::Vacant(place) => place,
+        };
         if self.queue.is_empty() {
-            if let Some(worker_id) = self.take_credit() {
-                return Some((worker_id, request));
+            if let Some(slot) = take_credit(&mut self.idle, &mut self.workers) {
+                let worker = in_slot(&mut self.workers, slot);
+                match send(&worker.id, &request) {
+                    Sent::Queued => {
+                        worker.held += 1;
+                        self.stats.dispatched += 1;
+                        place.insert(Place::Held {
+                            worker: slot,
+                            request,
+                            answered: false,
+                        });
+                    }
+                    refused => {
+                        place.insert(Place::Queued);
+                        self.queue.push_front(request);
+                        self.refused(slot, &refused);
+                    }
+                }
+                return;
             }
         }
+        place.insert(Place::Queued);
         let key = request.key().clone();
         match self.queue.push(request) {
             Ok(()) => {}
@@ -103,11 +164,11 @@ impl Books {
                 match overflow {
                     Overflow::Displaced(dropped) => {
                         for request in dropped {
-                            self.owned.remove(request.key());
+                            self.requests.remove(request.key());
                         }
                     }
                     Overflow::Refused(_) => {
-                        self.owned.remove(&key);
+                        self.requests.remove(&key);
                     }
                 }
                 if self.stats.rejected.is_power_of_two() {
@@ -119,135 +180,179 @@ impl Books {
                 }
             }
         }
-        None
+    }
+
+    /// Hands queued requests to workers with a free slot, least recently used first, through
+    /// `send`: [`Sent::Queued`] means the worker holds it now; anything else puts it back first
+    /// in line and purges that worker (it stopped reading, or is gone).
+    pub fn dispatch(&mut self, mut send: impl FnMut(&Bytes, &Request) -> Sent) {
+        while !self.queue.is_empty() {
+            let Some(slot) = take_credit(&mut self.idle, &mut self.workers) else {
+                return;
+            };
+            let request = self.queue.pop().expect("queue is not empty");
+            let worker = in_slot(&mut self.workers, slot);
+            match send(&worker.id, &request) {
+                Sent::Queued => {
+                    worker.held += 1;
+                    self.stats.dispatched += 1;
+                    let place = self.requests.get_mut(request.key()).expect("owned");
+                    *place = Place::Held {
+                        worker: slot,
+                        request,
+                        answered: false,
+                    };
+                }
+                refused => {
+                    self.queue.push_front(request);
+                    self.refused(slot, &refused);
+                }
+            }
+        }
+    }
+
+    /// A worker could not take a request: it is purged.
+    fn refused(&mut self, slot: Slot, sent: &Sent) {
+        let why = match sent {
+            Sent::Stalled => "not reading",
+            _ => "send failed",
+        };
+        let id = in_slot(&mut self.workers, slot).id.clone();
+        self.purge(&id, why);
     }
 
     /// READY: one more free slot for this worker (which is registered on its first READY).
     pub fn ready(&mut self, worker_id: Bytes) {
-        let heartbeat = self.heartbeat;
-        let worker = self.workers.entry(worker_id.clone()).or_insert_with(|| {
-            tracing::info!(worker = %frames::show(&worker_id), "worker ready");
-            Worker {
-                liveness: Liveness::new(heartbeat),
-                credits: 0,
-                held: KeyMap::default(),
-                leaving: false,
-            }
-        });
+        let slot = match self.slots.get(&worker_id) {
+            Some(&slot) => slot,
+            None => self.register(worker_id),
+        };
+        let worker = in_slot(&mut self.workers, slot);
         worker.liveness.heard();
-        if worker.leaving || worker.credits + worker.held.len() >= MAX_CREDITS {
+        if worker.leaving || worker.credits + worker.held >= MAX_CREDITS {
             self.stats.bad_backend += 1;
-            tracing::warn!(worker = %frames::show(&worker_id), "READY beyond {MAX_CREDITS} credits, or after DISCONNECT, dropped");
+            tracing::warn!(worker = %frames::show(&worker.id), "READY beyond {MAX_CREDITS} credits, or after DISCONNECT, dropped");
         } else {
             worker.credits += 1;
-            self.idle.push_back(worker_id);
+            self.idle.push_back(slot);
         }
+    }
+
+    fn register(&mut self, id: Bytes) -> Slot {
+        tracing::info!(worker = %frames::show(&id), "worker ready");
+        let worker = Worker {
+            id: id.clone(),
+            liveness: Liveness::new(self.heartbeat),
+            credits: 0,
+            held: 0,
+            leaving: false,
+        };
+        let slot = match self.free_slots.pop() {
+            Some(slot) => {
+                self.workers[slot as usize] = Some(worker);
+                slot
+            }
+            None => {
+                self.workers.push(Some(worker));
+                Slot::try_from(self.workers.len() - 1).expect("fewer than 2^32 workers")
+            }
+        };
+        self.slots.insert(id, slot);
+        slot
+    }
+
+    fn forget_worker(&mut self, slot: Slot) -> Option<Worker> {
+        let worker = self.workers[slot as usize].take()?;
+        self.slots.remove(&worker.id);
+        self.free_slots.push(slot);
+        Some(worker)
     }
 
     /// Any sign of life from a worker that is not a READY or a reply.
     pub fn heard(&mut self, worker_id: &Bytes) {
-        if let Some(worker) = self.workers.get_mut(worker_id) {
-            worker.liveness.heard();
+        if let Some(&slot) = self.slots.get(worker_id) {
+            in_slot(&mut self.workers, slot).liveness.heard();
         }
     }
 
     /// DISCONNECT: no more requests for this worker; it stays until it has answered.
     pub fn leaving(&mut self, worker_id: &Bytes) {
-        let Some(worker) = self.workers.get_mut(worker_id) else {
+        let Some(&slot) = self.slots.get(worker_id) else {
             return;
         };
+        let worker = in_slot(&mut self.workers, slot);
         worker.liveness.heard();
         worker.leaving = true;
         worker.credits = 0;
-        let held = worker.held.len();
-        self.idle.retain(|id| id != worker_id);
+        let held = worker.held;
+        self.idle.retain(|&s| s != slot);
         tracing::info!(worker = %frames::show(worker_id), held, "worker leaving");
         if held == 0 {
-            self.workers.remove(worker_id);
+            self.forget_worker(slot);
         }
     }
 
     /// A reply to the request `key` from a worker.
     pub fn reply(&mut self, worker_id: &Bytes, key: &RequestKey) -> ReplyFate {
-        let mut answered = false;
-        if let Some(worker) = self.workers.get_mut(worker_id) {
-            worker.liveness.heard();
-            // Only a reply to a request it held frees a slot: a late reply from a request we
-            // already gave to someone else must not double-book it.
-            if worker.held.remove(key).is_some() {
-                answered = true;
+        let slot = self.slots.get(worker_id).copied();
+        if let Some(slot) = slot {
+            in_slot(&mut self.workers, slot).liveness.heard();
+        }
+        match self.requests.remove(key) {
+            Some(Place::Held {
+                worker, answered, ..
+            }) if Some(worker) == slot => {
+                // Only a reply to a request it held frees a slot: a late reply from a request
+                // we already gave to someone else must not double-book it.
+                let worker = in_slot(&mut self.workers, worker);
+                worker.held -= 1;
                 if !worker.leaving {
                     worker.credits += 1;
-                    self.idle.push_back(worker_id.clone());
-                } else if worker.held.is_empty() {
-                    self.workers.remove(worker_id);
+                    self.idle.push_back(slot.expect("its own"));
+                } else if worker.held == 0 {
+                    self.forget_worker(slot.expect("its own"));
+                }
+                if answered {
+                    // Its client has the reply of a worker purged before: this one only freed
+                    // a slot.
+                    self.stats.stale_replies += 1;
+                    return ReplyFate::Stale;
+                }
+                ReplyFate::Forward
+            }
+            // A late reply from a worker purged meanwhile: it still answers the client. Held by
+            // another worker now: that worker's reply will not be forwarded.
+            Some(Place::Held {
+                worker,
+                request,
+                answered,
+            }) => {
+                self.requests.insert(
+                    key.clone(),
+                    Place::Held {
+                        worker,
+                        request,
+                        answered: true,
+                    },
+                );
+                if answered {
+                    self.stats.stale_replies += 1;
+                    ReplyFate::Stale
+                } else {
+                    ReplyFate::Forward
                 }
             }
-        }
-        if answered {
-            self.owned.remove(key);
-            if !self.answered.is_empty() && self.answered.remove(key) {
-                // Its client has the reply of a worker purged before: this one only freed a slot.
+            // Queued again: the copy need not run.
+            Some(Place::Queued) => {
+                self.queue.remove(key);
+                ReplyFate::Forward
+            }
+            // No longer owned: answered already, and this is a repeat.
+            None => {
                 self.stats.stale_replies += 1;
-                return ReplyFate::Stale;
+                ReplyFate::Stale
             }
-            return ReplyFate::Forward;
         }
-        // A late reply from a worker purged meanwhile: it still answers the client, and a
-        // queued copy need not run. If the key is no longer owned, the request was answered
-        // already and this is a repeat.
-        if !self.owned.contains(key) {
-            self.stats.stale_replies += 1;
-            return ReplyFate::Stale;
-        }
-        if self.queue.remove(key).is_some() {
-            self.owned.remove(key);
-            return ReplyFate::Forward;
-        }
-        // Held by another worker: this reply answers the client, that worker's will not.
-        if self.answered.insert(key.clone()) {
-            ReplyFate::Forward
-        } else {
-            self.stats.stale_replies += 1;
-            ReplyFate::Stale
-        }
-    }
-
-    /// The next request to hand out and the least recently used worker with a free slot.
-    /// The caller sends it, then says [`Books::handed`] or [`Books::not_handed`].
-    pub fn next_dispatch(&mut self) -> Option<(Bytes, Request)> {
-        if self.queue.is_empty() {
-            return None;
-        }
-        let worker_id = self.take_credit()?;
-        let request = self.queue.pop().expect("queue is not empty");
-        Some((worker_id, request))
-    }
-
-    /// The least recently used free slot of a live worker, taken.
-    fn take_credit(&mut self) -> Option<Bytes> {
-        loop {
-            let worker_id = self.idle.pop_front()?;
-            if let Some(worker) = self.workers.get_mut(&worker_id) {
-                worker.credits -= 1;
-                return Some(worker_id);
-            }
-            // A slot of a purged worker.
-        }
-    }
-
-    /// The worker's queue took the request: it holds it now.
-    pub fn handed(&mut self, worker_id: &Bytes, request: Request) {
-        self.stats.dispatched += 1;
-        if let Some(worker) = self.workers.get_mut(worker_id) {
-            worker.held.insert(request.key().clone(), request);
-        }
-    }
-
-    /// The worker could not take the request: it goes back first in line, the worker is purged.
-    pub fn not_handed(&mut self, worker_id: &Bytes, request: Request, why: &str) {
-        self.queue.push_front(request);
-        self.purge(worker_id, why);
     }
 
     /// Purges the workers silent for too long.
@@ -255,8 +360,9 @@ impl Books {
         let expired: Vec<Bytes> = self
             .workers
             .iter()
-            .filter(|(_, w)| w.liveness.is_expired())
-            .map(|(id, _)| id.clone())
+            .flatten()
+            .filter(|w| w.liveness.is_expired())
+            .map(|w| w.id.clone())
             .collect();
         for id in expired {
             self.purge(&id, "heartbeat expired");
@@ -265,27 +371,39 @@ impl Books {
 
     /// The workers known now.
     pub fn worker_ids(&self) -> impl Iterator<Item = &Bytes> {
-        self.workers.keys()
+        self.workers.iter().flatten().map(|w| &w.id)
     }
 
     /// Forgets a worker and puts the requests it held back at the front of the queue.
     pub fn purge(&mut self, worker_id: &Bytes, why: &str) {
-        let Some(worker) = self.workers.remove(worker_id) else {
+        let Some(&slot) = self.slots.get(worker_id) else {
             return;
         };
+        let worker = self.forget_worker(slot).expect("a slot in use");
         self.stats.purged += 1;
-        self.idle.retain(|id| id != worker_id);
-        let mut requeued = 0;
-        for (key, request) in worker.held {
-            if self.answered.remove(&key) {
-                // Answered already: nothing to run again.
-                self.owned.remove(&key);
-            } else {
-                self.queue.push_front(request);
-                requeued += 1;
-            }
+        self.idle.retain(|&s| s != slot);
+        let mut requeue = Vec::with_capacity(worker.held);
+        if worker.held > 0 {
+            self.requests.retain(|_, place| match place {
+                Place::Held { worker, .. } if *worker == slot => {
+                    match std::mem::replace(place, Place::Queued) {
+                        // Answered already: nothing to run again.
+                        Place::Held { answered: true, .. } => false,
+                        Place::Held { request, .. } => {
+                            requeue.push(request);
+                            true
+                        }
+                        Place::Queued => unreachable!("matched as held"),
+                    }
+                }
+                _ => true,
+            });
         }
-        self.stats.requeued += requeued;
+        let requeued = requeue.len();
+        for request in requeue {
+            self.queue.push_front(request);
+        }
+        self.stats.requeued += requeued as u64;
         tracing::warn!(worker = %frames::show(worker_id), why, requeued, "worker purged");
     }
 
@@ -294,7 +412,7 @@ impl Books {
     pub fn forget_client(&mut self, client: &Bytes, why: &str) {
         let dropped = self.queue.remove_client(client);
         for request in &dropped {
-            self.owned.remove(request.key());
+            self.requests.remove(request.key());
         }
         if !dropped.is_empty() {
             self.stats.forgotten += dropped.len() as u64;
@@ -306,14 +424,14 @@ impl Books {
     pub fn close(&mut self) -> (usize, usize) {
         let dropped = self.queue.drain();
         for request in &dropped {
-            self.owned.remove(request.key());
+            self.requests.remove(request.key());
         }
         (self.held(), dropped.len())
     }
 
     /// Requests held by workers.
     pub fn held(&self) -> usize {
-        self.workers.values().map(|w| w.held.len()).sum()
+        self.workers.iter().flatten().map(|w| w.held).sum()
     }
 
     pub fn queued(&self) -> usize {
@@ -329,7 +447,7 @@ impl Books {
     }
 
     pub fn workers(&self) -> usize {
-        self.workers.len()
+        self.slots.len()
     }
 }
 
@@ -392,21 +510,85 @@ mod model {
     }
 
     fn owned(books: &Books) -> BTreeSet<RequestKey> {
-        books.owned.iter().cloned().collect()
+        books.requests.keys().cloned().collect()
+    }
+
+    /// Keys held by a worker whose client has the reply already.
+    fn answered_early(books: &Books) -> BTreeSet<RequestKey> {
+        books
+            .requests
+            .iter()
+            .filter(|(_, place)| matches!(place, Place::Held { answered: true, .. }))
+            .map(|(key, _)| key.clone())
+            .collect()
+    }
+
+    /// The keys `worker` holds.
+    fn held_by(books: &Books, worker: &Bytes) -> Vec<RequestKey> {
+        let Some(&slot) = books.slots.get(worker) else {
+            return Vec::new();
+        };
+        books
+            .requests
+            .iter()
+            .filter(|(_, place)| matches!(place, Place::Held { worker, .. } if *worker == slot))
+            .map(|(key, _)| key.clone())
+            .collect()
+    }
+
+    /// Sends everything, or refuses every `refuse_every`-th send (0: none).
+    fn sender(refuse_every: u8) -> impl FnMut(&Bytes, &Request) -> Sent {
+        let mut n = 0u8;
+        move |_, _| {
+            n = n.wrapping_add(1);
+            if refuse_every > 0 && n.is_multiple_of(refuse_every) {
+                Sent::Stalled
+            } else {
+                Sent::Queued
+            }
+        }
     }
 
     /// What must hold between any two events.
     fn check(books: &Books) {
         let mut held = BTreeSet::new();
-        for (wid, worker) in &books.workers {
-            for key in worker.held.keys() {
+        let mut held_per_slot = vec![0; books.workers.len()];
+        for (key, place) in &books.requests {
+            if let Place::Held {
+                worker, request, ..
+            } = place
+            {
+                assert_eq!(request.key(), key);
                 assert!(held.insert(key.clone()), "{key:?} held twice");
+                assert!(
+                    books.workers[*worker as usize].is_some(),
+                    "{key:?} held by a purged worker"
+                );
+                held_per_slot[*worker as usize] += 1;
             }
-            let in_idle = books.idle.iter().filter(|i| *i == wid).count();
-            assert_eq!(in_idle, worker.credits, "credits of {wid:?} vs idle queue");
-            assert!(worker.credits + worker.held.len() <= MAX_CREDITS);
+        }
+        let mut live = 0;
+        for (slot, worker) in books.workers.iter().enumerate() {
+            let Some(worker) = worker else {
+                assert!(
+                    books.free_slots.contains(&(slot as Slot)),
+                    "slot {slot} lost"
+                );
+                continue;
+            };
+            live += 1;
+            assert_eq!(books.slots.get(&worker.id), Some(&(slot as Slot)));
+            let in_idle = books.idle.iter().filter(|&&s| s as usize == slot).count();
+            assert_eq!(
+                in_idle, worker.credits,
+                "credits of {:?} vs idle queue",
+                worker.id
+            );
+            assert_eq!(worker.held, held_per_slot[slot], "held by {:?}", worker.id);
+            assert!(worker.credits + worker.held <= MAX_CREDITS);
             assert!(!worker.leaving || worker.credits == 0);
         }
+        assert_eq!(books.slots.len(), live);
         let mut queued = BTreeSet::new();
         let mut copy = books.queue.clone_for_test();
         while let Some(r) = copy.pop() {
@@ -416,9 +598,6 @@ mod model {
         assert_eq!(queued.len(), books.queue.len());
         let both: BTreeSet<_> = queued.union(&held).cloned().collect();
         assert_eq!(both, owned(books), "owned = queued + held");
-        for key in &books.answered {
-            assert!(held.contains(key), "{key:?} answered early but not held");
-        }
     }
 
     /// Worker A takes a request and is purged; worker B takes the copy; A's reply comes after
@@ -428,17 +607,21 @@ mod model {
         for purge_b in [false, true] {
             let mut books = Books::new(6, 1 << 20, Heartbeat::default());
             let (a, b) = (id(1), id(2));
-            assert!(books.request(request(1, 1)).is_none(), "no worker yet");
+            let key = request(1, 1).key().clone();
+            books.request(request(1, 1), |_, _| panic!("no worker yet"));
             books.ready(a.clone());
-            let (to, r) = books.next_dispatch().expect("dispatched");
-            assert_eq!(to, a);
-            books.handed(&to, r);
+            let mut to = Vec::new();
+            books.dispatch(|worker, _| {
+                to.push(worker.clone());
+                Sent::Queued
+            });
             books.purge(&a, "test");
             books.ready(b.clone());
-            let (to, r) = books.next_dispatch().expect("dispatched again");
-            assert_eq!(to, b);
-            let key = r.key().clone();
-            books.handed(&to, r);
+            books.dispatch(|worker, _| {
+                to.push(worker.clone());
+                Sent::Queued
+            });
+            assert_eq!(to, [a.clone(), b.clone()], "to A, then to B");
             assert_eq!(books.reply(&a, &key), ReplyFate::Forward, "A's late reply");
             check(&books);
             if purge_b {
@@ -448,8 +631,7 @@ mod model {
                 assert_eq!(books.reply(&b, &key), ReplyFate::Stale, "B's reply");
                 assert_eq!(books.idle(), 1, "B's slot is free again");
             }
-            assert!(books.owned.is_empty());
-            assert!(books.answered.is_empty());
+            assert!(books.requests.is_empty());
             check(&books);
         }
     }
@@ -469,30 +651,19 @@ mod model {
                     Event::Request { client: c, id } => {
                         // A key asked again after its answer is a new request.
                         let key = request(c, id).key().clone();
-                        if !books.owned.contains(&key) {
+                        if !books.requests.contains_key(&key) {
                             forwarded.remove(&key);
                         }
-                        if let Some((worker, request)) = books.request(request(c, id)) {
-                            books.handed(&worker, request);
-                        }
+                        books.request(request(c, id), sender(0));
                     }
                     Event::Ready(w) => books.ready(id(w)),
-                    Event::Dispatch { refuse_every } => {
-                        let mut n = 0u8;
-                        while let Some((worker, request)) = books.next_dispatch() {
-                            n = n.wrapping_add(1);
-                            if refuse_every > 0 && n.is_multiple_of(refuse_every) {
-                                books.not_handed(&worker, request, "refused");
-                            } else {
-                                books.handed(&worker, request);
-                            }
-                        }
-                    }
+                    Event::Dispatch { refuse_every } => books.dispatch(sender(refuse_every)),
                     Event::Reply { worker: w, nth } => {
-                        let key = books
-                            .workers
-                            .get(&id(w))
-                            .and_then(|wk| wk.held.keys().nth(nth as usize).cloned())
+                        let mut held = held_by(&books, &id(w));
+                        held.sort();
+                        let key = held
+                            .get(nth as usize)
+                            .cloned()
                             .unwrap_or_else(|| request(nth % 3, nth).key().clone());
                         if books.reply(&id(w), &key) == ReplyFate::Forward {
                             prop_assert!(forwarded.insert(key.clone()), "{:?} forwarded twice", key);
@@ -521,11 +692,12 @@ mod model {
             }
             // A fresh worker with room for everything: every owned request not answered yet is
             // served, once.
+            let early = answered_early(&books);
             let still: BTreeSet<RequestKey> = owned(&books)
                 .into_iter()
-                .filter(|k| !books.answered.contains(k))
+                .filter(|k| !early.contains(k))
                 .collect();
-            let others: Vec<Bytes> = books.workers.keys().cloned().collect();
+            let others: Vec<Bytes> = books.worker_ids().cloned().collect();
             for w in others {
                 books.purge(&w, "finale");
             }
@@ -533,15 +705,20 @@ mod model {
             for _ in 0..books.queued() {
                 books.ready(fresh.clone());
             }
+            let mut sent = Vec::new();
+            books.dispatch(|worker, request| {
+                sent.push((worker.clone(), request.key().clone()));
+                Sent::Queued
+            });
             let mut served = BTreeSet::new();
-            while let Some((worker, request)) = books.next_dispatch() {
-                prop_assert!(served.insert(request.key().clone()), "served twice");
-                prop_assert!(!forwarded.contains(request.key()), "answered, then served again");
-                books.handed(&worker, request.clone());
-                prop_assert_eq!(books.reply(&worker, request.key()), ReplyFate::Forward);
+            for (worker, key) in sent {
+                prop_assert_eq!(&worker, &fresh);
+                prop_assert!(!forwarded.contains(&key), "answered, then served again");
+                prop_assert_eq!(books.reply(&worker, &key), ReplyFate::Forward);
+                prop_assert!(served.insert(key), "served twice");
             }
             prop_assert_eq!(&served, &still);
-            prop_assert!(books.owned.is_empty());
+            prop_assert!(books.requests.is_empty());
             check(&books);
         }
     }

@@ -197,9 +197,10 @@ impl Broker {
         let peer = msg.get(0).cloned().unwrap_or_default();
         match Request::parse(msg) {
             Ok(request) => {
-                if let Some((worker_id, request)) = self.books.request(request) {
-                    self.send_to_worker(worker_id, request);
-                }
+                let backend = &mut self.backend;
+                self.books.request(request, |worker, request| {
+                    backend.send_to(worker, request.frames())
+                });
             }
             Err(e) => {
                 self.books.stats.bad_frontend += 1;
@@ -251,17 +252,9 @@ impl Broker {
 
     /// Hands queued requests to idle workers, least recently used first.
     fn dispatch(&mut self) {
-        while let Some((worker_id, request)) = self.books.next_dispatch() {
-            self.send_to_worker(worker_id, request);
-        }
-    }
-
-    fn send_to_worker(&mut self, worker_id: Bytes, request: Request) {
-        match self.backend.send_to(&worker_id, request.frames()) {
-            Sent::Queued => self.books.handed(&worker_id, request),
-            Sent::Stalled => self.books.not_handed(&worker_id, request, "not reading"),
-            Sent::Failed(_) => self.books.not_handed(&worker_id, request, "send failed"),
-        }
+        let backend = &mut self.backend;
+        self.books
+            .dispatch(|worker, request| backend.send_to(worker, request.frames()));
     }
 
     fn on_heartbeat(&mut self) {
