@@ -60,7 +60,7 @@ pub struct Broker {
     pub frontend_endpoint: String,
     pub backend_endpoint: String,
     /// Counters of the two sockets' limits.
-    guards: [Arc<GuardStats>; 2],
+    socket_stats: [Arc<GuardStats>; 2],
     books: Books,
 }
 
@@ -99,7 +99,7 @@ impl Broker {
             config,
             frontend_endpoint: frontend.endpoint.clone(),
             backend_endpoint: backend.endpoint.clone(),
-            guards: [frontend.stats().clone(), backend.stats().clone()],
+            socket_stats: [frontend.stats().clone(), backend.stats().clone()],
             frontend,
             backend,
         })
@@ -288,7 +288,7 @@ impl Broker {
 
     fn refresh_guard_stats(&mut self) {
         let stats = &mut self.books.stats;
-        (stats.guard_refused, stats.guard_stalled) = common::guard::totals(&self.guards);
+        (stats.guard_refused, stats.guard_stalled) = common::guard::totals(&self.socket_stats);
     }
 
     fn log_stats(&self, what: &'static str) {
