@@ -669,7 +669,7 @@ impl PubSub {
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
         let mut figures = BTreeMap::new();
-        let (mut total_received, mut total_gaps, mut total_dups) = (0, 0, 0);
+        let (mut total_received, mut total_gaps, mut total_late, mut total_dups) = (0, 0, 0, 0);
         for (s, (name, zips)) in self.subscribers.iter_mut().zip(SUBSCRIBERS) {
             let status = s.stop().await?;
             let proc = s.proc.as_ref().context("subscriber gone")?;
@@ -682,16 +682,18 @@ impl PubSub {
             judge_subscriber(v, name, &got, &zips, &sent);
             total_received += got.received;
             total_gaps += got.gaps;
+            total_late += got.late;
             total_dups += got.duplicates;
             figures.insert(
                 name.to_string(),
-                json!({"received": got.received, "gaps": got.gaps, "duplicates": got.duplicates, "reconnects": got.reconnects, "proxies": got.proxies}),
+                json!({"received": got.received, "gaps": got.gaps, "late": got.late, "duplicates": got.duplicates, "reconnects": got.reconnects, "proxies": got.proxies}),
             );
         }
         v.figure("updates_sent", sent.iter().map(|p| p.sent).sum::<u64>())
             .figure("updates_unsent", sent.iter().map(|p| p.unsent).sum::<u64>())
             .figure("updates_received", total_received)
             .figure("updates_gaps", total_gaps)
+            .figure("updates_late", total_late)
             .figure("updates_duplicated", total_dups)
             .figure("subscribers", Value::Object(figures.into_iter().collect()));
         Ok(())

@@ -39,6 +39,9 @@ pub struct SubscriberSummary {
     pub received: u64,
     /// Updates it can prove it missed (sequence numbers skipped), all streams together.
     pub gaps: u64,
+    /// Updates it had skipped that came after a newer one (counted in `received`, not shown).
+    #[serde(default)]
+    pub late: u64,
     /// Updates received again (re-sent last values), not shown twice.
     pub duplicates: u64,
     pub reconnects: u64,
@@ -86,8 +89,13 @@ impl State {
     }
 
     fn on_update(&mut self, update: Update, on_update: &mut dyn FnMut(&Update, f64)) {
-        if let Seen::Duplicate = self.tracker.on_update(&update) {
-            return;
+        match self.tracker.on_update(&update) {
+            Seen::New { .. } => {}
+            Seen::Late => {
+                self.summary.received += 1;
+                return;
+            }
+            Seen::Duplicate => return,
         }
         let now = Instant::now();
         match self.last_update {
@@ -281,6 +289,7 @@ pub async fn run(
     }
     let mut s = state.summary;
     s.gaps = state.tracker.gaps();
+    s.late = state.tracker.late();
     s.duplicates = state.tracker.duplicates();
     s.streams = state.tracker.summaries();
     s.proxies = state.proxies.len() as u64;

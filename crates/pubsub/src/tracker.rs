@@ -1,12 +1,18 @@
 //! Gap and duplicate accounting on the subscriber side, from the sequence numbers.
 //!
-//! Each (publisher, zip) is a stream numbered 1, 2, 3... by the publisher; ZeroMQ keeps the
-//! order of one stream, so a number below or equal to the last one seen is a duplicate (a
-//! re-sent last value) and a jump is a gap of exactly the numbers skipped. A new publisher
-//! instance (the publisher restarted) starts the stream afresh. Updates before the first one
-//! seen are not gaps: a late joiner missed nothing it asked for.
+//! Each (publisher, zip) is a stream numbered 1, 2, 3... by the publisher. ZeroMQ keeps the
+//! order of one connection, so a jump is a gap of exactly the numbers skipped, and a number
+//! below or equal to the last one seen is either a duplicate (a re-sent last value) or *late*:
+//! one of the numbers skipped, arriving after all. That happens across a publisher's
+//! reconnection: what it wrote into the old connection (held by a partition, say) can reach
+//! the proxy after what it writes into the new one. A late update fills its gap and counts as
+//! received, but is not shown (the subscriber has a newer value). The last [`MAX_MISSED`]
+//! gaps of each stream are remembered for this; an older one stays a gap and its late numbers
+//! count as duplicates. A new publisher instance (the publisher restarted) starts the stream
+//! afresh. Updates before the first one seen are not gaps: a late joiner missed nothing it
+//! asked for.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -15,12 +21,17 @@ use crate::protocol::{Update, Zip};
 /// Streams tracked at most: a subscriber fed by ever new publisher names stays bounded. Updates
 /// of streams beyond it are shown but not accounted for.
 pub const MAX_STREAMS: usize = 100_000;
+/// Gaps remembered per stream, so that their numbers arriving late are told from duplicates.
+pub const MAX_MISSED: usize = 64;
 
 /// What one update was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Seen {
     /// Not seen before; `missed` updates of its stream were skipped just before it.
     New { missed: u64 },
+    /// One of the numbers skipped before, arriving after a newer one: it fills its gap, and
+    /// is not shown (it is older than what was).
+    Late,
     /// Seen already (or from an instance that has since restarted): not shown again.
     Duplicate,
 }
@@ -37,6 +48,9 @@ pub struct StreamSummary {
     pub last: u64,
     pub received: u64,
     pub gaps: u64,
+    /// Of the numbers skipped, those that came after all (counted in `received`, not in `gaps`).
+    #[serde(default)]
+    pub late: u64,
     pub duplicates: u64,
     /// Times the publisher was seen to restart (new instance).
     pub restarts: u64,
@@ -51,7 +65,49 @@ struct Stream {
     last: u64,
     received: u64,
     gaps: u64,
+    late: u64,
     duplicates: u64,
+    /// The last gaps (first and last number skipped), oldest first.
+    missed: VecDeque<(u64, u64)>,
+}
+
+impl Stream {
+    fn new(instance: u64, seq: u64) -> Self {
+        Self {
+            instance,
+            retired: Vec::new(),
+            first: seq,
+            last: seq,
+            received: 1,
+            gaps: 0,
+            late: 0,
+            duplicates: 0,
+            missed: VecDeque::new(),
+        }
+    }
+
+    /// Takes `seq` out of the remembered gaps, if it is in one.
+    fn fill(&mut self, seq: u64) -> bool {
+        let Some(i) = self.missed.iter().position(|&(a, b)| a <= seq && seq <= b) else {
+            return false;
+        };
+        let (a, b) = self.missed[i];
+        match (seq == a, seq == b) {
+            (true, true) => {
+                self.missed.remove(i);
+            }
+            (true, false) => self.missed[i].0 = seq + 1,
+            (false, true) => self.missed[i].1 = seq - 1,
+            (false, false) => {
+                self.missed[i].1 = seq - 1;
+                self.missed.insert(i + 1, (seq + 1, b));
+                if self.missed.len() > MAX_MISSED {
+                    self.missed.pop_front();
+                }
+            }
+        }
+        true
+    }
 }
 
 /// All streams seen by one subscriber.
@@ -67,18 +123,7 @@ impl Tracker {
             if self.streams.len() >= MAX_STREAMS {
                 return Seen::New { missed: 0 };
             }
-            self.streams.insert(
-                key,
-                Stream {
-                    instance: u.instance,
-                    retired: Vec::new(),
-                    first: u.seq,
-                    last: u.seq,
-                    received: 1,
-                    gaps: 0,
-                    duplicates: 0,
-                },
-            );
+            self.streams.insert(key, Stream::new(u.instance, u.seq));
             return Seen::New { missed: 0 };
         };
         if u.instance != s.instance {
@@ -94,13 +139,26 @@ impl Tracker {
             s.first = u.seq;
             s.last = u.seq;
             s.received += 1;
+            s.missed.clear();
             return Seen::New { missed: 0 };
         }
         if u.seq <= s.last {
+            if s.fill(u.seq) {
+                s.gaps -= 1;
+                s.late += 1;
+                s.received += 1;
+                return Seen::Late;
+            }
             s.duplicates += 1;
             return Seen::Duplicate;
         }
         let missed = u.seq - s.last - 1;
+        if missed > 0 {
+            s.missed.push_back((s.last + 1, u.seq - 1));
+            if s.missed.len() > MAX_MISSED {
+                s.missed.pop_front();
+            }
+        }
         s.gaps += missed;
         s.last = u.seq;
         s.received += 1;
@@ -115,6 +173,10 @@ impl Tracker {
         self.streams.values().map(|s| s.duplicates).sum()
     }
 
+    pub fn late(&self) -> u64 {
+        self.streams.values().map(|s| s.late).sum()
+    }
+
     pub fn summaries(&self) -> Vec<StreamSummary> {
         self.streams
             .iter()
@@ -126,6 +188,7 @@ impl Tracker {
                 last: s.last,
                 received: s.received,
                 gaps: s.gaps,
+                late: s.late,
                 duplicates: s.duplicates,
                 restarts: s.retired.len() as u64,
             })
@@ -161,6 +224,43 @@ mod tests {
         assert_eq!((s.first, s.last, s.received, s.gaps), (5, 10, 3, 3));
         // received + gaps covers first..=last exactly.
         assert_eq!(s.received + s.gaps, s.last - s.first + 1);
+    }
+
+    /// Numbers skipped that come after all fill their gap once; a second copy is a duplicate.
+    #[test]
+    fn late_numbers_fill_their_gaps() {
+        let mut t = Tracker::default();
+        t.on_update(&u("a", 1, 1));
+        assert_eq!(t.on_update(&u("a", 1, 10)), Seen::New { missed: 8 });
+        assert_eq!(t.on_update(&u("a", 1, 5)), Seen::Late);
+        assert_eq!(t.on_update(&u("a", 1, 2)), Seen::Late);
+        assert_eq!(t.on_update(&u("a", 1, 9)), Seen::Late);
+        assert_eq!(t.on_update(&u("a", 1, 5)), Seen::Duplicate);
+        assert_eq!(t.on_update(&u("a", 1, 10)), Seen::Duplicate);
+        assert_eq!((t.gaps(), t.late(), t.duplicates()), (5, 3, 2));
+        let s = &t.summaries()[0];
+        assert_eq!(s.received + s.gaps, s.last - s.first + 1);
+        for seq in [3, 4, 6, 7, 8] {
+            assert_eq!(t.on_update(&u("a", 1, seq)), Seen::Late, "{seq}");
+        }
+        assert_eq!((t.gaps(), t.late()), (0, 8));
+        assert_eq!(t.on_update(&u("a", 1, 11)), Seen::New { missed: 0 });
+    }
+
+    /// Only the last `MAX_MISSED` gaps are remembered: a number of an older one is a duplicate.
+    #[test]
+    fn only_the_last_gaps_are_remembered() {
+        let mut t = Tracker::default();
+        t.on_update(&u("a", 1, 1));
+        for i in 1..=(MAX_MISSED as u64 + 1) {
+            t.on_update(&u("a", 1, 1 + 2 * i));
+        }
+        assert_eq!(
+            t.on_update(&u("a", 1, 2)),
+            Seen::Duplicate,
+            "the oldest gap is forgotten"
+        );
+        assert_eq!(t.on_update(&u("a", 1, 4)), Seen::Late);
     }
 
     #[test]

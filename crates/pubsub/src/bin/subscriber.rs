@@ -74,8 +74,9 @@ async fn main() -> ExitCode {
     )
     .await;
     eprintln!(
-        "subscriber: {} received, {} gaps, {} duplicates, {} reconnects, longest silence {} ms",
+        "subscriber: {} received ({} late), {} gaps, {} duplicates, {} reconnects, longest silence {} ms",
         summary.received,
+        summary.late,
         summary.gaps,
         summary.duplicates,
         summary.reconnects,
