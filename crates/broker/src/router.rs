@@ -33,7 +33,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use common::guard::{GuardStats, Limits};
 use common::send::Sent;
-use common::wire::{self, command, parse_command, protocol_error, Reader};
+use common::wire::{self, parse_command, protocol_error, Reader};
 use foldhash::{HashMap, HashMapExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -373,11 +373,8 @@ impl Connection {
                 if frame.is_command() {
                     let (name, body) = parse_command(&frame.body)?;
                     if name == b"PING" {
-                        // The context after the 2-byte TTL is echoed back: at most 16 bytes
-                        // (RFC 37), so PINGs cannot make the PONGs a peer leaves unread grow
-                        // faster than they are sent, and those count toward its byte bound.
-                        let context = body.get(2..).unwrap_or_default();
-                        let pong = command("PONG", &context[..context.len().min(16)]);
+                        // The PONGs a peer leaves unread count toward its byte bound.
+                        let pong = wire::pong(body);
                         let pushed = outbox.push(pong.len(), self.limits.max_peer_bytes, |buf| {
                             buf.extend_from_slice(&pong);
                         });

@@ -70,6 +70,14 @@ pub fn command(name: &str, body: &[u8]) -> Bytes {
     out.freeze()
 }
 
+/// The PONG that answers a PING whose command body is `ping`: its context (after the 2-byte
+/// TTL) echoed, 16 bytes at most (RFC 37), so that a peer sending large PINGs and reading
+/// nothing cannot make the answers it leaves unread outgrow what it sends.
+pub fn pong(ping: &[u8]) -> Bytes {
+    let context = ping.get(2..).unwrap_or_default();
+    command("PONG", &context[..context.len().min(16)])
+}
+
 /// READY with our `Socket-Type`.
 pub fn ready(socket_type: &str) -> Bytes {
     let mut props = BytesMut::new();
@@ -348,6 +356,20 @@ mod tests {
         assert!(next_frame(&mut buf, 1 << 20).is_err());
         let mut buf = BytesMut::from(&[0x80, 1][..]);
         assert!(next_frame(&mut buf, 1 << 20).is_err(), "unknown flag bits");
+    }
+
+    #[test]
+    fn a_pong_echoes_16_bytes_of_context_at_most() {
+        let body = |context: &[u8]| [&b"\x00\x0a"[..], context].concat();
+        for (context, echoed) in [(&b"abc"[..], &b"abc"[..]), (&[7u8; 40][..], &[7u8; 16][..])] {
+            let pong = pong(&body(context));
+            let mut buf = BytesMut::from(&pong[..]);
+            let frame = next_frame(&mut buf, 1024).expect("valid").expect("whole");
+            assert_eq!(
+                parse_command(&frame.body).expect("command"),
+                (&b"PONG"[..], echoed)
+            );
+        }
     }
 
     #[test]

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::wire::{self, command, parse_command, protocol_error, Reader};
+use common::wire::{self, parse_command, protocol_error, Reader};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
@@ -179,9 +179,7 @@ async fn read_loop(
             let (name, body) = parse_command(&frame.body)?;
             let msg = match name {
                 b"PING" => {
-                    // Context after the 2-byte TTL, echoed back.
-                    let context = body.get(2..).unwrap_or_default();
-                    let _ = replies.try_send(command("PONG", context));
+                    let _ = replies.try_send(wire::pong(body));
                     continue;
                 }
                 b"SUBSCRIBE" => [&[1u8][..], body].concat(),
@@ -285,7 +283,7 @@ mod tests {
     use super::*;
     use bytes::{BufMut, BytesMut};
     use common::wire::{
-        greeting, next_frame, Frame, FLAG_COMMAND, FLAG_LONG, FLAG_MORE, GREETING_LEN,
+        command, greeting, next_frame, Frame, FLAG_COMMAND, FLAG_LONG, FLAG_MORE, GREETING_LEN,
     };
     use tokio::io::AsyncReadExt;
 
