@@ -18,37 +18,40 @@ fn script(name: &str) -> String {
         .to_string()
 }
 
+/// `req_client.py` (a stock REQ client) sending `requests` through a broker to one of our
+/// workers, its extra arguments after the count; its JSON summary, once it exited 0.
+async fn req_client_through_the_broker(
+    test: &str,
+    requests: u32,
+    extra: &[&str],
+) -> serde_json::Value {
+    require_pyzmq();
+    let _g = heavy().await;
+    let (_broker, frontend, backend) = broker(test, &[]).await;
+    let logs = log_dir(test);
+    let args = ["--connect", &backend, "--id", "rust-worker"].map(String::from);
+    let _worker = Proc::spawn("worker", &bins().path("worker"), &args, &logs).expect("worker");
+    let mut args = vec![script("req_client.py"), frontend, requests.to_string()];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let mut client = Proc::spawn("req-client", std::path::Path::new("python3"), &args, &logs)
+        .expect("python client");
+    let status = client
+        .wait(Duration::from_secs(60))
+        .await
+        .expect("client ends");
+    let summary: serde_json::Value = client.json().expect("summary");
+    assert_eq!(summary["answered"], requests, "{}", client.log_tail());
+    assert!(status.success(), "{}", client.log_tail());
+    summary
+}
+
 #[tokio::test(flavor = "multi_thread")]
 #[cfg_attr(
     no_pyzmq,
     ignore = "python3 with pyzmq was not installed when built (see tests/build.rs)"
 )]
 async fn stock_req_client_works_through_the_broker() {
-    require_pyzmq();
-    let _g = heavy().await;
-    let (_broker, frontend, backend) = broker("interop-req", &[]).await;
-    let logs = log_dir("interop-req");
-    let args = [
-        "--connect".to_string(),
-        backend,
-        "--id".into(),
-        "rust-worker".into(),
-    ];
-    let _worker = Proc::spawn("worker", &bins().path("worker"), &args, &logs).expect("worker");
-    let mut client = Proc::spawn(
-        "req-client",
-        std::path::Path::new("python3"),
-        &[script("req_client.py"), frontend, "100".into()],
-        &logs,
-    )
-    .expect("python client");
-    let status = client
-        .wait(Duration::from_secs(60))
-        .await
-        .expect("client ends");
-    let summary: serde_json::Value = client.json().expect("summary");
-    assert_eq!(summary["answered"], 100, "{}", client.log_tail());
-    assert!(status.success(), "{}", client.log_tail());
+    req_client_through_the_broker("interop-req", 100, &[]).await;
 }
 
 /// libzmq with `ZMQ_HEARTBEAT_IVL` 100 ms pings the broker and drops the connection when no
@@ -59,27 +62,8 @@ async fn stock_req_client_works_through_the_broker() {
     ignore = "python3 with pyzmq was not installed when built (see tests/build.rs)"
 )]
 async fn a_stock_client_with_zmtp_heartbeats_keeps_its_connection() {
-    require_pyzmq();
-    let _g = heavy().await;
-    let (_broker, frontend, backend) = broker("interop-ping", &[]).await;
-    let logs = log_dir("interop-ping");
-    let args = ["--connect", &backend, "--id", "rust-worker"].map(String::from);
-    let _worker = Proc::spawn("worker", &bins().path("worker"), &args, &logs).expect("worker");
-    let mut client = Proc::spawn(
-        "req-client",
-        std::path::Path::new("python3"),
-        &[script("req_client.py"), frontend, "20".into(), "100".into()],
-        &logs,
-    )
-    .expect("python client");
-    let status = client
-        .wait(Duration::from_secs(60))
-        .await
-        .expect("client ends");
-    let summary: serde_json::Value = client.json().expect("summary");
-    assert_eq!(summary["answered"], 20, "{}", client.log_tail());
-    assert_eq!(summary["disconnects"], 0, "{}", client.log_tail());
-    assert!(status.success(), "{}", client.log_tail());
+    let summary = req_client_through_the_broker("interop-ping", 20, &["100"]).await;
+    assert_eq!(summary["disconnects"], 0, "{summary}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
