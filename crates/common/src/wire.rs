@@ -148,7 +148,7 @@ pub fn next_frame(buf: &mut BytesMut, max_frame: usize) -> std::io::Result<Optio
 #[derive(Debug)]
 pub struct Reader {
     read: OwnedReadHalf,
-    pub buf: BytesMut,
+    buf: BytesMut,
     max_frame: usize,
 }
 
