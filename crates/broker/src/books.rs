@@ -61,6 +61,32 @@ fn take_credit(idle: &mut VecDeque<Slot>, workers: &mut [Option<Worker>]) -> Opt
     Some(slot)
 }
 
+/// Offers `request` to the worker in `slot` through `send`: held by that worker now (the place
+/// to record), or refused (the request back, and why).
+#[allow(clippy::result_large_err)] // Both sides carry the request itself: boxing would allocate.
+fn offer(
+    workers: &mut [Option<Worker>],
+    stats: &mut BrokerStats,
+    slot: Slot,
+    request: Request,
+    send: impl FnOnce(&Bytes, &Request) -> Sent,
+) -> Result<Place, (Request, &'static str)> {
+    let worker = in_slot(workers, slot);
+    match send(&worker.id, &request) {
+        Sent::Queued => {
+            worker.held += 1;
+            stats.dispatched += 1;
+            Ok(Place::Held {
+                worker: slot,
+                request,
+                answered: false,
+            })
+        }
+        Sent::Stalled => Err((request, "not reading")),
+        Sent::Failed(_) => Err((request, "send failed")),
+    }
+}
+
 /// Where an owned request is.
 #[derive(Debug)]
 enum Place {
@@ -135,21 +161,14 @@ impl Books {
         };
         if self.queue.is_empty() {
             if let Some(slot) = take_credit(&mut self.idle, &mut self.workers) {
-                let worker = in_slot(&mut self.workers, slot);
-                match send(&worker.id, &request) {
-                    Sent::Queued => {
-                        worker.held += 1;
-                        self.stats.dispatched += 1;
-                        place.insert(Place::Held {
-                            worker: slot,
-                            request,
-                            answered: false,
-                        });
+                match offer(&mut self.workers, &mut self.stats, slot, request, send) {
+                    Ok(held) => {
+                        place.insert(held);
                     }
-                    refused => {
+                    Err((request, why)) => {
                         place.insert(Place::Queued);
                         self.queue.push_front(request);
-                        self.refused(slot, &refused);
+                        self.refused(slot, why);
                     }
                 }
                 return;
@@ -191,32 +210,19 @@ impl Books {
                 return;
             };
             let request = self.queue.pop().expect("queue is not empty");
-            let worker = in_slot(&mut self.workers, slot);
-            match send(&worker.id, &request) {
-                Sent::Queued => {
-                    worker.held += 1;
-                    self.stats.dispatched += 1;
-                    let place = self.requests.get_mut(request.key()).expect("owned");
-                    *place = Place::Held {
-                        worker: slot,
-                        request,
-                        answered: false,
-                    };
-                }
-                refused => {
+            let place = self.requests.get_mut(request.key()).expect("owned");
+            match offer(&mut self.workers, &mut self.stats, slot, request, &mut send) {
+                Ok(held) => *place = held,
+                Err((request, why)) => {
                     self.queue.push_front(request);
-                    self.refused(slot, &refused);
+                    self.refused(slot, why);
                 }
             }
         }
     }
 
     /// A worker could not take a request: it is purged.
-    fn refused(&mut self, slot: Slot, sent: &Sent) {
-        let why = match sent {
-            Sent::Stalled => "not reading",
-            _ => "send failed",
-        };
+    fn refused(&mut self, slot: Slot, why: &str) {
         let id = in_slot(&mut self.workers, slot).id.clone();
         self.purge(&id, why);
     }
