@@ -85,7 +85,8 @@ enum Inbound {
 struct Outbox {
     buf: Mutex<BytesMut>,
     wake: Notify,
-    /// Set when the connection ends or is cut: sends fail from then on.
+    /// Set when the connection ends or is cut: sends fail from then on. (Not `cut.is_cancelled()`,
+    /// which takes a lock, on every send.)
     closed: AtomicBool,
     /// Fires when the connection is to end: closed, cut off, or the router stopped.
     cut: CancellationToken,
