@@ -78,9 +78,11 @@ fn bind(endpoint: &str, config: &BrokerConfig) -> Result<Router, BrokerError> {
     // longer reading, releasing their queues.
     let keepalive = config.heartbeat.interval.max(Duration::from_secs(1));
     let listener = common::endpoint::bind_keepalive(endpoint, keepalive)?;
-    Router::serve(listener, config.limits).map_err(|source| BrokerError::Serve {
-        endpoint: endpoint.to_string(),
-        source,
+    Router::serve(listener, config.limits, config.max_connections).map_err(|source| {
+        BrokerError::Serve {
+            endpoint: endpoint.to_string(),
+            source,
+        }
     })
 }
 
@@ -283,12 +285,16 @@ impl Broker {
                 _ = tick.tick() => {}
             }
         }
-        tokio::time::sleep(common::link::LINGER).await;
+        // What the outboxes hold goes out before the sockets close (not cut mid-frame).
+        self.frontend.flush(common::link::LINGER).await;
+        self.backend.flush(common::link::LINGER).await;
     }
 
     fn refresh_guard_stats(&mut self) {
         let stats = &mut self.books.stats;
         (stats.guard_refused, stats.guard_stalled) = common::guard::totals(&self.socket_stats);
+        stats.evicted = self.socket_stats.iter().map(|s| s.evicted()).sum();
+        stats.turned_away = self.socket_stats.iter().map(|s| s.turned_away()).sum();
     }
 
     fn log_stats(&self, what: &'static str) {
@@ -313,6 +319,8 @@ impl Broker {
             bad_backend = s.bad_backend,
             guard_refused = s.guard_refused,
             guard_stalled = s.guard_stalled,
+            evicted = s.evicted,
+            turned_away = s.turned_away,
             "{what}"
         );
     }

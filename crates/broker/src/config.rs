@@ -30,6 +30,8 @@ pub struct BrokerConfig {
     pub stats_every: Duration,
     /// What one peer may send, and make the broker hold (see [`crate::router`]).
     pub limits: Limits,
+    /// Connections open at once on each socket, at most (see [`crate::router`]).
+    pub max_connections: usize,
 }
 
 impl Default for BrokerConfig {
@@ -44,6 +46,7 @@ impl Default for BrokerConfig {
             drain: Duration::from_secs(2),
             stats_every: Duration::from_secs(5),
             limits: Limits::default(),
+            max_connections: common::endpoint::max_connections_for(1024, 2),
         }
     }
 }

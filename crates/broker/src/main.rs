@@ -23,6 +23,11 @@ struct Args {
     heartbeat: HeartbeatArgs,
     #[command(flatten)]
     limits: LimitArgs,
+    /// Connections open at once on each socket, at most; at the bound a new one replaces the
+    /// one quiet longest (2 s or more), or is closed. Default: the open-files limit (raised to
+    /// its hard limit at start) less 64, shared by the two sockets.
+    #[arg(long, env = "BROKER_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: Option<u64>,
     /// Requests waiting for a worker beyond this many are dropped (clients retry).
     #[arg(long, env = "BROKER_MAX_QUEUED", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     max_queued: u64,
@@ -54,6 +59,11 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = common::shutdown::on_signals();
+    let open_files = common::endpoint::raise_open_files_limit();
+    let max_connections = args.max_connections.map_or_else(
+        || common::endpoint::max_connections_for(open_files, 2),
+        |max| max as usize,
+    );
     let config = BrokerConfig {
         frontend: args.frontend,
         backend: args.backend,
@@ -64,6 +74,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         drain: Duration::from_millis(args.drain_ms),
         stats_every: Duration::from_secs(args.stats_secs),
         limits: args.limits.limits(),
+        max_connections,
     };
     let broker = Broker::bind(config).await?;
     common::ready::announce(&[

@@ -9,7 +9,9 @@
 //!
 //! - Each connection has a reader task that decodes every whole message in what one read
 //!   returned and hands them to the broker in one batch, over one bounded channel per socket:
-//!   when the broker is busy the readers wait, and the kernel pushes back on the peers.
+//!   when the broker is busy the readers wait, and the kernel pushes back on the peers. The
+//!   batches on their way hold permits of a byte budget per socket ([`INBOUND_BYTES`]), so what
+//!   the readers have taken in and the broker has not is bounded in bytes, not only in batches.
 //! - Each connection has an outbox: [`Router::send`] encodes the message into it at once and
 //!   wakes the connection's writer task, which writes whatever has gathered in one call.
 //! - The limits are checked on the way in, on each frame header before its body is read:
@@ -17,47 +19,77 @@
 //!   are not ZMTP 3, or a handshake not done in [`HANDSHAKE_TIMEOUT`] end the connection
 //!   (counted `refused`). A peer with more than `max_peer_bytes` waiting for it to read is cut
 //!   off (counted `stalled`): that is what one peer can make the broker hold.
+//! - At most `max_connections` connections are open at once, handshakes included. At the bound
+//!   a new connection takes the place of the one heard from least recently, if that one has
+//!   been quiet for [`QUIET_ENOUGH_TO_EVICT`] (counted `evicted`); otherwise the newcomer is
+//!   closed at once (counted `turned_away`). So idle connections cannot lock everyone out, and
+//!   the process never runs out of descriptors for the peers it serves.
 //!
 //! What stays as in a stock ROUTER: any DEALER, REQ or ROUTER peer (libzmq, pyzmq, zmq.rs),
 //! messages delivered with the peer's routing id in front, the id the peer set in its READY
-//! (`Identity`) or else a 5-byte one made here (`0x00` and a counter, as libzmq does), a
-//! message to an unknown peer refused, PING answered with PONG. A peer that connects with the
-//! id of one still connected takes it over: the old connection is closed and reported gone first.
+//! (`Identity`, 1 to 255 bytes, not starting with a zero byte) or else one made here (`0x00`
+//! and a 64-bit connection number: libzmq's 32-bit counter could wrap onto a live id), a
+//! message to an unknown peer refused, PING answered with PONG.
+//!
+//! **A connection owns its id**, as in a libzmq ROUTER with `ZMQ_ROUTER_HANDOVER` off (its
+//! default): a second connection claiming the id of one still open is refused (closed, counted
+//! `refused`), so nobody can take another peer's replies by naming it. The id passes to a new
+//! connection only once the old one is known to be over (its reader or writer has ended); a
+//! libzmq peer retries every 100 ms until then. Our own clients and workers set no id: each
+//! connection gets a fresh one, so a half-open old connection never locks them out.
 
+use std::collections::hash_map::Entry;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use common::guard::{GuardStats, Limits};
+use common::logging::Throttle;
 use common::send::Sent;
 use common::wire::{self, parse_command, protocol_error, Reader};
 use foldhash::{HashMap, HashMapExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use zeromq::{ZmqError, ZmqMessage};
 
 /// How long a new connection has to complete its greeting and READY.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// At the connection bound, a connection silent for this long gives its place to a new one.
+/// Longer than the heartbeat interval of our workers and of RFC 6 ones (1 s), so that a live
+/// worker is never taken for idle.
+pub const QUIET_ENOUGH_TO_EVICT: Duration = Duration::from_secs(2);
 /// Batches of messages waiting for the broker, per socket (a batch is what one read of one
 /// connection held): beyond, the readers wait, and the kernel pushes back on their peers.
 const INBOUND_BATCHES: usize = 64;
+/// Bytes of those batches, per socket, at most; raised to two of the largest messages allowed
+/// so that one always passes. 64 batches of the reader's usual 16-64 KiB reads fit.
+const INBOUND_BYTES: usize = 8 << 20;
+/// What one message costs beyond its frames' bytes in a batch (its frame list and headers).
+const MESSAGE_OVERHEAD: usize = 128;
 /// A writer keeps a buffer of at most this much capacity between writes.
 const SPARE_BYTES: usize = 1 << 20;
 /// The socket types a ROUTER talks to.
 const PEERS: &[&[u8]] = &[b"DEALER", b"REQ", b"ROUTER"];
+/// The longest routing id a peer may set (libzmq's limit too: the length is one byte).
+pub const MAX_ID_BYTES: usize = 255;
+
+/// Log lines peers can cause at will: at most one a second each, with a count of the rest.
+static REFUSED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
+static STALLED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
+static BOUND_LOG: Throttle = Throttle::new(Duration::from_secs(1));
 
 /// What the broker learns from a ROUTER.
 #[derive(Debug)]
 pub enum Event {
     /// A message, the peer's routing id first.
     Message(ZmqMessage),
-    /// The peer's connection ended (or it was cut off, or taken over).
+    /// The peer's connection ended (or it was cut off).
     Gone(Bytes),
 }
 
@@ -67,12 +99,15 @@ enum Inbound {
     Joined {
         id: Bytes,
         serial: u64,
+        addr: SocketAddr,
         outbox: Arc<Outbox>,
     },
     Messages {
         id: Bytes,
         serial: u64,
         batch: Vec<ZmqMessage>,
+        /// Its share of [`INBOUND_BYTES`], given back when the router takes the batch.
+        _budget: Option<OwnedSemaphorePermit>,
     },
     Left {
         id: Bytes,
@@ -88,18 +123,21 @@ struct Outbox {
     /// Set when the connection ends or is cut: sends fail from then on. (Not `cut.is_cancelled()`,
     /// which takes a lock, on every send.)
     closed: AtomicBool,
-    /// Fires when the connection is to end: closed, cut off, or the router stopped.
+    /// Bytes handed to the outbox and not yet written to the kernel: what [`Router::flush`]
+    /// waits for.
+    unwritten: AtomicU64,
+    /// Fires when the connection is to end: closed, cut off, evicted, or the router stopped.
     cut: CancellationToken,
 }
 
 impl Outbox {
-    /// `stop` ends the router: it cuts every connection.
-    fn new(stop: &CancellationToken) -> Self {
+    fn new(cut: CancellationToken) -> Self {
         Self {
             buf: Mutex::new(BytesMut::new()),
             wake: Notify::new(),
             closed: AtomicBool::new(false),
-            cut: stop.child_token(),
+            unwritten: AtomicU64::new(0),
+            cut,
         }
     }
 
@@ -121,7 +159,10 @@ impl Outbox {
             return Err(waiting);
         }
         buf.reserve(size);
+        let before = buf.len();
         put(&mut buf);
+        self.unwritten
+            .fetch_add((buf.len() - before) as u64, Relaxed);
         drop(buf);
         if was_empty {
             self.wake.notify_one();
@@ -146,19 +187,39 @@ pub struct Router {
     stats: Arc<GuardStats>,
     /// The endpoint peers connect to (port 0 resolved).
     pub endpoint: String,
+    /// Fires to stop accepting (see [`Router::flush`]).
+    accepting: CancellationToken,
     _stop: DropGuard,
 }
 
 impl Router {
-    /// Serves on `listener` (its socket options are inherited by the connections).
-    pub fn serve(listener: std::net::TcpListener, limits: Limits) -> std::io::Result<Self> {
+    /// Serves on `listener` (its socket options are inherited by the connections), with at most
+    /// `max_connections` open at once.
+    pub fn serve(
+        listener: std::net::TcpListener,
+        limits: Limits,
+        max_connections: usize,
+    ) -> std::io::Result<Self> {
         listener.set_nonblocking(true)?;
         let local = listener.local_addr()?;
         let listener = TcpListener::from_std(listener)?;
         let (tx, inbound) = mpsc::channel(INBOUND_BATCHES);
         let stop = CancellationToken::new();
+        let accepting = stop.child_token();
         let stats = Arc::new(GuardStats::default());
-        tokio::spawn(accept(listener, tx, limits, stats.clone(), stop.clone()));
+        let message = usize::try_from(limits.max_message_bytes).unwrap_or(usize::MAX);
+        let budget_bytes = INBOUND_BYTES
+            .max(message.saturating_mul(2))
+            .min(u32::MAX as usize);
+        let shared = Shared {
+            tx,
+            limits,
+            stats: stats.clone(),
+            budget: Arc::new(Semaphore::new(budget_bytes)),
+            budget_bytes,
+            connections: Arc::new(Connections::new(max_connections.max(1))),
+        };
+        tokio::spawn(accept(listener, shared, stop.clone(), accepting.clone()));
         Ok(Self {
             inbound,
             ready: VecDeque::new(),
@@ -166,11 +227,12 @@ impl Router {
             limits,
             stats,
             endpoint: format!("tcp://{local}"),
+            accepting,
             _stop: stop.drop_guard(),
         })
     }
 
-    /// Connections refused and cut off as stalled.
+    /// Connections refused, cut off as stalled, evicted and turned away.
     pub fn stats(&self) -> &Arc<GuardStats> {
         &self.stats
     }
@@ -201,18 +263,36 @@ impl Router {
 
     fn take(&mut self, inbound: Inbound) {
         match inbound {
-            Inbound::Messages { id, serial, batch } => {
-                // A connection taken over is heard no more.
+            Inbound::Messages {
+                id, serial, batch, ..
+            } => {
+                // A connection refused for its id is heard no more.
                 if self.peers.get(&id).is_some_and(|p| p.serial == serial) {
                     self.ready.extend(batch.into_iter().map(Event::Message));
                 }
             }
-            Inbound::Joined { id, serial, outbox } => {
-                if let Some(old) = self.peers.insert(id.clone(), Peer { serial, outbox }) {
-                    old.outbox.close();
-                    self.ready.push_back(Event::Gone(id));
+            Inbound::Joined {
+                id,
+                serial,
+                addr,
+                outbox,
+            } => match self.peers.entry(id) {
+                Entry::Vacant(place) => {
+                    place.insert(Peer { serial, outbox });
                 }
-            }
+                // The old connection is over, its `Left` not here yet: the id passes on.
+                Entry::Occupied(mut place) if place.get().outbox.closed.load(Relaxed) => {
+                    place.insert(Peer { serial, outbox });
+                    self.ready.push_back(Event::Gone(place.key().clone()));
+                }
+                Entry::Occupied(place) => {
+                    outbox.close();
+                    self.stats.refused.fetch_add(1, Relaxed);
+                    if let Some(held_back) = REFUSED_LOG.check() {
+                        tracing::info!(peer = %addr, id = %common::frames::show(place.key()), held_back, "connection refused: its routing id is in use");
+                    }
+                }
+            },
             Inbound::Left { id, serial } => {
                 if self.peers.get(&id).is_some_and(|p| p.serial == serial) {
                     self.peers.remove(&id);
@@ -254,35 +334,156 @@ impl Router {
             Ok(()) => Sent::Queued,
             Err(waiting) => {
                 self.stats.stalled.fetch_add(1, Relaxed);
-                tracing::warn!(
-                    peer = %common::frames::show(peer),
-                    waiting,
-                    "peer not reading: cut off"
-                );
+                if let Some(held_back) = STALLED_LOG.check() {
+                    tracing::warn!(
+                        peer = %common::frames::show(peer),
+                        waiting,
+                        held_back,
+                        "peer not reading: cut off"
+                    );
+                }
                 Sent::Stalled
             }
         }
+    }
+
+    /// Stops accepting connections and waits, `linger` at most, until what the outboxes hold
+    /// is written to the kernel: the last replies of a drain are not cut mid-frame when the
+    /// router is dropped.
+    pub async fn flush(&mut self, linger: Duration) {
+        self.accepting.cancel();
+        let until = tokio::time::Instant::now() + linger;
+        while self
+            .peers
+            .values()
+            .any(|p| !p.outbox.closed.load(Relaxed) && p.outbox.unwritten.load(Relaxed) > 0)
+        {
+            if tokio::time::Instant::now() >= until {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// What every connection task of one socket shares.
+#[derive(Debug, Clone)]
+struct Shared {
+    tx: mpsc::Sender<Inbound>,
+    limits: Limits,
+    stats: Arc<GuardStats>,
+    /// [`INBOUND_BYTES`] (or two of the largest messages) as permits.
+    budget: Arc<Semaphore>,
+    budget_bytes: usize,
+    connections: Arc<Connections>,
+}
+
+/// The open connections of one socket, handshakes included: what the bound counts, and what
+/// it evicts from.
+#[derive(Debug)]
+struct Connections {
+    max: usize,
+    start: Instant,
+    open: Mutex<HashMap<u64, Arc<Open>>>,
+}
+
+/// One open connection, as the accept loop sees it.
+#[derive(Debug)]
+struct Open {
+    /// When bytes last came from the peer, in milliseconds since [`Connections::start`].
+    heard_ms: AtomicU64,
+    /// Ends the connection (child of the router's stop token).
+    cut: CancellationToken,
+}
+
+impl Connections {
+    fn new(max: usize) -> Self {
+        Self {
+            max,
+            start: Instant::now(),
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Registers connection `serial`, making room at the bound by evicting the connection heard
+    /// from least recently if it has been quiet long enough; `None` if there is no room.
+    fn open(&self, serial: u64, stop: &CancellationToken, stats: &GuardStats) -> Option<Arc<Open>> {
+        let now = self.now_ms();
+        let mut open = self.open.lock().expect("connections lock");
+        if open.len() >= self.max {
+            let quietest = open
+                .iter()
+                .min_by_key(|(_, c)| c.heard_ms.load(Relaxed))
+                .map(|(&serial, c)| (serial, c.heard_ms.load(Relaxed)));
+            let quiet_enough = QUIET_ENOUGH_TO_EVICT.as_millis() as u64;
+            match quietest {
+                Some((oldest, heard)) if now.saturating_sub(heard) >= quiet_enough => {
+                    if let Some(evicted) = open.remove(&oldest) {
+                        evicted.cut.cancel();
+                    }
+                    stats.evicted.fetch_add(1, Relaxed);
+                    log_bound(self.max, stats);
+                }
+                _ => {
+                    stats.turned_away.fetch_add(1, Relaxed);
+                    log_bound(self.max, stats);
+                    return None;
+                }
+            }
+        }
+        let conn = Arc::new(Open {
+            heard_ms: AtomicU64::new(now),
+            cut: stop.child_token(),
+        });
+        open.insert(serial, conn.clone());
+        Some(conn)
+    }
+
+    fn heard(&self, conn: &Open) {
+        conn.heard_ms.store(self.now_ms(), Relaxed);
+    }
+
+    fn close(&self, serial: u64) {
+        self.open.lock().expect("connections lock").remove(&serial);
+    }
+}
+
+fn log_bound(max: usize, stats: &GuardStats) {
+    if let Some(held_back) = BOUND_LOG.check() {
+        tracing::warn!(
+            max_connections = max,
+            evicted = stats.evicted(),
+            turned_away = stats.turned_away(),
+            held_back,
+            "at the connection bound"
+        );
     }
 }
 
 async fn accept(
     listener: TcpListener,
-    tx: mpsc::Sender<Inbound>,
-    limits: Limits,
-    stats: Arc<GuardStats>,
+    shared: Shared,
     stop: CancellationToken,
+    accepting: CancellationToken,
 ) {
     let mut serial = 0u64;
-    while let Some((stream, addr)) = wire::accept(&listener, &stop, "connection").await {
+    while let Some((stream, addr)) = wire::accept(&listener, &accepting, "connection").await {
         serial += 1;
-        stats.accepted.fetch_add(1, Relaxed);
+        shared.stats.accepted.fetch_add(1, Relaxed);
+        let Some(open) = shared.connections.open(serial, &stop, &shared.stats) else {
+            // Closed at once: the peer learns now, and its descriptor is ours again.
+            drop(stream);
+            continue;
+        };
         let conn = Connection {
             serial,
             addr,
-            tx: tx.clone(),
-            limits,
-            stats: stats.clone(),
-            stop: stop.clone(),
+            open,
+            shared: shared.clone(),
         };
         tokio::spawn(conn.run(stream));
     }
@@ -291,48 +492,65 @@ async fn accept(
 struct Connection {
     serial: u64,
     addr: SocketAddr,
-    tx: mpsc::Sender<Inbound>,
-    limits: Limits,
-    stats: Arc<GuardStats>,
-    stop: CancellationToken,
+    open: Arc<Open>,
+    shared: Shared,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.shared.connections.close(self.serial);
+    }
 }
 
 impl Connection {
     fn refused(&self, error: &dyn std::fmt::Display) {
-        self.stats.refused.fetch_add(1, Relaxed);
-        tracing::info!(peer = %self.addr, error = %error, "connection refused");
+        self.shared.stats.refused.fetch_add(1, Relaxed);
+        if let Some(held_back) = REFUSED_LOG.check() {
+            tracing::info!(peer = %self.addr, error = %error, held_back, "connection refused");
+        }
+    }
+
+    /// The routing id of a peer past its handshake: its own, checked, or a fresh one.
+    fn routing_id(&self, identity: Option<Bytes>) -> Result<Bytes, &'static str> {
+        match identity {
+            Some(id) if id[0] == 0 => Err("routing ids starting with 0 are the ROUTER's to give"),
+            Some(id) if id.len() > MAX_ID_BYTES => Err("routing id over 255 bytes"),
+            Some(id) => Ok(id),
+            None => {
+                let mut id = Vec::with_capacity(9);
+                id.push(0);
+                id.extend_from_slice(&self.serial.to_be_bytes());
+                Ok(Bytes::from(id))
+            }
+        }
     }
 
     async fn run(self, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
-        let max_frame = usize::try_from(self.limits.max_message_bytes).unwrap_or(usize::MAX);
+        let limits = self.shared.limits;
+        let max_frame = usize::try_from(limits.max_message_bytes).unwrap_or(usize::MAX);
         let handshake = wire::handshake(stream, "ROUTER", PEERS, max_frame);
         let peer = tokio::select! {
-            () = self.stop.cancelled() => return,
+            () = self.open.cut.cancelled() => return,
             done = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => match done {
                 Ok(Ok(peer)) => peer,
                 Ok(Err(e)) => return self.refused(&e),
                 Err(_) => return self.refused(&"handshake not done in time"),
             },
         };
-        let id = match peer.identity {
-            Some(id) if id[0] == 0 => {
-                return self.refused(&"routing ids starting with 0 are the ROUTER's to give")
-            }
-            Some(id) => id,
-            None => {
-                let mut id = vec![0u8];
-                id.extend_from_slice(&(self.serial as u32).to_be_bytes());
-                Bytes::from(id)
-            }
+        self.shared.connections.heard(&self.open);
+        let id = match self.routing_id(peer.identity) {
+            Ok(id) => id,
+            Err(why) => return self.refused(&why),
         };
-        let outbox = Arc::new(Outbox::new(&self.stop));
+        let outbox = Arc::new(Outbox::new(self.open.cut.clone()));
         let joined = Inbound::Joined {
             id: id.clone(),
             serial: self.serial,
+            addr: self.addr,
             outbox: outbox.clone(),
         };
-        if self.tx.send(joined).await.is_err() {
+        if self.shared.tx.send(joined).await.is_err() {
             return;
         }
         let writer = tokio::spawn(write_loop(peer.write, outbox.clone()));
@@ -350,6 +568,7 @@ impl Connection {
         }
         outbox.close();
         let _ = self
+            .shared
             .tx
             .send(Inbound::Left {
                 id,
@@ -366,32 +585,36 @@ impl Connection {
         reader: &mut Reader,
         outbox: &Outbox,
     ) -> std::io::Result<()> {
+        let limits = &self.shared.limits;
         let mut parts: VecDeque<Bytes> = VecDeque::new();
         let mut size = 0u64;
         loop {
             let mut batch = Vec::new();
+            let mut batch_bytes = 0;
             while let Some(frame) = reader.try_frame()? {
                 if frame.is_command() {
                     let (name, body) = parse_command(&frame.body)?;
                     if name == b"PING" {
                         // The PONGs a peer leaves unread count toward its byte bound.
                         let pong = wire::pong(body);
-                        let pushed = outbox.push(pong.len(), self.limits.max_peer_bytes, |buf| {
+                        let pushed = outbox.push(pong.len(), limits.max_peer_bytes, |buf| {
                             buf.extend_from_slice(&pong);
                         });
                         if let Err(waiting) = pushed {
-                            self.stats.stalled.fetch_add(1, Relaxed);
-                            tracing::warn!(peer = %self.addr, waiting, "peer not reading its PONGs: cut off");
+                            self.shared.stats.stalled.fetch_add(1, Relaxed);
+                            if let Some(held_back) = STALLED_LOG.check() {
+                                tracing::warn!(peer = %self.addr, waiting, held_back, "peer not reading its PONGs: cut off");
+                            }
                             return Ok(());
                         }
                     }
                     continue;
                 }
                 size += frame.body.len() as u64;
-                if size > self.limits.max_message_bytes {
+                if size > limits.max_message_bytes {
                     return Err(protocol_error(format!("message of {size} bytes or more")));
                 }
-                if parts.len() > self.limits.max_frames as usize {
+                if parts.len() > limits.max_frames as usize {
                     return Err(protocol_error("message of too many frames"));
                 }
                 if parts.is_empty() {
@@ -400,21 +623,34 @@ impl Connection {
                 let more = frame.more();
                 parts.push_back(frame.body);
                 if !more {
+                    batch_bytes += size as usize + MESSAGE_OVERHEAD;
                     size = 0;
                     let frames = std::mem::replace(&mut parts, VecDeque::with_capacity(4));
                     batch.push(ZmqMessage::try_from(frames).expect("at least the id"));
                 }
             }
             if !batch.is_empty() {
-                let (id, serial) = (id.clone(), self.serial);
-                let messages = Inbound::Messages { id, serial, batch };
-                if self.tx.send(messages).await.is_err() {
+                // Waits, reading nothing more, while the socket's batches in flight hold the
+                // whole budget.
+                let budget = self.shared.budget.clone();
+                let permits = batch_bytes.min(self.shared.budget_bytes) as u32;
+                let Ok(permit) = budget.acquire_many_owned(permits).await else {
+                    return Ok(());
+                };
+                let messages = Inbound::Messages {
+                    id: id.clone(),
+                    serial: self.serial,
+                    batch,
+                    _budget: Some(permit),
+                };
+                if self.shared.tx.send(messages).await.is_err() {
                     return Ok(());
                 }
             }
             if !reader.fill().await? {
                 return Ok(());
             }
+            self.shared.connections.heard(&self.open);
         }
     }
 }
@@ -440,6 +676,7 @@ async fn write_loop(mut write: OwnedWriteHalf, outbox: Arc<Outbox>) {
             written = write.write_all(&spare) => if written.is_err() { break },
             () = outbox.cut.cancelled() => break,
         }
+        outbox.unwritten.fetch_sub(spare.len() as u64, Relaxed);
         spare.clear();
         // After a burst, give back what a quiet peer would keep for nothing.
         if spare.capacity() > SPARE_BYTES {
@@ -461,13 +698,17 @@ mod tests {
     use super::*;
 
     fn router(max_peer_bytes: u64) -> Router {
+        bounded_router(max_peer_bytes, 64)
+    }
+
+    fn bounded_router(max_peer_bytes: u64, max_connections: usize) -> Router {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let limits = Limits {
             max_message_bytes: 64 * 1024,
             max_frames: 16,
             max_peer_bytes,
         };
-        Router::serve(listener, limits).expect("serve")
+        Router::serve(listener, limits, max_connections).expect("serve")
     }
 
     async fn dealer(endpoint: &str, id: Option<&str>) -> DealerSocket {
@@ -490,7 +731,7 @@ mod tests {
         ZmqMessage::try_from(vec![id.clone(), Bytes::from_static(body)]).expect("frames")
     }
 
-    /// A zmq.rs DEALER with no id gets a 5-byte one (0x00 first), one with an id keeps it; each
+    /// A zmq.rs DEALER with no id gets a 9-byte one (0x00 first), one with an id keeps it; each
     /// message comes with its sender's id in front and a reply to that id reaches only it.
     #[tokio::test(flavor = "current_thread")]
     async fn routes_by_the_peers_ids() {
@@ -508,7 +749,7 @@ mod tests {
             ids.insert(body, msg.get(0).cloned().expect("id"));
         }
         let anonymous_id = ids[&Bytes::from_static(b"a")].clone();
-        assert_eq!((anonymous_id.len(), anonymous_id[0]), (5, 0));
+        assert_eq!((anonymous_id.len(), anonymous_id[0]), (9, 0));
         let named_id = ids[&Bytes::from_static(b"n")].clone();
         assert_eq!(named_id.as_ref(), b"w1");
 
@@ -535,28 +776,140 @@ mod tests {
         ));
     }
 
-    /// A second connection with the id of one still connected takes it over: the first is
-    /// reported gone before the second's messages, and replies go to the second.
+    /// A second connection claiming the id of one still open is refused: it is closed, none of
+    /// its messages reach the broker, and replies keep going to the first. Once the first has
+    /// gone, the id is free again.
     #[tokio::test(flavor = "current_thread")]
-    async fn a_peer_reconnecting_with_its_id_takes_it_over() {
+    async fn a_connection_owns_its_id() {
         let mut router = router(1 << 20);
         let mut first = dealer(&router.endpoint, Some("w")).await;
         first.send(ZmqMessage::from("1")).await.expect("send");
         assert!(matches!(next(&mut router).await, Event::Message(_)));
-        let mut second = dealer(&router.endpoint, Some("w")).await;
-        second.send(ZmqMessage::from("2")).await.expect("send");
-        match next(&mut router).await {
-            Event::Gone(id) => assert_eq!(id.as_ref(), b"w"),
-            other => panic!("the first gone first: {other:?}"),
+        let endpoint = router.endpoint.trim_start_matches("tcp://").to_string();
+        let thief = std::thread::spawn(move || {
+            let mut peer = std::net::TcpStream::connect(endpoint).expect("connect");
+            let ready = zmtp::ready_as("DEALER", Some(b"w"));
+            peer.write_all(&[zmtp::greeting(), ready, zmtp::frame(0, b"stolen")].concat())
+                .expect("handshake");
+            peer.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            let mut got = Vec::new();
+            let mut buf = [0u8; 512];
+            // Our greeting and READY, then the close.
+            while let Ok(n) = peer.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            got
+        });
+        let id = Bytes::from_static(b"w");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while router.stats().refused() == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "never refused");
+            if let Some(event) = router.try_recv() {
+                panic!("{event:?} from the thief");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        assert!(router.send(message(&id, b"to 1")).is_queued());
+        let got = tokio::task::spawn_blocking(move || thief.join().expect("thief"))
+            .await
+            .expect("joined");
+        assert!(
+            !got.windows(4).any(|w| w == b"to 1"),
+            "the thief got a reply"
+        );
+        let reply = first.recv().await.expect("reply");
+        assert_eq!(reply.get(0).map(|f| f.as_ref()), Some(&b"to 1"[..]));
+        first.send(ZmqMessage::from("2")).await.expect("send");
         let Event::Message(msg) = next(&mut router).await else {
-            panic!("then the second's message");
+            panic!("the first is still heard");
         };
         assert_eq!(msg.get(1).map(|f| f.as_ref()), Some(&b"2"[..]));
-        let id = Bytes::from_static(b"w");
-        assert!(router.send(message(&id, b"to 2")).is_queued());
-        let got = second.recv().await.expect("reply");
-        assert_eq!(got.get(0).map(|f| f.as_ref()), Some(&b"to 2"[..]));
+
+        drop(first);
+        match next(&mut router).await {
+            Event::Gone(gone) => assert_eq!(gone, id),
+            other => panic!("{other:?}"),
+        }
+        let mut second = dealer(&router.endpoint, Some("w")).await;
+        second.send(ZmqMessage::from("3")).await.expect("send");
+        let Event::Message(msg) = next(&mut router).await else {
+            panic!("the id is free again");
+        };
+        assert_eq!(msg.get(0).map(|f| f.as_ref()), Some(&b"w"[..]));
+    }
+
+    /// What the outboxes hold when the router stops is written whole first: a large reply
+    /// queued just before the end reaches its peer (dropped at once, it was cut mid-frame).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_flushed_router_sends_what_it_holds_before_it_closes() {
+        let mut router = router(1 << 20);
+        let mut peer = dealer(&router.endpoint, None).await;
+        peer.send(ZmqMessage::from("hi")).await.expect("send");
+        let Event::Message(hello) = next(&mut router).await else {
+            panic!("a message first");
+        };
+        let id = hello.get(0).cloned().expect("id");
+        let big = Bytes::from(vec![7u8; 8 << 20]);
+        let msg = ZmqMessage::try_from(vec![id, big]).expect("frames");
+        assert!(router.send(msg).is_queued());
+        router.flush(Duration::from_secs(10)).await;
+        drop(router);
+        let got = tokio::time::timeout(Duration::from_secs(10), peer.recv())
+            .await
+            .expect("in time")
+            .expect("the whole message");
+        assert_eq!(got.get(0).map(Bytes::len), Some(8 << 20));
+    }
+
+    /// At the connection bound a newcomer is closed at once while every open connection was
+    /// heard from lately; once one has been quiet for long enough, a newcomer takes its place.
+    #[tokio::test(flavor = "current_thread")]
+    async fn at_the_connection_bound_the_quietest_gives_way() {
+        let mut router = bounded_router(1 << 20, 3);
+        let endpoint = router.endpoint.trim_start_matches("tcp://").to_string();
+        let handshake = [zmtp::greeting(), zmtp::ready("DEALER")].concat();
+        let mut idle = Vec::new();
+        for _ in 0..3 {
+            let mut peer = std::net::TcpStream::connect(&endpoint).expect("connect");
+            peer.write_all(&handshake).expect("handshake");
+            idle.push(peer);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let newcomer = |endpoint: String| {
+            tokio::task::spawn_blocking(move || {
+                let mut peer = std::net::TcpStream::connect(endpoint).expect("connect");
+                peer.set_read_timeout(Some(Duration::from_secs(5)))
+                    .expect("timeout");
+                let mut buf = [0u8; 256];
+                // Closed at once: end of stream (or a reset) before any greeting.
+                !matches!(peer.read(&mut buf), Ok(0) | Err(_))
+            })
+        };
+        while router.stats().accepted.load(Relaxed) < 3 {
+            assert!(tokio::time::Instant::now() < deadline, "not accepted");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            !newcomer(endpoint.clone()).await.expect("read"),
+            "served at the bound"
+        );
+        assert_eq!(router.stats().turned_away(), 1);
+        assert_eq!(router.stats().evicted(), 0);
+        tokio::time::sleep(QUIET_ENOUGH_TO_EVICT + Duration::from_millis(200)).await;
+        let mut dealer = dealer(&router.endpoint, None).await;
+        dealer.send(ZmqMessage::from("in")).await.expect("send");
+        // The evicted one is reported gone, then the newcomer heard.
+        assert!(matches!(next(&mut router).await, Event::Gone(_)));
+        let Event::Message(msg) = next(&mut router).await else {
+            panic!("the newcomer is heard");
+        };
+        assert_eq!(msg.get(1).map(|f| f.as_ref()), Some(&b"in"[..]));
+        assert_eq!(router.stats().evicted(), 1);
+        drop(idle);
     }
 
     /// A raw peer that completes the handshake, sends one message and never reads: once more

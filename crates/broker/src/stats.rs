@@ -41,4 +41,10 @@ pub struct BrokerStats {
     /// to read (a client not reading its replies, a worker not reading its requests).
     #[serde(default)]
     pub guard_stalled: u64,
+    /// Quiet connections closed to make room for new ones at `--max-connections`.
+    #[serde(default)]
+    pub evicted: u64,
+    /// New connections closed at once at `--max-connections` (every open one heard lately).
+    #[serde(default)]
+    pub turned_away: u64,
 }

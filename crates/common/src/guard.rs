@@ -70,6 +70,12 @@ pub struct GuardStats {
     pub refused: AtomicU64,
     /// Connections cut off because more than `max_peer_bytes` waited for the peer to read.
     pub stalled: AtomicU64,
+    /// Quiet connections closed to make room for a new one at the connection bound (our own
+    /// sockets only).
+    pub evicted: AtomicU64,
+    /// New connections closed at once at the connection bound, every open one having been heard
+    /// from lately (our own sockets only).
+    pub turned_away: AtomicU64,
 }
 
 impl GuardStats {
@@ -79,6 +85,14 @@ impl GuardStats {
 
     pub fn stalled(&self) -> u64 {
         self.stalled.load(Ordering::Relaxed)
+    }
+
+    pub fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
+    }
+
+    pub fn turned_away(&self) -> u64 {
+        self.turned_away.load(Ordering::Relaxed)
     }
 }
 

@@ -27,12 +27,24 @@ pub fn frame(flags: u8, body: &[u8]) -> Vec<u8> {
 
 /// The READY command of a `socket_type` peer (`Socket-Type` property only).
 pub fn ready(socket_type: &str) -> Vec<u8> {
+    ready_as(socket_type, None)
+}
+
+/// READY with `Socket-Type` and, if given, the `Identity` property (a ROUTER's routing id for
+/// this peer): how a peer claims an id, another's included.
+pub fn ready_as(socket_type: &str, identity: Option<&[u8]>) -> Vec<u8> {
     let mut body = vec![5u8];
     body.extend(b"READY");
-    body.push(11);
-    body.extend(b"Socket-Type");
-    body.extend((socket_type.len() as u32).to_be_bytes());
-    body.extend(socket_type.as_bytes());
+    let mut property = |name: &str, value: &[u8]| {
+        body.push(name.len() as u8);
+        body.extend(name.as_bytes());
+        body.extend((value.len() as u32).to_be_bytes());
+        body.extend(value);
+    };
+    property("Socket-Type", socket_type.as_bytes());
+    if let Some(identity) = identity {
+        property("Identity", identity);
+    }
     frame(0x04, &body)
 }
 
