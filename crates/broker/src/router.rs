@@ -1010,7 +1010,8 @@ mod tests {
     }
 
     /// Input over the limits ends the connection before the broker sees any of it: a frame
-    /// header over the size, too many frames, bytes that are not a greeting.
+    /// header over the size, too many frames, bytes that are not a greeting, a routing id over
+    /// 255 bytes (libzmq's limit) or starting with a zero byte (the ROUTER's own).
     #[tokio::test(flavor = "current_thread")]
     async fn input_over_the_limits_is_refused() {
         let mut router = router(1 << 20);
@@ -1026,6 +1027,18 @@ mod tests {
             [handshake.clone(), zmtp::frame(0, &vec![0u8; 100_000])].concat(),
             too_many,
             [handshake.clone(), b"\xF0garbage".to_vec()].concat(),
+            [
+                zmtp::greeting(),
+                zmtp::ready_as("DEALER", Some(&[b'x'; 256])),
+                zmtp::frame(0, b"hello"),
+            ]
+            .concat(),
+            [
+                zmtp::greeting(),
+                zmtp::ready_as("DEALER", Some(b"\0mine")),
+                zmtp::frame(0, b"hello"),
+            ]
+            .concat(),
         ];
         let n = attacks.len() as u64;
         tokio::task::spawn_blocking(move || {
