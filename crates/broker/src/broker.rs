@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::frames;
-use common::guard::GuardStats;
+use common::guard::{GuardStats, Limits};
 use common::send::Sent;
 use common::watchdog::Watchdog;
 use tokio::time::{interval, Instant, MissedTickBehavior};
@@ -73,24 +73,23 @@ impl std::fmt::Debug for Broker {
     }
 }
 
-fn bind(endpoint: &str, config: &BrokerConfig) -> Result<Router, BrokerError> {
+fn bind(endpoint: &str, limits: Limits, config: &BrokerConfig) -> Result<Router, BrokerError> {
     // Keepalive and the user timeout let the kernel drop peers lost behind a partition or no
     // longer reading, releasing their queues.
     let keepalive = config.heartbeat.interval.max(Duration::from_secs(1));
     let listener = common::endpoint::bind_keepalive(endpoint, keepalive)?;
-    Router::serve(listener, config.limits, config.max_connections).map_err(|source| {
-        BrokerError::Serve {
-            endpoint: endpoint.to_string(),
-            source,
-        }
+    Router::serve(listener, limits, config.max_connections).map_err(|source| BrokerError::Serve {
+        endpoint: endpoint.to_string(),
+        source,
     })
 }
 
 impl Broker {
     /// Binds both sockets.
     pub async fn bind(config: BrokerConfig) -> Result<Self, BrokerError> {
-        let frontend = bind(&config.frontend, &config)?;
-        let backend = bind(&config.backend, &config)?;
+        let frontend = bind(&config.frontend, config.limits, &config)?;
+        // Room for the reply to any request the frontend takes (see `backend_limits`).
+        let backend = bind(&config.backend, config.backend_limits(), &config)?;
         tracing::info!(
             frontend = %frontend.endpoint,
             backend = %backend.endpoint,

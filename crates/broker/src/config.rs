@@ -28,7 +28,8 @@ pub struct BrokerConfig {
     pub drain: Duration,
     /// How often to log a stats line.
     pub stats_every: Duration,
-    /// What one peer may send, and make the broker hold (see [`crate::router`]).
+    /// What one peer may send, and make the broker hold (see [`crate::router`]): the
+    /// frontend's; the backend's are derived from them ([`BrokerConfig::backend_limits`]).
     pub limits: Limits,
     /// Connections open at once on each socket, at most (see [`crate::router`]).
     pub max_connections: usize,
@@ -47,6 +48,38 @@ impl Default for BrokerConfig {
             stats_every: Duration::from_secs(5),
             limits: Limits::default(),
             max_connections: common::endpoint::max_connections_for(1024, 2),
+        }
+    }
+}
+
+/// Bytes a reply may carry beyond its request: the client's routing id in front (at most
+/// [`crate::router::MAX_ID_BYTES`], 255) and what a worker adds, our workers' name (255 bytes
+/// is room enough for any name we give), 510 in all; 1 KiB leaves the rest spare. (The empty
+/// delimiter is 0 bytes, and frame headers are not counted.)
+pub const REPLY_EXTRA_BYTES: u64 = 1 << 10;
+/// Frames a reply may carry beyond its request: the client's routing id and our workers' name,
+/// 2; 4 leaves two spare.
+pub const REPLY_EXTRA_FRAMES: u32 = 4;
+
+impl BrokerConfig {
+    /// The backend's limits, derived from the frontend's ([`BrokerConfig::limits`]) so that a
+    /// request the frontend accepts can always come back as a reply. A worker's reply is the
+    /// request, `[client-id][""][body...]` as the worker got it, plus its name at the end:
+    /// with the same limits as the frontend, a request at the frontend's size or frame limit
+    /// made every worker's reply too big, the backend cut each worker that took it, and the
+    /// books handed the request to the next, without end. The backend takes
+    /// `max_message_bytes` + [`REPLY_EXTRA_BYTES`] and `max_frames` + [`REPLY_EXTRA_FRAMES`];
+    /// `max_peer_bytes` stays (a request waiting for a worker to read it is within the
+    /// frontend's size). A stock worker whose replies outgrow that is cut, and the request is
+    /// dropped at the delivery limit.
+    pub fn backend_limits(&self) -> Limits {
+        Limits {
+            max_message_bytes: self
+                .limits
+                .max_message_bytes
+                .saturating_add(REPLY_EXTRA_BYTES),
+            max_frames: self.limits.max_frames.saturating_add(REPLY_EXTRA_FRAMES),
+            max_peer_bytes: self.limits.max_peer_bytes,
         }
     }
 }
@@ -80,4 +113,31 @@ pub struct ClientConfig {
     /// The client gives up after this, reporting what was lost.
     pub deadline: Duration,
     pub reconnect: Reconnect,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backend_takes_any_reply_to_a_request_the_frontend_takes() {
+        let config = BrokerConfig::default();
+        let (front, back) = (config.limits, config.backend_limits());
+        assert_eq!(back.max_message_bytes, front.max_message_bytes + 1024);
+        assert_eq!(back.max_frames, front.max_frames + 4);
+        assert_eq!(back.max_peer_bytes, front.max_peer_bytes);
+        // The largest request, as a worker sends its reply back: the client's id in front, the
+        // worker's name at the end, both at 255 bytes.
+        let id = crate::router::MAX_ID_BYTES as u64;
+        let reply_bytes = id + front.max_message_bytes + 255;
+        let reply_frames = 1 + front.max_frames + 1;
+        assert!(reply_bytes <= back.max_message_bytes);
+        assert!(reply_frames <= back.max_frames);
+        // No overflow at the flags' extremes.
+        let mut huge = config;
+        huge.limits.max_message_bytes = u64::MAX;
+        huge.limits.max_frames = u32::MAX;
+        assert_eq!(huge.backend_limits().max_message_bytes, u64::MAX);
+        assert_eq!(huge.backend_limits().max_frames, u32::MAX);
+    }
 }
