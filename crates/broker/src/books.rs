@@ -15,6 +15,15 @@
 //!   comes after all while another worker holds the copy, that reply answers the client and the
 //!   copy is marked *answered*: its own reply only frees its worker's slot, and it is dropped,
 //!   not re-queued, if that worker is purged too. So no client gets two replies to one request.
+//! - A request has a delivery limit (`--max-deliveries`, as RabbitMQ's quorum queues' delivery
+//!   limit or SQS's maximum receive count): each worker purged while holding it (cut,
+//!   disconnected, stalled, silent) counts one delivery, and the purge that brings it to the
+//!   limit drops it instead of re-queueing it (`poisoned`, logged with its client). A request
+//!   that kills or cuts every worker that takes it would otherwise go round for ever. Its key
+//!   is remembered ([`MAX_POISONED`] keys at most, the oldest forgotten first) and any later
+//!   arrival of it, a client's retry, is dropped at once (`poisoned_retries`): its client gets
+//!   no reply (our client counts it lost at its deadline). A worker that said DISCONNECT and
+//!   answered costs nothing; neither does a worker that could not be sent the request.
 
 use std::collections::VecDeque;
 
@@ -31,6 +40,14 @@ use crate::stats::BrokerStats;
 /// The most requests one worker may hold or be offered (its READY credits): a peer that keeps
 /// sending READY cannot grow the broker's memory without bound.
 pub const MAX_CREDITS: usize = 10_000;
+
+/// Poisoned keys remembered, at most: beyond, the oldest is forgotten (a retry of it would run
+/// again, and cost the delivery limit again).
+pub const MAX_POISONED: usize = 4096;
+
+/// Peer-caused warnings (a poisoned request) written at most once a second.
+static POISONED_LOG: common::logging::Throttle =
+    common::logging::Throttle::new(std::time::Duration::from_secs(1));
 
 /// A worker's place in [`Books::workers`]: what the idle queue and the held requests point at,
 /// so that neither hashes its identity.
@@ -87,6 +104,31 @@ fn offer(
     }
 }
 
+/// An owned request: where it is, and what it has cost.
+#[derive(Debug)]
+struct Owned {
+    place: Place,
+    /// Nothing until a worker is purged while holding it (a box then: the straight path,
+    /// request to worker to reply, allocates nothing for it).
+    history: Option<Box<History>>,
+}
+
+impl Owned {
+    fn new(place: Place) -> Self {
+        Self {
+            place,
+            history: None,
+        }
+    }
+}
+
+/// What an owned request went through, once a worker holding it was purged.
+#[derive(Debug, Default)]
+struct History {
+    /// The workers purged while holding it, oldest first (fewer than the delivery limit).
+    past: Vec<Bytes>,
+}
+
 /// Where an owned request is.
 #[derive(Debug)]
 enum Place {
@@ -111,6 +153,33 @@ pub enum ReplyFate {
     Stale,
 }
 
+/// Keys of the requests dropped at the delivery limit, by their seeded 64-bit hash
+/// ([`RequestKey::digest`]), not their frames: a key's first body frame may be a megabyte, and
+/// [`MAX_POISONED`] hashes are 64 KiB at most. (A request whose key shares the hash of a
+/// poisoned one would be dropped: a chance in 2^64 / 4,096, about 4 x 10^15, per request.)
+#[derive(Debug, Default)]
+struct Poisoned {
+    digests: std::collections::HashSet<u64, nohash_hasher::BuildNoHashHasher<u64>>,
+    /// Oldest first.
+    order: VecDeque<u64>,
+}
+
+impl Poisoned {
+    fn contains(&self, key: &RequestKey) -> bool {
+        !self.order.is_empty() && self.digests.contains(&key.digest())
+    }
+
+    fn insert(&mut self, key: &RequestKey) {
+        if self.digests.insert(key.digest()) {
+            self.order.push_back(key.digest());
+            if self.order.len() > MAX_POISONED {
+                let oldest = self.order.pop_front().expect("not empty");
+                self.digests.remove(&oldest);
+            }
+        }
+    }
+}
+
 /// Queue, credits and holdings of one broker.
 #[derive(Debug)]
 pub struct Books {
@@ -118,7 +187,10 @@ pub struct Books {
     queue: RequestQueue,
     /// Every request queued or held by a worker, by key: one lookup per request and one per
     /// reply.
-    requests: KeyMap<Place>,
+    requests: KeyMap<Owned>,
+    /// A request is dropped when this many workers were purged while holding it.
+    max_deliveries: u8,
+    poisoned: Poisoned,
     /// Free slots of live workers, least recently used first.
     idle: VecDeque<Slot>,
     workers: Vec<Option<Worker>>,
@@ -128,11 +200,19 @@ pub struct Books {
 }
 
 impl Books {
-    pub fn new(max_queued: usize, max_queued_bytes: usize, heartbeat: Heartbeat) -> Self {
+    /// `max_deliveries`: see [`Books::purge`] (at least 1).
+    pub fn new(
+        max_queued: usize,
+        max_queued_bytes: usize,
+        max_deliveries: u8,
+        heartbeat: Heartbeat,
+    ) -> Self {
         Self {
             heartbeat,
             queue: RequestQueue::new(max_queued, max_queued_bytes),
             requests: KeyMap::default(),
+            max_deliveries: max_deliveries.max(1),
+            poisoned: Poisoned::default(),
             idle: VecDeque::new(),
             workers: Vec::new(),
             slots: HashMap::new(),
@@ -150,6 +230,11 @@ impl Books {
     /// queue (which frees a client's queue each time it empties and builds it again).
     pub fn request(&mut self, request: Request, send: impl FnOnce(&Bytes, &Request) -> Sent) {
         self.stats.requests_in += 1;
+        if self.poisoned.contains(request.key()) {
+            // A retry of a request dropped at the delivery limit.
+            self.stats.poisoned_retries += 1;
+            return;
+        }
         let key = request.key().clone();
         let place = match self.requests.entry(key) {
             std::collections::hash_map::Entry::Occupied(_) => {
@@ -163,10 +248,10 @@ impl Books {
             if let Some(slot) = take_credit(&mut self.idle, &mut self.workers) {
                 match offer(&mut self.workers, &mut self.stats, slot, request, send) {
                     Ok(held) => {
-                        place.insert(held);
+                        place.insert(Owned::new(held));
                     }
                     Err((request, why)) => {
-                        place.insert(Place::Queued);
+                        place.insert(Owned::new(Place::Queued));
                         self.queue.push_front(request);
                         self.refused(slot, why);
                     }
@@ -174,7 +259,13 @@ impl Books {
                 return;
             }
         }
-        place.insert(Place::Queued);
+        place.insert(Owned::new(Place::Queued));
+        self.push_queued(request);
+    }
+
+    /// Puts at the back of its client's queue a request whose entry says queued; if the queue
+    /// is full, it or another is dropped (`rejected`), with its entry.
+    fn push_queued(&mut self, request: Request) {
         let key = request.key().clone();
         match self.queue.push(request) {
             Ok(()) => {}
@@ -210,9 +301,9 @@ impl Books {
                 return;
             };
             let request = self.queue.pop().expect("queue is not empty");
-            let place = self.requests.get_mut(request.key()).expect("owned");
+            let owned = self.requests.get_mut(request.key()).expect("owned");
             match offer(&mut self.workers, &mut self.stats, slot, request, &mut send) {
-                Ok(held) => *place = held,
+                Ok(held) => owned.place = held,
                 Err((request, why)) => {
                     self.queue.push_front(request);
                     self.refused(slot, why);
@@ -304,10 +395,15 @@ impl Books {
         if let Some(slot) = slot {
             in_slot(&mut self.workers, slot).liveness.heard();
         }
-        match self.requests.remove(key) {
-            Some(Place::Held {
+        let Some(owned) = self.requests.remove(key) else {
+            // No longer owned: answered already, and this is a repeat.
+            self.stats.stale_replies += 1;
+            return ReplyFate::Stale;
+        };
+        match owned.place {
+            Place::Held {
                 worker, answered, ..
-            }) if Some(worker) == slot => {
+            } if Some(worker) == slot => {
                 // Only a reply to a request it held frees a slot: a late reply from a request
                 // we already gave to someone else must not double-book it.
                 let worker = in_slot(&mut self.workers, worker);
@@ -328,17 +424,20 @@ impl Books {
             }
             // A late reply from a worker purged meanwhile: it still answers the client. Held by
             // another worker now: that worker's reply will not be forwarded.
-            Some(Place::Held {
+            Place::Held {
                 worker,
                 request,
                 answered,
-            }) => {
+            } => {
                 self.requests.insert(
                     key.clone(),
-                    Place::Held {
-                        worker,
-                        request,
-                        answered: true,
+                    Owned {
+                        place: Place::Held {
+                            worker,
+                            request,
+                            answered: true,
+                        },
+                        history: owned.history,
                     },
                 );
                 if answered {
@@ -349,14 +448,9 @@ impl Books {
                 }
             }
             // Queued again: the copy need not run.
-            Some(Place::Queued) => {
+            Place::Queued => {
                 self.queue.remove(key);
                 ReplyFate::Forward
-            }
-            // No longer owned: answered already, and this is a repeat.
-            None => {
-                self.stats.stale_replies += 1;
-                ReplyFate::Stale
             }
         }
     }
@@ -380,7 +474,9 @@ impl Books {
         self.workers.iter().flatten().map(|w| &w.id)
     }
 
-    /// Forgets a worker and puts the requests it held back at the front of the queue.
+    /// Forgets a worker and puts the requests it held back at the front of the queue; one
+    /// that has now cost `max_deliveries` workers is dropped instead (`poisoned`), and its
+    /// later arrivals with it.
     pub fn purge(&mut self, worker_id: &Bytes, why: &str) {
         let Some(&slot) = self.slots.get(worker_id) else {
             return;
@@ -389,15 +485,26 @@ impl Books {
         self.stats.purged += 1;
         self.idle.retain(|&s| s != slot);
         let mut requeue = Vec::with_capacity(worker.held);
+        let mut poisoned = Vec::new();
         if worker.held > 0 {
-            self.requests.retain(|_, place| match place {
-                Place::Held { worker, .. } if *worker == slot => {
-                    match std::mem::replace(place, Place::Queued) {
+            // Copied: a purged worker's id outlives its connection's read buffer here.
+            let id = Bytes::copy_from_slice(worker_id);
+            let max = usize::from(self.max_deliveries);
+            self.requests.retain(|key, owned| match owned.place {
+                Place::Held { worker, .. } if worker == slot => {
+                    match std::mem::replace(&mut owned.place, Place::Queued) {
                         // Answered already: nothing to run again.
                         Place::Held { answered: true, .. } => false,
                         Place::Held { request, .. } => {
-                            requeue.push(request);
-                            true
+                            let history = owned.history.get_or_insert_default();
+                            history.past.push(id.clone());
+                            if history.past.len() >= max {
+                                poisoned.push(key.clone());
+                                false
+                            } else {
+                                requeue.push(request);
+                                true
+                            }
                         }
                         Place::Queued => unreachable!("matched as held"),
                     }
@@ -410,7 +517,20 @@ impl Books {
             self.queue.push_front(request);
         }
         self.stats.requeued += requeued as u64;
-        tracing::warn!(worker = %frames::show(worker_id), why, requeued, "worker purged");
+        tracing::warn!(worker = %frames::show(worker_id), why, requeued, poisoned = poisoned.len(), "worker purged");
+        for key in poisoned {
+            self.poisoned.insert(&key);
+            self.stats.poisoned += 1;
+            if let Some(held_back) = POISONED_LOG.check() {
+                tracing::warn!(
+                    client = %frames::show(&key.client),
+                    request = %frames::show(&key.id),
+                    deliveries = self.max_deliveries,
+                    held_back,
+                    "request dropped: every worker that held it was lost (the delivery limit); its retries are dropped too"
+                );
+            }
+        }
     }
 
     /// Drops the queued requests of a client that went away or stopped reading: nobody would
@@ -460,14 +580,18 @@ impl Books {
 #[cfg(test)]
 mod model {
     //! The books against a plain model under random sequences of events: no request lost,
-    //! none held twice, credits bounded and matching the idle queue, and every request still
-    //! owned served once a worker is there.
+    //! none held twice, credits bounded and matching the idle queue, no request held more
+    //! than the delivery limit allows, a poisoned request never served again, and every
+    //! request still owned served once a worker is there.
 
-    use std::collections::BTreeSet;
+    use std::collections::{BTreeMap, BTreeSet};
 
     use proptest::prelude::*;
 
     use super::*;
+
+    /// The delivery limit of the random runs: low, so that they reach it.
+    const MAX_DELIVERIES: u8 = 2;
 
     #[derive(Debug, Clone)]
     enum Event {
@@ -496,7 +620,7 @@ mod model {
             3 => (0..3u8).prop_map(Event::Ready),
             3 => (0..5u8).prop_map(|refuse_every| Event::Dispatch { refuse_every }),
             4 => (0..3u8, 0..4u8).prop_map(|(worker, nth)| Event::Reply { worker, nth }),
-            1 => (0..3u8).prop_map(Event::Purge),
+            2 => (0..3u8).prop_map(Event::Purge),
             1 => (0..3u8).prop_map(Event::Leaving),
             1 => (0..3u8).prop_map(Event::Forget),
         ]
@@ -515,6 +639,10 @@ mod model {
         Request::parse(frames::message_of(frames)).expect("valid")
     }
 
+    fn key(c: u8, id: u8) -> RequestKey {
+        request(c, id).key().clone()
+    }
+
     fn owned(books: &Books) -> BTreeSet<RequestKey> {
         books.requests.keys().cloned().collect()
     }
@@ -524,7 +652,7 @@ mod model {
         books
             .requests
             .iter()
-            .filter(|(_, place)| matches!(place, Place::Held { answered: true, .. }))
+            .filter(|(_, owned)| matches!(owned.place, Place::Held { answered: true, .. }))
             .map(|(key, _)| key.clone())
             .collect()
     }
@@ -537,32 +665,51 @@ mod model {
         books
             .requests
             .iter()
-            .filter(|(_, place)| matches!(place, Place::Held { worker, .. } if *worker == slot))
+            .filter(
+                |(_, owned)| matches!(owned.place, Place::Held { worker, .. } if worker == slot),
+            )
             .map(|(key, _)| key.clone())
             .collect()
     }
 
-    /// Sends everything, or refuses every `refuse_every`-th send (0: none).
-    fn sender(refuse_every: u8) -> impl FnMut(&Bytes, &Request) -> Sent {
+    /// Sends everything, or refuses every `refuse_every`-th send (0: none); the sends taken
+    /// go to `log`.
+    fn sender(
+        refuse_every: u8,
+        log: &mut Vec<(Bytes, RequestKey)>,
+    ) -> impl FnMut(&Bytes, &Request) -> Sent + '_ {
         let mut n = 0u8;
-        move |_, _| {
+        move |worker, request| {
             n = n.wrapping_add(1);
             if refuse_every > 0 && n.is_multiple_of(refuse_every) {
                 Sent::Stalled
             } else {
+                log.push((worker.clone(), request.key().clone()));
                 Sent::Queued
             }
         }
+    }
+
+    /// Sends everything and forgets it.
+    fn send_all(_: &Bytes, _: &Request) -> Sent {
+        Sent::Queued
     }
 
     /// What must hold between any two events.
     fn check(books: &Books) {
         let mut held = BTreeSet::new();
         let mut held_per_slot = vec![0; books.workers.len()];
-        for (key, place) in &books.requests {
+        for (key, owned) in &books.requests {
+            assert!(!books.poisoned.contains(key), "{key:?} poisoned and owned");
+            if let Some(history) = &owned.history {
+                assert!(
+                    history.past.len() < usize::from(books.max_deliveries),
+                    "{key:?} past its delivery limit: {history:?}"
+                );
+            }
             if let Place::Held {
                 worker, request, ..
-            } = place
+            } = &owned.place
             {
                 assert_eq!(request.key(), key);
                 assert!(held.insert(key.clone()), "{key:?} held twice");
@@ -573,6 +720,8 @@ mod model {
                 held_per_slot[*worker as usize] += 1;
             }
         }
+        assert!(books.poisoned.order.len() <= MAX_POISONED);
+        assert_eq!(books.poisoned.order.len(), books.poisoned.digests.len());
         let mut live = 0;
         for (slot, worker) in books.workers.iter().enumerate() {
             let Some(worker) = worker else {
@@ -611,22 +760,17 @@ mod model {
     #[test]
     fn a_late_reply_answers_once_while_another_worker_holds_the_copy() {
         for purge_b in [false, true] {
-            let mut books = Books::new(6, 1 << 20, Heartbeat::default());
+            let mut books = Books::new(6, 1 << 20, 5, Heartbeat::default());
             let (a, b) = (id(1), id(2));
-            let key = request(1, 1).key().clone();
+            let key = key(1, 1);
             books.request(request(1, 1), |_, _| panic!("no worker yet"));
             books.ready(a.clone());
             let mut to = Vec::new();
-            books.dispatch(|worker, _| {
-                to.push(worker.clone());
-                Sent::Queued
-            });
+            books.dispatch(sender(0, &mut to));
             books.purge(&a, "test");
             books.ready(b.clone());
-            books.dispatch(|worker, _| {
-                to.push(worker.clone());
-                Sent::Queued
-            });
+            books.dispatch(sender(0, &mut to));
+            let to: Vec<Bytes> = to.into_iter().map(|(worker, _)| worker).collect();
             assert_eq!(to, [a.clone(), b.clone()], "to A, then to B");
             assert_eq!(books.reply(&a, &key), ReplyFate::Forward, "A's late reply");
             check(&books);
@@ -642,35 +786,108 @@ mod model {
         }
     }
 
+    /// A request that costs every worker holding it: three workers purged while holding it
+    /// (limit 3), and it is dropped, counted, and its retries are dropped on arrival; another
+    /// client's request with the same body is not.
+    #[test]
+    fn a_request_is_dropped_at_the_delivery_limit_and_its_retries_with_it() {
+        let mut books = Books::new(6, 1 << 20, 3, Heartbeat::default());
+        books.request(request(1, 1), |_, _| panic!("no worker yet"));
+        for n in 1..=3 {
+            books.ready(id(n));
+            let mut to = Vec::new();
+            books.dispatch(sender(0, &mut to));
+            assert_eq!(to, [(id(n), key(1, 1))], "delivery {n}");
+            books.purge(&id(n), "test");
+            check(&books);
+        }
+        assert_eq!((books.stats.requeued, books.stats.poisoned), (2, 1));
+        assert!(books.requests.is_empty() && books.queued() == 0);
+        // Its retry is dropped; its late reply is a stale one; a request of another client
+        // with the same first frame is served.
+        books.ready(id(4));
+        books.request(request(1, 1), |_, _| panic!("poisoned: never sent"));
+        assert_eq!(books.stats.poisoned_retries, 1);
+        assert_eq!(books.reply(&id(3), &key(1, 1)), ReplyFate::Stale);
+        let mut to = Vec::new();
+        books.request(request(2, 1), sender(0, &mut to));
+        assert_eq!(to, [(id(4), key(2, 1))]);
+        check(&books);
+        // A worker that leaves and answers costs nothing: a limit of 1 is not reached.
+        let mut books = Books::new(6, 1 << 20, 1, Heartbeat::default());
+        books.ready(id(1));
+        books.request(request(1, 1), send_all);
+        books.leaving(&id(1));
+        assert_eq!(books.reply(&id(1), &key(1, 1)), ReplyFate::Forward);
+        assert_eq!(books.stats.poisoned, 0);
+        // Nor does a worker that could not be sent the request.
+        books.ready(id(2));
+        books.request(request(1, 2), |_, _| Sent::Stalled);
+        books.ready(id(3));
+        let mut to = Vec::new();
+        books.dispatch(sender(0, &mut to));
+        assert_eq!(to, [(id(3), key(1, 2))]);
+        assert_eq!(books.stats.poisoned, 0);
+        check(&books);
+    }
+
+    #[test]
+    fn poisoned_keys_are_bounded_and_the_oldest_forgotten_first() {
+        let mut poisoned = Poisoned::default();
+        let keys: Vec<RequestKey> = (0..MAX_POISONED + 2)
+            .map(|n| RequestKey::new(client(1), Bytes::from(n.to_string())))
+            .collect();
+        for key in &keys {
+            poisoned.insert(key);
+            poisoned.insert(key);
+        }
+        assert_eq!(poisoned.order.len(), MAX_POISONED);
+        assert!(!poisoned.contains(&keys[0]) && !poisoned.contains(&keys[1]));
+        assert!(keys[2..].iter().all(|k| poisoned.contains(k)));
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
         #[test]
         fn no_request_lost_or_held_twice(events in proptest::collection::vec(event(), 1..80)) {
-            let mut books = Books::new(6, 20, Heartbeat::default());
+            let mut books = Books::new(6, 20, MAX_DELIVERIES, Heartbeat::default());
+            let max = usize::from(MAX_DELIVERIES);
             // Keys whose reply went to the client, in any event so far: a key may leave the
             // books later without a reply forwarded then (its copy answered early).
             let mut forwarded = BTreeSet::new();
+            // Workers the request of each key was sent to, since it arrived (as a new
+            // request).
+            let mut sent_to: BTreeMap<RequestKey, Vec<Bytes>> = BTreeMap::new();
+            // Keys dropped at the delivery limit.
+            let mut poisoned = BTreeSet::new();
             for event in events {
                 let before = owned(&books);
                 let mut answered = BTreeSet::new();
+                let mut sent = Vec::new();
                 match event.clone() {
                     Event::Request { client: c, id } => {
                         // A key asked again after its answer is a new request.
-                        let key = request(c, id).key().clone();
-                        if !books.requests.contains_key(&key) {
-                            forwarded.remove(&key);
+                        let key = key(c, id);
+                        if poisoned.contains(&key) {
+                            books.request(request(c, id), sender(0, &mut sent));
+                            prop_assert!(!books.requests.contains_key(&key), "a poisoned key runs again");
+                        } else {
+                            if !books.requests.contains_key(&key) {
+                                forwarded.remove(&key);
+                                sent_to.remove(&key);
+                            }
+                            books.request(request(c, id), sender(0, &mut sent));
                         }
-                        books.request(request(c, id), sender(0));
                     }
                     Event::Ready(w) => books.ready(id(w)),
-                    Event::Dispatch { refuse_every } => books.dispatch(sender(refuse_every)),
+                    Event::Dispatch { refuse_every } => books.dispatch(sender(refuse_every, &mut sent)),
                     Event::Reply { worker: w, nth } => {
                         let mut held = held_by(&books, &id(w));
                         held.sort();
                         let key = held
                             .get(nth as usize)
                             .cloned()
-                            .unwrap_or_else(|| request(nth % 3, nth).key().clone());
+                            .unwrap_or_else(|| key(nth % 3, nth));
                         if books.reply(&id(w), &key) == ReplyFate::Forward {
                             prop_assert!(forwarded.insert(key.clone()), "{:?} forwarded twice", key);
                             answered.insert(key);
@@ -681,13 +898,32 @@ mod model {
                     Event::Forget(c) => books.forget_client(&client(c), "test"),
                 }
                 check(&books);
+                for (worker, key) in sent {
+                    prop_assert!(!poisoned.contains(&key), "{:?} poisoned, then served", key);
+                    let to = sent_to.entry(key.clone()).or_default();
+                    to.push(worker);
+                    prop_assert!(to.len() <= max, "{:?} held more than {} times: {:?}", key, max, to);
+                }
                 // A key leaves the books only answered or dropped on purpose: its client gone,
-                // or the newest of the longest queue displaced by a new request.
+                // the newest of the longest queue displaced by a new request, or at the
+                // delivery limit (held that many times).
                 let after = owned(&books);
-                let left: Vec<&RequestKey> = before
+                let mut left: Vec<&RequestKey> = before
                     .difference(&after)
                     .filter(|k| !answered.contains(*k) && !forwarded.contains(*k))
                     .collect();
+                left.retain(|k| {
+                    if !books.poisoned.contains(k) {
+                        return true;
+                    }
+                    poisoned.insert((*k).clone());
+                    false
+                });
+                for k in &poisoned {
+                    if before.contains(k) && !after.contains(k) {
+                        prop_assert_eq!(sent_to.get(k).map_or(0, Vec::len), max, "{:?} poisoned early", k);
+                    }
+                }
                 match event {
                     Event::Forget(c) => prop_assert!(left.iter().all(|k| k.client == client(c))),
                     Event::Request { client: c, .. } => {
@@ -697,9 +933,9 @@ mod model {
                 }
             }
             // A fresh worker with room for everything: every owned request not answered yet is
-            // served, once.
+            // served, once (but those the finale's purges bring to the delivery limit).
             let early = answered_early(&books);
-            let still: BTreeSet<RequestKey> = owned(&books)
+            let mut still: BTreeSet<RequestKey> = owned(&books)
                 .into_iter()
                 .filter(|k| !early.contains(k))
                 .collect();
@@ -707,19 +943,18 @@ mod model {
             for w in others {
                 books.purge(&w, "finale");
             }
+            still.retain(|k| !books.poisoned.contains(k));
             let fresh = id(9);
             for _ in 0..books.queued() {
                 books.ready(fresh.clone());
             }
             let mut sent = Vec::new();
-            books.dispatch(|worker, request| {
-                sent.push((worker.clone(), request.key().clone()));
-                Sent::Queued
-            });
+            books.dispatch(sender(0, &mut sent));
             let mut served = BTreeSet::new();
             for (worker, key) in sent {
                 prop_assert_eq!(&worker, &fresh);
                 prop_assert!(!forwarded.contains(&key), "answered, then served again");
+                prop_assert!(!poisoned.contains(&key), "poisoned, then served again");
                 prop_assert_eq!(books.reply(&worker, &key), ReplyFate::Forward);
                 prop_assert!(served.insert(key), "served twice");
             }

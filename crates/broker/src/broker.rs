@@ -96,7 +96,12 @@ impl Broker {
             "broker bound"
         );
         Ok(Self {
-            books: Books::new(config.max_queued, config.max_queued_bytes, config.heartbeat),
+            books: Books::new(
+                config.max_queued,
+                config.max_queued_bytes,
+                config.max_deliveries,
+                config.heartbeat,
+            ),
             config,
             frontend_endpoint: frontend.endpoint.clone(),
             backend_endpoint: backend.endpoint.clone(),
@@ -314,6 +319,8 @@ impl Broker {
             undeliverable = s.undeliverable,
             stalled = s.stalled,
             stale_replies = s.stale_replies,
+            poisoned = s.poisoned,
+            poisoned_retries = s.poisoned_retries,
             bad_frontend = s.bad_frontend,
             bad_backend = s.bad_backend,
             guard_refused = s.guard_refused,

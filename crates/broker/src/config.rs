@@ -33,6 +33,9 @@ pub struct BrokerConfig {
     pub limits: Limits,
     /// Connections open at once on each socket, at most (see [`crate::router`]).
     pub max_connections: usize,
+    /// A request is dropped (`poisoned`) once this many workers were lost while holding it,
+    /// and its retries with it (see [`crate::books`]). At least 1.
+    pub max_deliveries: u8,
 }
 
 impl Default for BrokerConfig {
@@ -48,6 +51,7 @@ impl Default for BrokerConfig {
             stats_every: Duration::from_secs(5),
             limits: Limits::default(),
             max_connections: common::endpoint::max_connections_for(1024, 2),
+            max_deliveries: 5,
         }
     }
 }

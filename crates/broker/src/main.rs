@@ -34,6 +34,11 @@ struct Args {
     /// Bytes of the requests waiting for a worker, at most (the flooding client gives way).
     #[arg(long, env = "BROKER_MAX_QUEUED_BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(1024..))]
     max_queued_bytes: u64,
+    /// A request is dropped once this many workers were lost (cut, disconnected, stalled or
+    /// silent) while holding it, and its client's retries of it too: the client gets no reply
+    /// (counted `poisoned`, `poisoned_retries`).
+    #[arg(long, env = "BROKER_MAX_DELIVERIES", default_value_t = 5, value_parser = clap::value_parser!(u8).range(1..))]
+    max_deliveries: u8,
     /// Seconds the loop may stall before the process exits with status 70 for a supervisor
     /// to restart it (at least three heartbeat intervals).
     #[arg(long, env = "BROKER_WATCHDOG_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
@@ -75,6 +80,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         stats_every: Duration::from_secs(args.stats_secs),
         limits: args.limits.limits(),
         max_connections,
+        max_deliveries: args.max_deliveries,
     };
     let broker = Broker::bind(config).await?;
     common::ready::announce(&[

@@ -54,6 +54,12 @@ impl RequestKey {
         let hash = std::hash::BuildHasher::hash_one(&*SEED, (&client[..], &id[..]));
         Self { client, id, hash }
     }
+
+    /// The key's 64-bit hash (seeded per process): what the books remember of a key they must
+    /// recognise later without keeping its frames (a first body frame may be a megabyte).
+    pub fn digest(&self) -> u64 {
+        self.hash
+    }
 }
 
 impl std::fmt::Debug for RequestKey {

@@ -47,4 +47,12 @@ pub struct BrokerStats {
     /// New connections closed at once at `--max-connections` (every open one heard lately).
     #[serde(default)]
     pub turned_away: u64,
+    /// Requests dropped at the delivery limit (`--max-deliveries`): that many workers were
+    /// lost (cut, disconnected, stalled or silent) while holding each. Never answered.
+    #[serde(default)]
+    pub poisoned: u64,
+    /// Requests dropped on arrival because their key (client, first body frame) was poisoned:
+    /// the clients' retries of poisoned requests.
+    #[serde(default)]
+    pub poisoned_retries: u64,
 }
