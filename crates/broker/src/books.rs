@@ -5,16 +5,23 @@
 //! - Requests wait in a [`RequestQueue`] (per client, served in turn, bounded).
 //! - Workers' free slots (READY credits) wait in a least-recently-used queue; only READY or a
 //!   reply to a request the worker held gives one; a heartbeat never does.
-//! - Every request queued or held is *owned*: one that arrives again while owned is a retry
-//!   and is merged, so no request is ever held twice or by two workers. An owned request has
-//!   one entry, by key, that says where it is (queued, or held by a worker, which keeps it to
-//!   re-queue): a request costs one lookup to record and a reply one to settle.
+//! - Every request queued or held is *owned*: one that arrives again while owned and not yet
+//!   answered is a retry and is merged, so no request is ever held twice or by two workers. An
+//!   owned request has one entry, by key, that says where it is (queued, or held by a worker,
+//!   which keeps it to re-queue): a request costs one lookup to record and a reply one to
+//!   settle.
 //! - Workers live in slots: the idle queue and the held requests point at them by number, and
 //!   only a message from a worker looks its identity up.
 //! - A purged worker's requests go back to the front of the queue. If the purged worker's reply
 //!   comes after all while another worker holds the copy, that reply answers the client and the
 //!   copy is marked *answered*: its own reply only frees its worker's slot, and it is dropped,
 //!   not re-queued, if that worker is purged too. So no client gets two replies to one request.
+//! - A request is a new request once its key is answered, even while a worker still holds the
+//!   answered copy (a stock REQ sends "Hello" again, with the same key): it is not merged but
+//!   *parked* in that entry, and queued (first in line: it was accepted already) as soon as the
+//!   copy's worker frees the key, by its stale reply or by being purged; then it runs on
+//!   whichever worker comes. Its own retries while parked are merged. (It cannot run beside the
+//!   copy: the two would have one key, and a reply could not tell which it answers.)
 //! - A request has a delivery limit (`--max-deliveries`, as RabbitMQ's quorum queues' delivery
 //!   limit or SQS's maximum receive count): each worker purged while holding it (cut,
 //!   disconnected, stalled, silent) counts one delivery, and the purge that brings it to the
@@ -127,6 +134,9 @@ impl Owned {
 struct History {
     /// The workers purged while holding it, oldest first (fewer than the delivery limit).
     past: Vec<Bytes>,
+    /// A new request with the same key, arrived after this one was answered while a worker
+    /// still holds the answered copy: queued when that worker frees the key.
+    parked: Option<Request>,
 }
 
 /// Where an owned request is.
@@ -191,6 +201,8 @@ pub struct Books {
     /// A request is dropped when this many workers were purged while holding it.
     max_deliveries: u8,
     poisoned: Poisoned,
+    /// New requests parked behind answered copies (see [`History::parked`]).
+    parked: usize,
     /// Free slots of live workers, least recently used first.
     idle: VecDeque<Slot>,
     workers: Vec<Option<Worker>>,
@@ -213,6 +225,7 @@ impl Books {
             requests: KeyMap::default(),
             max_deliveries: max_deliveries.max(1),
             poisoned: Poisoned::default(),
+            parked: 0,
             idle: VecDeque::new(),
             workers: Vec::new(),
             slots: HashMap::new(),
@@ -237,8 +250,21 @@ impl Books {
         }
         let key = request.key().clone();
         let place = match self.requests.entry(key) {
-            std::collections::hash_map::Entry::Occupied(_) => {
-                // A retry of a request still queued or with a worker: its reply answers both.
+            std::collections::hash_map::Entry::Occupied(owned) => {
+                let owned = owned.into_mut();
+                if let Place::Held { answered: true, .. } = owned.place {
+                    let history = owned.history.get_or_insert_default();
+                    if history.parked.is_none() {
+                        // Answered already: a new request with the same key, parked until the
+                        // answered copy's worker frees the key.
+                        history.parked = Some(request);
+                        self.parked += 1;
+                        self.stats.parked += 1;
+                        return;
+                    }
+                }
+                // A retry of a request still queued or with a worker (or parked), not yet
+                // answered: its reply answers both.
                 self.stats.merged += 1;
                 return;
             }
@@ -416,8 +442,11 @@ impl Books {
                 }
                 if answered {
                     // Its client has the reply of a worker purged before: this one only freed
-                    // a slot.
+                    // a slot, and the key, for a new request parked behind it.
                     self.stats.stale_replies += 1;
+                    if let Some(parked) = owned.history.and_then(|h| h.parked) {
+                        self.unpark(parked);
+                    }
                     return ReplyFate::Stale;
                 }
                 ReplyFate::Forward
@@ -486,6 +515,7 @@ impl Books {
         self.idle.retain(|&s| s != slot);
         let mut requeue = Vec::with_capacity(worker.held);
         let mut poisoned = Vec::new();
+        let mut unparked = Vec::new();
         if worker.held > 0 {
             // Copied: a purged worker's id outlives its connection's read buffer here.
             let id = Bytes::copy_from_slice(worker_id);
@@ -493,8 +523,17 @@ impl Books {
             self.requests.retain(|key, owned| match owned.place {
                 Place::Held { worker, .. } if worker == slot => {
                     match std::mem::replace(&mut owned.place, Place::Queued) {
-                        // Answered already: nothing to run again.
-                        Place::Held { answered: true, .. } => false,
+                        // Answered already: nothing to run again, but a new request parked
+                        // behind it is queued, in a fresh entry.
+                        Place::Held { answered: true, .. } => {
+                            match owned.history.take().and_then(|h| h.parked) {
+                                Some(parked) => {
+                                    unparked.push(parked);
+                                    true
+                                }
+                                None => false,
+                            }
+                        }
                         Place::Held { request, .. } => {
                             let history = owned.history.get_or_insert_default();
                             history.past.push(id.clone());
@@ -516,6 +555,10 @@ impl Books {
         for request in requeue {
             self.queue.push_front(request);
         }
+        self.parked -= unparked.len();
+        for request in unparked {
+            self.queue.push_front(request);
+        }
         self.stats.requeued += requeued as u64;
         tracing::warn!(worker = %frames::show(worker_id), why, requeued, poisoned = poisoned.len(), "worker purged");
         for key in poisoned {
@@ -533,26 +576,57 @@ impl Books {
         }
     }
 
-    /// Drops the queued requests of a client that went away or stopped reading: nobody would
-    /// read the replies.
+    /// Queues a new request that was parked behind an answered copy whose worker has freed
+    /// the key: first in line (it was accepted when it was parked).
+    fn unpark(&mut self, request: Request) {
+        self.parked -= 1;
+        self.requests
+            .insert(request.key().clone(), Owned::new(Place::Queued));
+        self.queue.push_front(request);
+    }
+
+    /// Takes out the parked requests `which` picks (a scan of every entry: only when some are
+    /// parked, which takes a purge and a late reply).
+    fn take_parked(&mut self, which: impl Fn(&Request) -> bool) -> usize {
+        if self.parked == 0 {
+            return 0;
+        }
+        let mut taken = 0;
+        for owned in self.requests.values_mut() {
+            if let Some(history) = &mut owned.history {
+                if history.parked.as_ref().is_some_and(&which) {
+                    history.parked = None;
+                    taken += 1;
+                }
+            }
+        }
+        self.parked -= taken;
+        taken
+    }
+
+    /// Drops the queued (and parked) requests of a client that went away or stopped reading:
+    /// nobody would read the replies.
     pub fn forget_client(&mut self, client: &Bytes, why: &str) {
         let dropped = self.queue.remove_client(client);
         for request in &dropped {
             self.requests.remove(request.key());
         }
-        if !dropped.is_empty() {
-            self.stats.forgotten += dropped.len() as u64;
-            tracing::info!(client = %frames::show(client), why, dropped = dropped.len(), "client's queued requests dropped");
+        let dropped = dropped.len() + self.take_parked(|request| request.client() == client);
+        if dropped > 0 {
+            self.stats.forgotten += dropped as u64;
+            tracing::info!(client = %frames::show(client), why, dropped, "client's queued requests dropped");
         }
     }
 
-    /// Stops queueing: drops what waits and says how many requests workers still hold.
+    /// Stops queueing: drops what waits (queued or parked) and says how many requests workers
+    /// still hold.
     pub fn close(&mut self) -> (usize, usize) {
         let dropped = self.queue.drain();
         for request in &dropped {
             self.requests.remove(request.key());
         }
-        (self.held(), dropped.len())
+        let parked = self.take_parked(|_| true);
+        (self.held(), dropped.len() + parked)
     }
 
     /// Requests held by workers.
@@ -581,8 +655,9 @@ impl Books {
 mod model {
     //! The books against a plain model under random sequences of events: no request lost,
     //! none held twice, credits bounded and matching the idle queue, no request held more
-    //! than the delivery limit allows, a poisoned request never served again, and every
-    //! request still owned served once a worker is there.
+    //! than the delivery limit allows, a poisoned request never served again, no client given
+    //! two replies for one request, and every request still owned (or parked: a key asked
+    //! again after its answer) served once a worker is there.
 
     use std::collections::{BTreeMap, BTreeSet};
 
@@ -647,14 +722,37 @@ mod model {
         books.requests.keys().cloned().collect()
     }
 
-    /// Keys held by a worker whose client has the reply already.
+    /// Keys held by a worker whose client has the reply already, and no new request parked.
     fn answered_early(books: &Books) -> BTreeSet<RequestKey> {
         books
             .requests
             .iter()
             .filter(|(_, owned)| matches!(owned.place, Place::Held { answered: true, .. }))
+            .filter(|(_, owned)| owned.history.as_ref().is_none_or(|h| h.parked.is_none()))
             .map(|(key, _)| key.clone())
             .collect()
+    }
+
+    /// Keys with a new request parked.
+    fn parked(books: &Books) -> BTreeSet<RequestKey> {
+        books
+            .requests
+            .iter()
+            .filter(|(_, owned)| owned.history.as_ref().is_some_and(|h| h.parked.is_some()))
+            .map(|(key, _)| key.clone())
+            .collect()
+    }
+
+    /// Whether a request with `key` arriving now is a new one: not owned, or owned answered
+    /// with nothing parked yet (not poisoned in either case).
+    fn is_new(books: &Books, key: &RequestKey) -> bool {
+        match books.requests.get(key) {
+            None => !books.poisoned.contains(key),
+            Some(owned) => {
+                matches!(owned.place, Place::Held { answered: true, .. })
+                    && owned.history.as_ref().is_none_or(|h| h.parked.is_none())
+            }
+        }
     }
 
     /// The keys `worker` holds.
@@ -699,7 +797,16 @@ mod model {
     fn check(books: &Books) {
         let mut held = BTreeSet::new();
         let mut held_per_slot = vec![0; books.workers.len()];
+        let mut parked = 0;
         for (key, owned) in &books.requests {
+            if let Some(request) = owned.history.as_ref().and_then(|h| h.parked.as_ref()) {
+                parked += 1;
+                assert_eq!(request.key(), key);
+                assert!(
+                    matches!(owned.place, Place::Held { answered: true, .. }),
+                    "{key:?} parked behind a copy not answered"
+                );
+            }
             assert!(!books.poisoned.contains(key), "{key:?} poisoned and owned");
             if let Some(history) = &owned.history {
                 assert!(
@@ -720,6 +827,7 @@ mod model {
                 held_per_slot[*worker as usize] += 1;
             }
         }
+        assert_eq!(books.parked, parked);
         assert!(books.poisoned.order.len() <= MAX_POISONED);
         assert_eq!(books.poisoned.order.len(), books.poisoned.digests.len());
         let mut live = 0;
@@ -781,6 +889,57 @@ mod model {
                 assert_eq!(books.reply(&b, &key), ReplyFate::Stale, "B's reply");
                 assert_eq!(books.idle(), 1, "B's slot is free again");
             }
+            assert!(books.requests.is_empty());
+            check(&books);
+        }
+    }
+
+    /// Issue 17, case 4: A holds "Hello" and is purged, B holds the copy, A's late reply
+    /// answers. The client's next "Hello" (same key) is a new request: parked while B holds
+    /// the answered copy (its retries merged), then run once B frees the key, by its stale
+    /// reply or by being purged; dropped if its client goes.
+    #[test]
+    fn a_request_arriving_after_its_key_was_answered_is_run() {
+        for how in ["reply", "purge", "forget"] {
+            let mut books = Books::new(6, 1 << 20, 5, Heartbeat::default());
+            let (a, b, c) = (id(1), id(2), id(3));
+            books.ready(a.clone());
+            books.request(request(1, 1), send_all);
+            books.purge(&a, "test");
+            books.ready(b.clone());
+            books.dispatch(send_all);
+            assert_eq!(
+                books.reply(&a, &key(1, 1)),
+                ReplyFate::Forward,
+                "A's late reply"
+            );
+            books.request(request(1, 1), |_, _| panic!("parked, not sent"));
+            books.request(request(1, 1), |_, _| panic!("merged, not sent"));
+            assert_eq!((books.stats.parked, books.stats.merged), (1, 1));
+            check(&books);
+            match how {
+                "reply" => assert_eq!(books.reply(&b, &key(1, 1)), ReplyFate::Stale),
+                "purge" => books.purge(&b, "test"),
+                _ => {
+                    books.forget_client(&client(1), "test");
+                    assert_eq!(books.stats.forgotten, 1);
+                    assert_eq!(books.reply(&b, &key(1, 1)), ReplyFate::Stale);
+                    assert!(books.requests.is_empty(), "nothing left to run");
+                    check(&books);
+                    continue;
+                }
+            }
+            check(&books);
+            assert_eq!(books.queued(), 1, "the new Hello queued ({how})");
+            books.ready(c.clone());
+            let mut to = Vec::new();
+            books.dispatch(sender(0, &mut to));
+            // B, its slot free again after its reply, or C.
+            let [(worker, sent)] = &to[..] else {
+                panic!("sent once: {to:?}")
+            };
+            assert_eq!(sent, &key(1, 1));
+            assert_eq!(books.reply(worker, sent), ReplyFate::Forward, "its answer");
             assert!(books.requests.is_empty());
             check(&books);
         }
@@ -860,6 +1019,9 @@ mod model {
             let mut sent_to: BTreeMap<RequestKey, Vec<Bytes>> = BTreeMap::new();
             // Keys dropped at the delivery limit.
             let mut poisoned = BTreeSet::new();
+            // Keys whose request was dropped with its client while parked: a key may leave the
+            // books later without a reply (its answered copy freed).
+            let mut gone = BTreeSet::new();
             for event in events {
                 let before = owned(&books);
                 let mut answered = BTreeSet::new();
@@ -872,9 +1034,10 @@ mod model {
                             books.request(request(c, id), sender(0, &mut sent));
                             prop_assert!(!books.requests.contains_key(&key), "a poisoned key runs again");
                         } else {
-                            if !books.requests.contains_key(&key) {
+                            if is_new(&books, &key) {
                                 forwarded.remove(&key);
                                 sent_to.remove(&key);
+                                gone.remove(&key);
                             }
                             books.request(request(c, id), sender(0, &mut sent));
                         }
@@ -895,7 +1058,11 @@ mod model {
                     }
                     Event::Purge(w) => books.purge(&id(w), "test"),
                     Event::Leaving(w) => books.leaving(&id(w)),
-                    Event::Forget(c) => books.forget_client(&client(c), "test"),
+                    Event::Forget(c) => {
+                        let were = parked(&books);
+                        books.forget_client(&client(c), "test");
+                        gone.extend(were.difference(&parked(&books)).cloned());
+                    }
                 }
                 check(&books);
                 for (worker, key) in sent {
@@ -910,7 +1077,7 @@ mod model {
                 let after = owned(&books);
                 let mut left: Vec<&RequestKey> = before
                     .difference(&after)
-                    .filter(|k| !answered.contains(*k) && !forwarded.contains(*k))
+                    .filter(|k| !answered.contains(*k) && !forwarded.contains(*k) && !gone.contains(*k))
                     .collect();
                 left.retain(|k| {
                     if !books.poisoned.contains(k) {

@@ -321,6 +321,7 @@ impl Broker {
             stale_replies = s.stale_replies,
             poisoned = s.poisoned,
             poisoned_retries = s.poisoned_retries,
+            parked = s.parked,
             bad_frontend = s.bad_frontend,
             bad_backend = s.bad_backend,
             guard_refused = s.guard_refused,

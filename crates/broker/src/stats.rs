@@ -19,7 +19,7 @@ pub struct BrokerStats {
     /// client's).
     pub rejected: u64,
     /// Requests that arrived while the same request (client, first body frame) was already
-    /// queued or with a worker: retries, not run again.
+    /// queued or with a worker, and not answered yet: retries, not run again.
     pub merged: u64,
     /// Queued requests dropped because their client went away or stopped reading.
     pub forgotten: u64,
@@ -55,4 +55,8 @@ pub struct BrokerStats {
     /// the clients' retries of poisoned requests.
     #[serde(default)]
     pub poisoned_retries: u64,
+    /// New requests that arrived while a worker still held an answered copy with their key
+    /// (a stock REQ's next "Hello"): parked, and run once that worker freed the key.
+    #[serde(default)]
+    pub parked: u64,
 }
