@@ -366,8 +366,11 @@ async fn a_flooding_client_does_not_delay_the_others() {
 }
 
 /// Found by the 30-minute soak: a worker hung (SIGSTOP) while it holds a request is purged and
-/// the request goes to a second worker; when the hung one resumes, its late reply answers the
-/// client, and the second worker's reply to the same request must not reach the client again.
+/// the request goes to a second worker; when the hung one resumes, one of the two replies
+/// answers the client, and the other must not reach the client again. (Which one: the late
+/// reply answers if it comes on the hung worker's old connection; ours, resumed, finds the
+/// broker silent and reconnects first, under a new routing id, and a reply from a peer that
+/// never held the request is dropped as stray: then the spare's answers.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hung_workers_late_reply_and_the_requeued_copy_answer_the_client_once() {
     let _g = heavy().await;
@@ -409,15 +412,12 @@ async fn a_hung_workers_late_reply_and_the_requeued_copy_answer_the_client_once(
     while let Some(reply) = recv_reply(&mut dealer, Duration::from_secs(6)).await {
         replies.push(reply);
     }
-    assert_eq!(
-        replies,
-        [("once".to_string(), "hung".to_string())],
-        "one reply, the late one"
-    );
+    assert_eq!(replies.len(), 1, "one reply: {replies:?}");
+    assert_eq!(replies[0].0, "once");
     let stats = stop_broker(broker).await;
     assert_eq!(
-        (stats.replies_out, stats.stale_replies),
+        (stats.replies_out, stats.stale_replies + stats.stray_replies),
         (1, 1),
-        "the spare's reply dropped: {stats:?}"
+        "the other reply dropped: {stats:?}"
     );
 }

@@ -319,6 +319,7 @@ impl Broker {
             undeliverable = s.undeliverable,
             stalled = s.stalled,
             stale_replies = s.stale_replies,
+            stray_replies = s.stray_replies,
             poisoned = s.poisoned,
             poisoned_retries = s.poisoned_retries,
             parked = s.parked,

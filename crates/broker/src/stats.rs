@@ -29,6 +29,10 @@ pub struct BrokerStats {
     pub stalled: u64,
     /// Replies to requests already answered (a worker repeating itself), dropped.
     pub stale_replies: u64,
+    /// Replies from a backend peer that never held the request (neither its worker nor one
+    /// purged while holding it), dropped.
+    #[serde(default)]
+    pub stray_replies: u64,
     /// Malformed messages from clients.
     pub bad_frontend: u64,
     /// Malformed messages from workers.
