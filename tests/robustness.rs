@@ -63,7 +63,7 @@ async fn bad_input_never_takes_the_broker_down() {
         msg(&[b"client", b"no-delimiter"]),     // reply without delimiter
         msg(&[b"client", b""]),                 // reply without body
         msg(&[b"nobody", b"", b"1", b"stray"]), // reply for a client that does not exist
-        msg(&[&[0x02]]),                        // heartbeat before READY
+        msg(&[&[0x02]]),                        // heartbeat before READY (taken as READY)
     ] {
         bad_worker.send(m).await.expect("send");
     }
@@ -96,7 +96,8 @@ async fn bad_input_never_takes_the_broker_down() {
 
     let stats = stop_broker(&mut broker).await;
     // 4 malformed requests; 5 malformed worker messages (the reply for a client that does not
-    // exist and the heartbeat before READY are well formed, and dropped otherwise).
+    // exist is well formed, and dropped otherwise; the heartbeat before READY is well formed and
+    // registers the peer with one credit, and the peer is purged when it goes).
     assert_eq!(
         (stats.get("bad_frontend"), stats.get("bad_backend")),
         (4, 5),

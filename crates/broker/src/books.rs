@@ -4,7 +4,24 @@
 //!
 //! - Requests wait in a [`RequestQueue`] (per client, served in turn, bounded).
 //! - Workers' free slots (READY credits) wait in a least-recently-used queue; only READY or a
-//!   reply to a request the worker held gives one; a heartbeat never does.
+//!   reply to a request the worker held gives one; a heartbeat does not, but from a worker
+//!   the books do not know, where it stands for READY (below).
+//! - A worker first heard through a HEARTBEAT (an id never seen READY, or purged since) is
+//!   registered with one credit, as though it had sent READY (RFC 6 workers hold one request at
+//!   a time); its later heartbeats give nothing. A stock Paranoid Pirate worker (the Guide's
+//!   ppworker) sends READY only when it opens a socket: when the broker restarts, libzmq
+//!   reconnects that socket underneath and the worker sends only heartbeats (first those it
+//!   queued while the broker was down), so it would sit idle until its own liveness ran out
+//!   and it opened a new socket (issue 17, case 6: the first reply 2.2 s after the restart,
+//!   0.05 s with the Guide's queue). This is not the Guide queue's "any message is READY"
+//!   (the trap `../shared/notes/protocols.md` warns of): that gives a credit for every
+//!   message, so a worker heartbeating while busy is sent a second request; here a heartbeat
+//!   gives one credit, once, and only to a worker the books hold nothing of (a purged
+//!   worker's requests went back to the queue). Our own workers send their READYs first on
+//!   every new connection, so they are registered with all their credits as before. A worker
+//!   purged while it was alive (stopped, then resumed on its old connection) gets that one
+//!   credit when it heartbeats again, even one of ours with more; if it is still busy with
+//!   the request it was purged with, the new one waits behind it at the worker.
 //! - Every request queued or held is *owned*: one that arrives again while owned and not yet
 //!   answered is a retry and is merged, so no request is ever held twice or by two workers. An
 //!   owned request has one entry, by key, that says where it is (queued, or held by a worker,
@@ -366,7 +383,7 @@ impl Books {
     pub fn ready(&mut self, worker_id: Bytes) {
         let slot = match self.slots.get(&worker_id) {
             Some(&slot) => slot,
-            None => self.register(worker_id),
+            None => self.register(worker_id, "READY"),
         };
         let worker = in_slot(&mut self.workers, slot);
         worker.liveness.heard();
@@ -379,8 +396,9 @@ impl Books {
         }
     }
 
-    fn register(&mut self, id: Bytes) -> Slot {
-        tracing::info!(worker = %frames::show(&id), "worker ready");
+    /// A new worker, first heard `via` READY or HEARTBEAT.
+    fn register(&mut self, id: Bytes, via: &'static str) -> Slot {
+        tracing::info!(worker = %frames::show(&id), via, "worker ready");
         let worker = Worker {
             id: id.clone(),
             liveness: Liveness::new(self.heartbeat),
@@ -409,10 +427,20 @@ impl Books {
         Some(worker)
     }
 
-    /// Any sign of life from a worker that is not a READY or a reply.
-    pub fn heard(&mut self, worker_id: &Bytes) {
-        if let Some(&slot) = self.slots.get(worker_id) {
-            in_slot(&mut self.workers, slot).liveness.heard();
+    /// HEARTBEAT: a sign of life; from a worker the books do not know, READY as well (one
+    /// credit: see the module doc).
+    pub fn heartbeat(&mut self, worker_id: Bytes) {
+        match self.slots.get(&worker_id) {
+            Some(&slot) => in_slot(&mut self.workers, slot).liveness.heard(),
+            None => {
+                // Never seen READY, or purged since: READY too (see the module doc).
+                self.stats.heartbeat_ready += 1;
+                let slot = self.register(worker_id, "HEARTBEAT");
+                let worker = in_slot(&mut self.workers, slot);
+                worker.liveness.heard();
+                worker.credits += 1;
+                self.idle.push_back(slot);
+            }
         }
     }
 
@@ -707,6 +735,7 @@ mod model {
             id: u8,
         },
         Ready(u8),
+        Heartbeat(u8),
         /// Dispatch all that can be, each send taken or refused.
         Dispatch {
             refuse_every: u8,
@@ -735,6 +764,7 @@ mod model {
         prop_oneof![
             4 => (0..clients, 0..ids).prop_map(|(client, id)| Event::Request { client, id }),
             3 => (0..3u8).prop_map(Event::Ready),
+            2 => (0..3u8).prop_map(Event::Heartbeat),
             3 => (0..5u8).prop_map(|refuse_every| Event::Dispatch { refuse_every }),
             4 => (0..3u8, 0..4u8).prop_map(|(worker, nth)| Event::Reply { worker, nth }),
             2 => (0..3u8, 0..8u8).prop_map(|(worker, nth)| Event::LateReply { worker, nth }),
@@ -1026,6 +1056,38 @@ mod model {
         check(&books);
     }
 
+    /// Issue 17, case 6: a worker first heard through a heartbeat gets one credit, as for
+    /// READY, and its later heartbeats none; a worker registered by READY gets none from its
+    /// heartbeats, busy or idle; a purged worker heard again gets one.
+    #[test]
+    fn a_heartbeat_from_a_worker_never_seen_stands_for_one_ready() {
+        let mut books = Books::new(6, 1 << 20, 5, Heartbeat::default());
+        let (a, b) = (id(1), id(2));
+        for _ in 0..3 {
+            books.heartbeat(a.clone());
+        }
+        assert_eq!((books.idle(), books.stats.heartbeat_ready), (1, 1));
+        books.ready(b.clone());
+        books.heartbeat(b.clone());
+        assert_eq!(books.idle(), 2, "B's heartbeat: nothing");
+        books.request(request(1, 1), send_all);
+        books.request(request(1, 2), send_all);
+        assert_eq!(books.idle(), 0);
+        books.heartbeat(a.clone());
+        books.heartbeat(b.clone());
+        assert_eq!(books.idle(), 0, "busy and heartbeating: no second request");
+        check(&books);
+        // Purged (its request queued again) and heard again: one credit, and the request.
+        books.purge(&a, "test");
+        books.heartbeat(a.clone());
+        let mut to = Vec::new();
+        books.dispatch(sender(0, &mut to));
+        assert_eq!(to.len(), 1);
+        assert_eq!(to[0].0, a);
+        assert_eq!(books.stats.heartbeat_ready, 2);
+        check(&books);
+    }
+
     /// A request that costs every worker holding it: three workers purged while holding it
     /// (limit 3), and it is dropped, counted, and its retries are dropped on arrival; another
     /// client's request with the same body is not.
@@ -1145,6 +1207,13 @@ mod model {
                     }
                 }
                 Event::Ready(w) => books.ready(id(w)),
+                Event::Heartbeat(w) => {
+                    let known = books.slots.contains_key(&id(w));
+                    let idle = books.idle();
+                    books.heartbeat(id(w));
+                    let credits = if known { 0 } else { 1 };
+                    prop_assert_eq!(books.idle(), idle + credits, "a heartbeat's credits");
+                }
                 Event::Dispatch { refuse_every } => books.dispatch(sender(refuse_every, &mut sent)),
                 Event::Reply { worker: w, nth } => {
                     let mut held = held_by(&books, &id(w));

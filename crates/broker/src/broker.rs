@@ -223,7 +223,7 @@ impl Broker {
         let (worker_id, parsed) = FromWorker::parse(msg);
         match parsed {
             Ok(FromWorker::Ready) => self.books.ready(worker_id),
-            Ok(FromWorker::Heartbeat) => self.books.heard(&worker_id),
+            Ok(FromWorker::Heartbeat) => self.books.heartbeat(worker_id),
             Ok(FromWorker::Disconnect) => self.books.leaving(&worker_id),
             Ok(FromWorker::Reply(reply)) => {
                 if self.books.reply(&worker_id, &protocol::key_of(&reply)) == ReplyFate::Forward {
@@ -323,6 +323,7 @@ impl Broker {
             poisoned = s.poisoned,
             poisoned_retries = s.poisoned_retries,
             parked = s.parked,
+            heartbeat_ready = s.heartbeat_ready,
             bad_frontend = s.bad_frontend,
             bad_backend = s.bad_backend,
             guard_refused = s.guard_refused,

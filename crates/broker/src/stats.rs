@@ -63,4 +63,9 @@ pub struct BrokerStats {
     /// (a stock REQ's next "Hello"): parked, and run once that worker freed the key.
     #[serde(default)]
     pub parked: u64,
+    /// Workers first heard through a HEARTBEAT (never seen READY, or purged since), taken as
+    /// READY with one credit: a stock RFC 6 worker reconnected by libzmq under a restarted
+    /// broker, or a worker purged while alive.
+    #[serde(default)]
+    pub heartbeat_ready: u64,
 }
