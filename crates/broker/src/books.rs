@@ -4,16 +4,16 @@
 //!
 //! - Requests wait in a [`RequestQueue`] (per client, served in turn, bounded).
 //! - Workers' free slots (READY credits) wait in a least-recently-used queue; only READY or a
-//!   reply to a request the worker held gives one; a heartbeat does not, but from a worker
-//!   the books do not know, where it stands for READY (below).
+//!   reply to a request the worker held gives one; a heartbeat gives none, except from a
+//!   worker the books do not know (next).
 //! - A worker first heard through a HEARTBEAT (an id never seen READY, or purged since) is
 //!   registered with one credit, as though it had sent READY (RFC 6 workers hold one request at
 //!   a time); its later heartbeats give nothing. A stock Paranoid Pirate worker (the Guide's
 //!   ppworker) sends READY only when it opens a socket: when the broker restarts, libzmq
 //!   reconnects that socket underneath and the worker sends only heartbeats (first those it
 //!   queued while the broker was down), so it would sit idle until its own liveness ran out
-//!   and it opened a new socket (issue 17, case 6: the first reply 2.2 s after the restart,
-//!   0.05 s with the Guide's queue). This is not the Guide queue's "any message is READY"
+//!   and it opened a new socket (issue 17, case 6: the first reply 2.2-2.5 s after the
+//!   restart, 0.05 s with the Guide's queue; 0.09 s now). This is not the Guide queue's "any message is READY"
 //!   (the trap `../shared/notes/protocols.md` warns of): that gives a credit for every
 //!   message, so a worker heartbeating while busy is sent a second request; here a heartbeat
 //!   gives one credit, once, and only to a worker the books hold nothing of (a purged
