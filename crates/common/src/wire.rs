@@ -3,6 +3,8 @@
 //! with a size limit checked on each frame header before any memory is taken for the body, and
 //! the greeting and READY handshake with any libzmq, pyzmq or zmq.rs peer.
 
+pub mod server;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
