@@ -80,6 +80,18 @@ static POISONED_LOG: common::logging::Throttle =
     common::logging::Throttle::new(std::time::Duration::from_secs(1));
 static STRAY_LOG: common::logging::Throttle =
     common::logging::Throttle::new(std::time::Duration::from_secs(1));
+/// So are the lines of workers coming and going, and of clients' dropped requests, 20 a second:
+/// a peer that connects and vanishes in a loop must not write a line each time.
+static EXTRA_READY_LOG: common::logging::Throttle =
+    common::logging::Throttle::new(std::time::Duration::from_secs(1));
+static JOINED_LOG: common::logging::Throttle =
+    common::logging::Throttle::with_burst(std::time::Duration::from_secs(1), 20);
+static LEAVING_LOG: common::logging::Throttle =
+    common::logging::Throttle::with_burst(std::time::Duration::from_secs(1), 20);
+static PURGED_LOG: common::logging::Throttle =
+    common::logging::Throttle::with_burst(std::time::Duration::from_secs(1), 20);
+static FORGOTTEN_LOG: common::logging::Throttle =
+    common::logging::Throttle::with_burst(std::time::Duration::from_secs(1), 20);
 
 /// A worker's place in [`Books::workers`]: what the idle queue and the held requests point at,
 /// so that neither hashes its identity.
@@ -389,7 +401,9 @@ impl Books {
         worker.liveness.heard();
         if worker.leaving || worker.credits + worker.held >= MAX_CREDITS {
             self.stats.bad_backend += 1;
-            tracing::warn!(worker = %frames::show(&worker.id), "READY beyond {MAX_CREDITS} credits, or after DISCONNECT, dropped");
+            if let Some(held_back) = EXTRA_READY_LOG.check() {
+                tracing::warn!(worker = %frames::show(&worker.id), held_back, "READY beyond {MAX_CREDITS} credits, or after DISCONNECT, dropped");
+            }
         } else {
             worker.credits += 1;
             self.idle.push_back(slot);
@@ -398,7 +412,9 @@ impl Books {
 
     /// A new worker, first heard `via` READY or HEARTBEAT.
     fn register(&mut self, id: Bytes, via: &'static str) -> Slot {
-        tracing::info!(worker = %frames::show(&id), via, "worker ready");
+        if let Some(held_back) = JOINED_LOG.check() {
+            tracing::info!(worker = %frames::show(&id), via, held_back, "worker ready");
+        }
         let worker = Worker {
             id: id.clone(),
             liveness: Liveness::new(self.heartbeat),
@@ -455,7 +471,9 @@ impl Books {
         worker.credits = 0;
         let held = worker.held;
         self.idle.retain(|&s| s != slot);
-        tracing::info!(worker = %frames::show(worker_id), held, "worker leaving");
+        if let Some(held_back) = LEAVING_LOG.check() {
+            tracing::info!(worker = %frames::show(worker_id), held, held_back, "worker leaving");
+        }
         if held == 0 {
             self.forget_worker(slot);
         }
@@ -620,7 +638,9 @@ impl Books {
             self.queue.push_front(request);
         }
         self.stats.requeued += requeued as u64;
-        tracing::warn!(worker = %frames::show(worker_id), why, requeued, poisoned = poisoned.len(), "worker purged");
+        if let Some(held_back) = PURGED_LOG.check() {
+            tracing::warn!(worker = %frames::show(worker_id), why, requeued, poisoned = poisoned.len(), held_back, "worker purged");
+        }
         for key in poisoned {
             self.poisoned.insert(&key);
             self.stats.poisoned += 1;
@@ -674,7 +694,9 @@ impl Books {
         let dropped = dropped.len() + self.take_parked(|request| request.client() == client);
         if dropped > 0 {
             self.stats.forgotten += dropped as u64;
-            tracing::info!(client = %frames::show(client), why, dropped, "client's queued requests dropped");
+            if let Some(held_back) = FORGOTTEN_LOG.check() {
+                tracing::info!(client = %frames::show(client), why, dropped, held_back, "client's queued requests dropped");
+            }
         }
     }
 

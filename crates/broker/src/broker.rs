@@ -30,6 +30,13 @@ use crate::stats::BrokerStats;
 /// nothing more.
 const BATCH: usize = 256;
 
+/// Malformed messages are logged once a second at most, with the count held back: a peer can
+/// send millions.
+static BAD_FRONTEND_LOG: common::logging::Throttle =
+    common::logging::Throttle::new(Duration::from_secs(1));
+static BAD_BACKEND_LOG: common::logging::Throttle =
+    common::logging::Throttle::new(Duration::from_secs(1));
+
 /// Messages handled between two yields to the sockets' reader and writer tasks.
 const YIELD_EVERY: usize = 256;
 
@@ -210,7 +217,9 @@ impl Broker {
             }
             Err(e) => {
                 self.books.stats.bad_frontend += 1;
-                tracing::warn!(peer = %frames::show(&peer), error = %e, "bad message from client dropped");
+                if let Some(held_back) = BAD_FRONTEND_LOG.check() {
+                    tracing::warn!(peer = %frames::show(&peer), error = %e, held_back, "bad message from client dropped");
+                }
             }
         }
     }
@@ -232,7 +241,9 @@ impl Broker {
             }
             Err(e) => {
                 self.books.stats.bad_backend += 1;
-                tracing::warn!(worker = %frames::show(&worker_id), error = %e, "bad message from worker dropped");
+                if let Some(held_back) = BAD_BACKEND_LOG.check() {
+                    tracing::warn!(worker = %frames::show(&worker_id), error = %e, held_back, "bad message from worker dropped");
+                }
             }
         }
     }

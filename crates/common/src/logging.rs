@@ -19,9 +19,9 @@ pub fn init(default_filter: &str) {
         .try_init();
 }
 
-/// Lets one log line through per `every` and counts the ones held back, for the lines a peer
-/// can cause at will (a refused connection, a malformed message): a peer that repeats itself a
-/// million times must not write a million lines.
+/// Lets `burst` log lines through per `every` (one, with [`Throttle::new`]) and counts the ones
+/// held back, for the lines a peer can cause at will (a refused connection, a malformed
+/// message): a peer that repeats itself a million times must not write a million lines.
 ///
 /// ```
 /// # use std::time::Duration;
@@ -33,29 +33,53 @@ pub fn init(default_filter: &str) {
 #[derive(Debug)]
 pub struct Throttle {
     every: std::time::Duration,
-    /// When the next line may pass, and how many were held back since the last one.
-    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+    burst: u32,
+    state: std::sync::Mutex<Window>,
+}
+
+/// The current interval: when it ends, lines let through in it, lines held back since the
+/// last one let through.
+#[derive(Debug)]
+struct Window {
+    ends: Option<std::time::Instant>,
+    passed: u32,
+    held_back: u64,
 }
 
 impl Throttle {
+    /// One line per `every`.
     pub const fn new(every: std::time::Duration) -> Self {
+        Self::with_burst(every, 1)
+    }
+
+    /// `burst` lines per `every` (for lines that come in small groups in ordinary use: a few
+    /// workers starting together).
+    pub const fn with_burst(every: std::time::Duration, burst: u32) -> Self {
         Self {
             every,
-            state: std::sync::Mutex::new((None, 0)),
+            burst,
+            state: std::sync::Mutex::new(Window {
+                ends: None,
+                passed: 0,
+                held_back: 0,
+            }),
         }
     }
 
     /// `Some(lines held back since the last one let through)` if this line may be written.
     pub fn check(&self) -> Option<u64> {
         let now = std::time::Instant::now();
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (next, held_back) = &mut *state;
-        if next.is_some_and(|next| now < next) {
-            *held_back += 1;
+        let mut window = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if window.ends.is_none_or(|ends| now >= ends) {
+            window.ends = Some(now + self.every);
+            window.passed = 0;
+        }
+        if window.passed >= self.burst {
+            window.held_back += 1;
             return None;
         }
-        *next = Some(now + self.every);
-        Some(std::mem::take(held_back))
+        window.passed += 1;
+        Some(std::mem::take(&mut window.held_back))
     }
 }
 
@@ -75,5 +99,16 @@ mod tests {
         std::thread::sleep(Duration::from_millis(250));
         assert_eq!(throttle.check(), Some(5));
         assert_eq!(throttle.check(), None);
+    }
+
+    #[test]
+    fn a_throttle_with_a_burst_lets_that_many_through_per_interval() {
+        let throttle = Throttle::with_burst(Duration::from_millis(200), 3);
+        assert_eq!(
+            (0..5).map(|_| throttle.check()).collect::<Vec<_>>(),
+            [Some(0), Some(0), Some(0), None, None]
+        );
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(throttle.check(), Some(2));
     }
 }
