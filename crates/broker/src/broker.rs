@@ -3,7 +3,7 @@
 //! This file moves messages; [`crate::books`] decides where they go (per-client queues served
 //! in turn, least-recently-used worker credits, merged retries, re-queue on purge). Heartbeats
 //! go to every worker each interval; a worker silent for `interval x liveness`, or whose
-//! connection closes, is purged. Both ROUTERs are our own ([`crate::router`]): nothing the loop
+//! connection closes, is purged. Both ROUTERs are our own ([`common::wire::router`]): nothing the loop
 //! sends ever waits on a peer, and a peer that stopped reading is cut off at its byte bound.
 
 use std::sync::Arc;
@@ -21,8 +21,8 @@ use zeromq::ZmqMessage;
 use crate::books::{Books, ReplyFate};
 use crate::config::BrokerConfig;
 use crate::protocol::{self, FromWorker, Request, HEARTBEAT};
-use crate::router::{Event, Router};
 use crate::stats::BrokerStats;
+use common::wire::router::{Event, Router};
 
 /// Messages handled from one socket in a row before the other gets its turn. Measured with
 /// libzmq's client and workers holding 64 requests each, on zmq.rs's sockets then

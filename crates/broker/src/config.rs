@@ -28,10 +28,10 @@ pub struct BrokerConfig {
     pub drain: Duration,
     /// How often to log a stats line.
     pub stats_every: Duration,
-    /// What one peer may send, and make the broker hold (see [`crate::router`]): the
+    /// What one peer may send, and make the broker hold (see [`common::wire::router`]): the
     /// frontend's; the backend's are derived from them ([`BrokerConfig::backend_limits`]).
     pub limits: Limits,
-    /// Connections open at once on each socket, at most (see [`crate::router`]).
+    /// Connections open at once on each socket, at most (see [`common::wire::router`]).
     pub max_connections: usize,
     /// A request is dropped (`poisoned`) once this many workers were lost while holding it,
     /// and its retries with it (see [`crate::books`]). At least 1.
@@ -57,7 +57,7 @@ impl Default for BrokerConfig {
 }
 
 /// Bytes a reply may carry beyond its request: the client's routing id in front (at most
-/// [`crate::router::MAX_ID_BYTES`], 255) and what a worker adds, our workers' name (255 bytes
+/// [`common::wire::router::MAX_ID_BYTES`], 255) and what a worker adds, our workers' name (255 bytes
 /// is room enough for any name we give), 510 in all; 1 KiB leaves the rest spare. (The empty
 /// delimiter is 0 bytes, and frame headers are not counted.)
 pub const REPLY_EXTRA_BYTES: u64 = 1 << 10;
@@ -132,7 +132,7 @@ mod tests {
         assert_eq!(back.max_peer_bytes, front.max_peer_bytes);
         // The largest request, as a worker sends its reply back: the client's id in front, the
         // worker's name at the end, both at 255 bytes.
-        let id = crate::router::MAX_ID_BYTES as u64;
+        let id = common::wire::router::MAX_ID_BYTES as u64;
         let reply_bytes = id + front.max_message_bytes + 255;
         let reply_frames = 1 + front.max_frames + 1;
         assert!(reply_bytes <= back.max_message_bytes);

@@ -14,7 +14,6 @@ pub mod client;
 pub mod config;
 pub mod protocol;
 pub mod queue;
-pub mod router;
 pub mod stats;
 pub mod worker;
 

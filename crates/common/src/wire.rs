@@ -1,9 +1,20 @@
 //! ZMTP 3 (NULL mechanism) on a TCP stream, for the server sides we write ourselves instead of
-//! using zmq.rs's sockets: the proxy's XPUB and the broker's two ROUTERs. Encoding, decoding
-//! with a size limit checked on each frame header before any memory is taken for the body, and
-//! the greeting and READY handshake with any libzmq, pyzmq or zmq.rs peer.
+//! using zmq.rs's sockets. The one home of that layer:
+//!
+//! - here: encoding, decoding with a size limit checked on each frame header before any memory
+//!   is taken for the body, and the greeting and READY handshake with any libzmq, pyzmq or
+//!   zmq.rs peer;
+//! - [`server`]: a bound socket's connections (the bound on them, reader and writer tasks, the
+//!   byte budgets, the limits), whatever the socket type;
+//! - one file per socket type on top: [`router`] (the broker's frontend and backend), [`xsub`]
+//!   (the proxy's side facing publishers). The proxy's XPUB (`pubsub::xpub`) still has its own
+//!   connection code.
+//!
+//! [`crate::zmtp`] has the raw bytes tests and the fuzzer attack with.
 
+pub mod router;
 pub mod server;
+pub mod xsub;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

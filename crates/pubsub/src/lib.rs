@@ -18,7 +18,6 @@ pub mod subscriber;
 pub mod subscriptions;
 pub mod tracker;
 pub mod xpub;
-pub mod xsub;
 
 pub use config::{ProxyConfig, PublisherConfig, SubscriberConfig};
 pub use proxy::{Proxy, ProxyError};

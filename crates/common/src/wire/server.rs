@@ -1,5 +1,5 @@
 //! A bound ZMTP socket's connections, for the server sides written on the TCP streams (the
-//! broker's ROUTERs, see `broker::router`): accepting within a bound, the handshake, a reader
+//! broker's ROUTERs, see [`super::router`]): accepting within a bound, the handshake, a reader
 //! task and an outbox with its writer task per connection. What the socket type means (routing
 //! ids, subscriptions) is the caller's; this hands it each connection's arrival, messages and
 //! end, in order per connection, and takes what to send through each connection's [`Outbox`].

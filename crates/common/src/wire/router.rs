@@ -1,12 +1,12 @@
-//! The broker's two ROUTER sockets, written on the TCP streams (ZMTP 3.0, see `common::wire`)
-//! instead of zmq.rs's `RouterSocket`.
+//! A ROUTER socket, written on the TCP streams (ZMTP 3.0, see [`crate::wire`]) instead of
+//! zmq.rs's `RouterSocket`: the broker's frontend and backend.
 //!
 //! Why: with workers holding many requests the broker's time went to the library, not to its
 //! books (docs/performance.md): four SipHash operations on its fair queue per message received,
 //! a channel and a task wake-up per message sent, a 100,000-message queue per peer whatever the
 //! sizes, and a relay in front (the guard) to keep a nine-byte header from aborting the process.
 //! The connections (reader and writer tasks, outboxes, the limits, the bound on connections)
-//! are `common::wire::server`'s; this adds what makes it a ROUTER: routing ids.
+//! are [`super::server`]'s; this adds what makes it a ROUTER: routing ids.
 //!
 //! What stays as in a stock ROUTER: any DEALER, REQ or ROUTER peer (libzmq, pyzmq, zmq.rs),
 //! messages delivered with the peer's routing id in front, the id the peer set in its READY
@@ -28,15 +28,15 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::guard::{GuardStats, Limits};
+use crate::logging::Throttle;
+use crate::send::Sent;
+use crate::wire::server::{self, Options, Outbox, Server};
 use bytes::Bytes;
-use common::guard::{GuardStats, Limits};
-use common::logging::Throttle;
-use common::send::Sent;
-use common::wire::server::{self, Options, Outbox, Server};
 use foldhash::{HashMap, HashMapExt};
 use zeromq::{ZmqError, ZmqMessage};
 
-pub use common::wire::server::{HANDSHAKE_TIMEOUT, QUIET_ENOUGH_TO_EVICT};
+pub use crate::wire::server::{HANDSHAKE_TIMEOUT, QUIET_ENOUGH_TO_EVICT};
 
 /// The socket types a ROUTER talks to.
 const PEERS: &[&[u8]] = &[b"DEALER", b"REQ", b"ROUTER"];
@@ -179,7 +179,7 @@ impl Router {
                         outbox.close();
                         self.server.refused(&addr, &"its routing id is in use");
                         if let Some(held_back) = ID_IN_USE_LOG.check() {
-                            tracing::info!(peer = %addr, id = %common::frames::show(place.key()), held_back, "a second connection claimed a routing id in use");
+                            tracing::info!(peer = %addr, id = %crate::frames::show(place.key()), held_back, "a second connection claimed a routing id in use");
                         }
                         return;
                     }
@@ -227,7 +227,7 @@ impl Router {
         {
             Ok(()) => Sent::Queued,
             Err(waiting) => {
-                self.server.stalled(&common::frames::show(peer), waiting);
+                self.server.stalled(&crate::frames::show(peer), waiting);
                 Sent::Stalled
             }
         }
@@ -246,7 +246,7 @@ impl Router {
 mod tests {
     use std::io::{Read, Write};
 
-    use common::zmtp;
+    use crate::zmtp;
     use zeromq::util::PeerIdentity;
     use zeromq::{DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend};
 

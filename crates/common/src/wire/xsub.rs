@@ -1,5 +1,5 @@
-//! The proxy's XSUB side, on our own ZMTP connections (`common::wire::server`) instead of
-//! zmq.rs's `XSubSocket`, as the broker's ROUTERs are.
+//! An XSUB socket, on our own ZMTP connections ([`super::server`]) instead of zmq.rs's
+//! `XSubSocket`, as the broker's ROUTERs are: the proxy's side facing publishers.
 //!
 //! Why: zmq.rs's XSUB aborts the process on a frame header announcing a terabyte (nine bytes
 //! sent to it, loopback included, unless a guard relay stands in front), drops a stock PUB
@@ -18,9 +18,9 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use crate::guard::{GuardStats, Limits};
+use crate::wire::server::{self, Batch, Options, Outbox, Server};
 use bytes::{BufMut, Bytes, BytesMut};
-use common::guard::{GuardStats, Limits};
-use common::wire::server::{self, Batch, Options, Outbox, Server};
 use zeromq::ZmqMessage;
 
 /// The socket types that may connect: publishers.
@@ -112,7 +112,7 @@ impl XSub {
                 let mut all = BytesMut::new();
                 for prefix in &self.subscribed {
                     let frame = [&[1u8][..], prefix].concat();
-                    common::wire::put_frame(&mut all, 0, &frame);
+                    crate::wire::put_frame(&mut all, 0, &frame);
                 }
                 // A publisher that cannot take the subscriptions in force has stopped reading.
                 if let Err(waiting) = outbox.push_encoded(&all, self.limits.max_peer_bytes) {
@@ -145,14 +145,14 @@ impl XSub {
             _ => {}
         }
         let mut encoded = BytesMut::with_capacity(frame.len() + 9);
-        common::wire::put_frame(&mut encoded, 0, &frame);
+        crate::wire::put_frame(&mut encoded, 0, &frame);
         self.broadcast_encoded(&encoded);
     }
 
     /// `msg` for every publisher (the proxy's heartbeat).
     pub fn broadcast(&mut self, msg: &ZmqMessage) {
         let mut encoded = BytesMut::new();
-        common::wire::put_message(&mut encoded, msg.iter());
+        crate::wire::put_message(&mut encoded, msg.iter());
         self.broadcast_encoded(&encoded);
     }
 
@@ -195,7 +195,7 @@ mod tests {
     use std::io::{Read, Write};
     use std::time::Duration;
 
-    use common::zmtp;
+    use crate::zmtp;
     use zeromq::{PubSocket, Socket, SocketSend};
 
     use super::*;
