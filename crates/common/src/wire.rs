@@ -122,50 +122,182 @@ impl Frame {
     }
 }
 
-/// Takes one whole frame off the front of `buf`, if there is one. A header announcing more
-/// than `max_frame` bytes is an error at once.
-pub fn next_frame(buf: &mut BytesMut, max_frame: usize) -> std::io::Result<Option<Frame>> {
+/// Why a frame header is refused.
+#[derive(Debug, Clone, Copy)]
+enum Refused {
+    Flags(u8),
+    Size(u64),
+}
+
+impl From<Refused> for std::io::Error {
+    fn from(refused: Refused) -> Self {
+        match refused {
+            Refused::Flags(flags) => protocol_error(format!("bad frame flags {flags:#04x}")),
+            Refused::Size(len) => protocol_error(format!("frame of {len} bytes")),
+        }
+    }
+}
+
+/// Flags, header length and body length of the frame whose header starts `buf`, if the header
+/// is whole. A header announcing more than `max_frame` bytes is refused at once, before any
+/// memory is taken for its body.
+#[inline]
+fn header(buf: &[u8], max_frame: usize) -> Result<Option<(u8, usize, usize)>, Refused> {
     let Some(&flags) = buf.first() else {
         return Ok(None);
     };
     if flags & !(FLAG_MORE | FLAG_LONG | FLAG_COMMAND) != 0 {
-        return Err(protocol_error(format!("bad frame flags {flags:#04x}")));
+        return Err(Refused::Flags(flags));
     }
     let (header, len) = if flags & FLAG_LONG != 0 {
-        if buf.len() < 9 {
+        let Some(size) = buf.get(1..9) else {
             return Ok(None);
-        }
-        let len = u64::from_be_bytes(buf[1..9].try_into().expect("8 bytes"));
-        (9, usize::try_from(len).unwrap_or(usize::MAX))
+        };
+        (9, u64::from_be_bytes(size.try_into().expect("8 bytes")))
     } else {
-        if buf.len() < 2 {
+        let Some(&len) = buf.get(1) else {
             return Ok(None);
-        }
-        (2, usize::from(buf[1]))
+        };
+        (2, u64::from(len))
     };
-    if len > max_frame {
-        return Err(protocol_error(format!("frame of {len} bytes")));
+    match usize::try_from(len) {
+        Ok(len) if len <= max_frame => Ok(Some((flags, header, len))),
+        _ => Err(Refused::Size(len)),
     }
+}
+
+/// Takes one whole frame off the front of `buf`, if there is one, its body copied out (so it
+/// does not keep `buf`'s allocation alive). A header announcing more than `max_frame` bytes is
+/// an error at once. For tests and tools; connections read through a [`Reader`].
+pub fn next_frame(buf: &mut BytesMut, max_frame: usize) -> std::io::Result<Option<Frame>> {
+    let Some((flags, header, len)) = header(buf, max_frame)? else {
+        return Ok(None);
+    };
     if buf.len() < header + len {
         buf.reserve(header + len - buf.len());
         return Ok(None);
     }
-    buf.advance(header);
-    Ok(Some(Frame {
-        flags,
-        body: buf.split_to(len).freeze(),
-    }))
+    let body = Bytes::copy_from_slice(&buf[header..header + len]);
+    buf.advance(header + len);
+    Ok(Some(Frame { flags, body }))
 }
 
-/// Reads frames from one connection.
+/// The reader's buffer, allocated once per connection and never grown.
+const READ_BUF: usize = 32 * 1024;
+/// A frame body of this size or more is read into an allocation of its own, of exactly its
+/// size (what the buffer already holds of it copied in, the rest read straight into it); a
+/// smaller one is copied out of the buffer. Either way no frame shares memory with the buffer
+/// or with another frame, so a kept frame holds its own bytes and nothing more. (When frames
+/// were slices of a growing buffer, a few bytes kept could hold a whole buffer grown for a
+/// large frame: 2,000 tiny queued requests, each read next to a padded PING, held 380 MiB.)
+const OWN_ALLOCATION: usize = 8 * 1024;
+/// The buffer's data moves back to its start when less than this is free after it.
+const MIN_READ: usize = 8 * 1024;
+
+/// What a frame read by a [`Reader`] holds beyond its body, once in a message: its `Bytes`
+/// handle (32 bytes) in the message's frame list, which grows by doubling, and its header,
+/// copied with it when its message is gathered. (Measured with [`MESSAGE_OVERHEAD`].)
+pub const FRAME_OVERHEAD: usize = 64;
+/// What a message read by a [`Reader`] holds beyond its frames: its allocation's reference
+/// count and length (16 bytes), the rounding up to the allocation's size class (up to 63), the
+/// allocator's own header (16), and its frame list (a `VecDeque` of 4 handles to start with,
+/// 128). Measured on the broker (`broker::protocol::QUEUED_OVERHEAD`, which adds what the
+/// queue and the books keep for a request): RSS per queued request of four tiny frames
+/// 787-793 bytes, 51 more per frame.
+pub const MESSAGE_OVERHEAD: usize = 256;
+
+/// A small message's bytes, inline in the allocation of their reference count.
 #[derive(Debug)]
-pub struct Reader {
-    read: OwnedReadHalf,
-    buf: BytesMut,
-    max_frame: usize,
+struct Inline<const N: usize> {
+    len: usize,
+    bytes: [u8; N],
 }
 
-impl Reader {
+impl<const N: usize> AsRef<[u8]> for Inline<N> {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+fn inline<const N: usize>(src: &[u8]) -> Bytes {
+    let mut owner = Inline {
+        len: src.len(),
+        bytes: [0; N],
+    };
+    owner.bytes[..src.len()].copy_from_slice(src);
+    Bytes::from_owner(owner)
+}
+
+/// A copy of `src` that can be sliced into frames without another allocation: a small one
+/// in one allocation with its reference count (`Bytes::from_owner`), a larger one in a `Vec`
+/// (whose first slice adds the count's allocation).
+fn copy_message(src: &[u8]) -> Bytes {
+    match src.len() {
+        0..=32 => inline::<32>(src),
+        33..=48 => inline::<48>(src),
+        49..=64 => inline::<64>(src),
+        65..=80 => inline::<80>(src),
+        81..=96 => inline::<96>(src),
+        97..=112 => inline::<112>(src),
+        113..=128 => inline::<128>(src),
+        129..=160 => inline::<160>(src),
+        161..=192 => inline::<192>(src),
+        193..=224 => inline::<224>(src),
+        225..=256 => inline::<256>(src),
+        257..=320 => inline::<320>(src),
+        321..=384 => inline::<384>(src),
+        385..=448 => inline::<448>(src),
+        449..=512 => inline::<512>(src),
+        _ => Bytes::copy_from_slice(src),
+    }
+}
+
+/// Reads frames from one connection (in production an [`OwnedReadHalf`]), into a buffer of
+/// fixed size whatever the peer sends.
+#[derive(Debug)]
+pub struct Reader<R = OwnedReadHalf> {
+    read: R,
+    buf: Box<[u8]>,
+    /// What is read and not yet decoded: `buf[start..end]`.
+    start: usize,
+    end: usize,
+    /// Bytes the frame at `start` needs in the buffer, header included, once its header
+    /// is whole (a header alone needs 9 at most).
+    want: usize,
+    /// A large frame being read into its own allocation (capacity: its length), with its flags.
+    large: Option<(u8, BytesMut)>,
+    /// The frames (headers and bodies) still to hand out of a message gathered whole: the
+    /// bytes at `start`, copied.
+    message: Bytes,
+    /// How many frames at `start` are in `message`.
+    gathered: usize,
+    /// Whether frames of a message not gathered whole were handed out, and not its last.
+    in_message: bool,
+    max_frame: usize,
+    /// Frame headers `gather` looked at (tests: never many times each).
+    #[cfg(test)]
+    scanned: usize,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> Reader<R> {
+    /// Reads from `read`; a frame header announcing more than `max_frame` bytes is an error.
+    pub fn new(read: R, max_frame: usize) -> Self {
+        Self {
+            read,
+            buf: vec![0; READ_BUF].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            want: 0,
+            large: None,
+            message: Bytes::new(),
+            gathered: 0,
+            in_message: false,
+            max_frame,
+            #[cfg(test)]
+            scanned: 0,
+        }
+    }
+
     /// The next frame, waiting for it; `None` at a clean end of the stream.
     pub async fn frame(&mut self) -> std::io::Result<Option<Frame>> {
         loop {
@@ -180,16 +312,121 @@ impl Reader {
 
     /// The next frame already read, if whole.
     pub fn try_frame(&mut self) -> std::io::Result<Option<Frame>> {
-        next_frame(&mut self.buf, self.max_frame)
+        if let Some((_, body)) = &self.large {
+            if body.len() < body.capacity() {
+                return Ok(None);
+            }
+            let (flags, body) = self.large.take().expect("a large frame");
+            if flags & FLAG_COMMAND == 0 {
+                self.in_message = flags & FLAG_MORE != 0;
+            }
+            return Ok(Some(Frame {
+                flags,
+                body: body.freeze(),
+            }));
+        }
+        let data = &self.buf[self.start..self.end];
+        let Some((flags, header, len)) = header(data, self.max_frame)? else {
+            self.want = 9;
+            return Ok(None);
+        };
+        if self.gathered > 0 {
+            // Whole in the buffer, and copied with its header into `message` (see `gather`).
+            self.gathered -= 1;
+            self.start += header + len;
+            self.message.advance(header);
+            let body = if self.gathered == 0 {
+                std::mem::take(&mut self.message)
+            } else {
+                self.message.split_to(len)
+            };
+            return Ok(Some(Frame { flags, body }));
+        }
+        if len >= OWN_ALLOCATION {
+            let have = len.min(data.len() - header);
+            let mut body = BytesMut::with_capacity(len);
+            body.extend_from_slice(&data[header..header + have]);
+            self.start += header + have;
+            self.large = Some((flags, body));
+            return self.try_frame();
+        }
+        if data.len() < header + len {
+            self.want = header + len;
+            return Ok(None);
+        }
+        if flags & FLAG_COMMAND == 0 {
+            // Only at a message's first frame: tried at each of its frames, a message of many
+            // not all read yet would be scanned again and again.
+            if flags & FLAG_MORE != 0 && !self.in_message && self.gather(header + len) {
+                return self.try_frame();
+            }
+            self.in_message = flags & FLAG_MORE != 0;
+        }
+        let at = self.start + header;
+        let body = Bytes::copy_from_slice(&self.buf[at..at + len]);
+        self.start = at + len;
+        Ok(Some(Frame { flags, body }))
+    }
+
+    /// When the buffer holds the whole message whose first frame (`first` bytes, header
+    /// included) is at `start`, in frames all small and none a command: copies them (headers
+    /// and all, in one piece) into one allocation, `message`, sliced as they are handed out,
+    /// instead of one allocation per frame. A message's frames are kept or dropped together, so
+    /// that is still memory of its own; it saves an allocation per frame and the one a frame's
+    /// first clone would make (the request key's).
+    fn gather(&mut self, first: usize) -> bool {
+        let data = &self.buf[self.start..self.end];
+        let (mut at, mut frames) = (first, 1);
+        loop {
+            #[cfg(test)]
+            {
+                self.scanned += 1;
+            }
+            match header(&data[at..], self.max_frame) {
+                Ok(Some((flags, header, len)))
+                    if len < OWN_ALLOCATION
+                        && flags & FLAG_COMMAND == 0
+                        && at + header + len <= data.len() =>
+                {
+                    at += header + len;
+                    frames += 1;
+                    if flags & FLAG_MORE == 0 {
+                        break;
+                    }
+                }
+                _ => return false,
+            }
+        }
+        self.message = copy_message(&data[..at]);
+        self.gathered = frames;
+        true
     }
 
     /// Reads what the socket has; false at a clean end of the stream.
     pub async fn fill(&mut self) -> std::io::Result<bool> {
-        if self.buf.capacity() - self.buf.len() < 1024 {
-            self.buf.reserve(16 * 1024);
-        }
-        if self.read.read_buf(&mut self.buf).await? == 0 {
-            return if self.buf.is_empty() {
+        let n = if let Some((_, body)) = &mut self.large {
+            if body.len() == body.capacity() {
+                return Ok(true); // whole: `read_buf` would grow it
+            }
+            // Capacity is the frame's length: the read stops at the frame's end.
+            self.read.read_buf(body).await?
+        } else {
+            let pending = self.end - self.start;
+            if pending == 0 {
+                (self.start, self.end) = (0, 0);
+            } else if self.buf.len() - self.end < MIN_READ
+                || self.start + self.want > self.buf.len()
+            {
+                // At most a frame under `OWN_ALLOCATION` and its header: it fits once moved.
+                self.buf.copy_within(self.start..self.end, 0);
+                (self.start, self.end) = (0, pending);
+            }
+            let n = self.read.read(&mut self.buf[self.end..]).await?;
+            self.end += n;
+            n
+        };
+        if n == 0 {
+            return if self.start == self.end && self.large.is_none() {
                 Ok(false)
             } else {
                 Err(std::io::ErrorKind::UnexpectedEof.into())
@@ -271,11 +508,7 @@ pub async fn handshake(
     if !theirs[12..32].starts_with(b"NULL\0") {
         return Err(protocol_error("security mechanism other than NULL"));
     }
-    let mut reader = Reader {
-        read,
-        buf: BytesMut::with_capacity(16 * 1024),
-        max_frame,
-    };
+    let mut reader = Reader::new(read, max_frame);
     let frame = reader
         .frame()
         .await?
@@ -360,6 +593,262 @@ mod tests {
             assert_eq!(got[0].body.as_ref(), b"\x01a");
             assert_eq!(got[1].body.len(), 400);
             assert!(buf.is_empty());
+        }
+    }
+
+    /// An `AsyncRead` that hands out its bytes in pieces of at most `step`.
+    struct Trickle {
+        data: Vec<u8>,
+        at: usize,
+        step: usize,
+    }
+
+    impl tokio::io::AsyncRead for Trickle {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let n = self
+                .step
+                .min(buf.remaining())
+                .min(self.data.len() - self.at);
+            buf.put_slice(&self.data[self.at..self.at + n]);
+            self.at += n;
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Small, empty, command and large frames (one over the buffer's size), in one stream.
+    fn mixed_stream() -> (Bytes, Vec<(u8, Vec<u8>)>) {
+        let frames = vec![
+            (FLAG_MORE, b"".to_vec()),
+            (FLAG_MORE, b"\x01a".to_vec()),
+            (
+                FLAG_COMMAND,
+                [&b"\x04PING\x00\x00"[..], &[b'p'; 3000]].concat(),
+            ),
+            (0, vec![7u8; 400]),
+            (FLAG_MORE, vec![8u8; OWN_ALLOCATION]),
+            (FLAG_MORE, vec![9u8; OWN_ALLOCATION - 1]),
+            (0, (0..READ_BUF * 3 + 5).map(|i| i as u8).collect()),
+            (0, b"last".to_vec()),
+        ];
+        let mut wire = BytesMut::new();
+        for (flags, body) in &frames {
+            put_frame(&mut wire, *flags, body);
+        }
+        (wire.freeze(), frames)
+    }
+
+    async fn read_all<R: tokio::io::AsyncRead + Unpin>(reader: &mut Reader<R>) -> Vec<Frame> {
+        let mut got = Vec::new();
+        while let Some(frame) = reader.frame().await.expect("valid") {
+            got.push(frame);
+        }
+        got
+    }
+
+    /// Each frame the reader returns owns an allocation of exactly its length: nothing it keeps
+    /// holds the reader's buffer or another frame's bytes.
+    fn assert_owns_exactly(frame: Frame) {
+        let len = frame.body.len();
+        if len == 0 {
+            return; // `Bytes::new()`: no allocation at all
+        }
+        let owned = frame
+            .body
+            .try_into_mut()
+            .unwrap_or_else(|_| panic!("a frame of {len} bytes shares its allocation"));
+        assert_eq!(
+            owned.capacity(),
+            len,
+            "a frame of {len} bytes in a bigger allocation"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_reader_decodes_a_stream_split_anywhere_into_frames_that_own_their_bytes() {
+        let (wire, frames) = mixed_stream();
+        let expected: Vec<Frame> = frames
+            .iter()
+            .map(|(flags, body)| Frame {
+                // As on the wire: LONG kept.
+                flags: flags | if body.len() > 255 { FLAG_LONG } else { 0 },
+                body: Bytes::copy_from_slice(body),
+            })
+            .collect();
+        // Two reads cut anywhere (every cut in the small frames and around the large ones'
+        // headers and the buffer's size, a stride elsewhere), then a byte at a time, and a few
+        // odd read sizes.
+        let cuts = (0..wire.len()).filter(|&c| c < 4000 || c % 97 == 0 || c % READ_BUF < 16);
+        for cut in cuts {
+            let two = AsyncReadExt::chain(&wire[..cut], &wire[cut..]);
+            let got = read_all(&mut Reader::new(two, READ_BUF * 4)).await;
+            assert_eq!(got, expected, "cut at {cut}");
+        }
+        for step in [
+            1,
+            2,
+            3,
+            9,
+            1000,
+            OWN_ALLOCATION + 1,
+            READ_BUF - 1,
+            usize::MAX,
+        ] {
+            let trickle = Trickle {
+                data: wire.to_vec(),
+                at: 0,
+                step,
+            };
+            let mut reader = Reader::new(trickle, READ_BUF * 4);
+            let got = read_all(&mut reader).await;
+            assert_eq!(got, expected, "reads of {step} bytes");
+            assert_eq!(reader.buf.len(), READ_BUF, "the buffer never grows");
+            got.into_iter().for_each(assert_owns_exactly);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_whole_in_the_buffer_is_copied_into_one_allocation_of_its_own() {
+        // Messages of three small frames (up to 700 bytes in all, so both ways of copying them
+        // are taken) and of one, and a command between them.
+        let mut wire = BytesMut::new();
+        let mut messages = Vec::new();
+        for n in 0..2000u32 {
+            let id = n.to_string();
+            let frames = vec![
+                id.as_bytes().to_vec(),
+                vec![1; 3],
+                vec![2; n as usize * 7 % 700],
+            ];
+            for (i, body) in frames.iter().enumerate() {
+                put_frame(&mut wire, if i < 2 { FLAG_MORE } else { 0 }, body);
+            }
+            messages.push(frames);
+            if n % 7 == 0 {
+                put_frame(&mut wire, FLAG_COMMAND, b"\x04PING\x00\x00");
+                put_frame(&mut wire, 0, id.as_bytes());
+                messages.push(vec![id.into_bytes()]);
+            }
+        }
+        let wire = wire.freeze();
+        let head = |body: &Bytes| if body.len() > 255 { 9 } else { 2 };
+        // Each frame right after its header, in one piece of memory.
+        let after = |a: &Bytes, b: &Bytes| a.as_ptr().wrapping_add(a.len() + head(b)) == b.as_ptr();
+        let (mut inline, mut in_vec) = (0, 0);
+        for step in [1, 5, 1000, usize::MAX] {
+            let trickle = Trickle {
+                data: wire.to_vec(),
+                at: 0,
+                step,
+            };
+            let got = read_all(&mut Reader::new(trickle, 1024)).await;
+            let mut got = got.into_iter().filter(|f| !f.is_command()).map(|f| f.body);
+            let mut last: Option<(usize, usize)> = None;
+            for frames in &messages {
+                let bodies: Vec<Bytes> = got.by_ref().take(frames.len()).collect();
+                assert_eq!(&bodies, frames);
+                // Never in one piece with the message before it (as when frames were slices
+                // of the reader's buffer): all were alive together when read.
+                if let Some((end, _)) = last {
+                    assert_ne!(
+                        end + head(&bodies[0]),
+                        bodies[0].as_ptr() as usize,
+                        "step {step}"
+                    );
+                }
+                let tail = bodies.last().expect("a frame");
+                last = Some((tail.as_ptr() as usize + tail.len(), tail.len()));
+                if bodies.len() < 2 || !bodies.windows(2).all(|w| after(&w[0], &w[1])) {
+                    continue; // not gathered whole: each frame on its own, as checked above
+                }
+                let size: usize = bodies.iter().map(|b| head(b) + b.len()).sum();
+                if size <= 512 {
+                    // In one allocation with its reference count (`copy_message`).
+                    inline += 1;
+                    continue;
+                }
+                // In a `Vec` of exactly its size: the first frame alone, once the others are
+                // dropped, owns it from its body to the end.
+                in_vec += 1;
+                let first = bodies.into_iter().next().expect("a frame");
+                let from_first = size - head(&first);
+                let owned = first.try_into_mut().expect("nothing else shares it");
+                assert_eq!(owned.capacity(), from_first);
+            }
+        }
+        assert!(
+            inline > 1000 && in_vec > 500,
+            "gathered: {inline} and {in_vec}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_message_of_many_frames_not_all_read_is_scanned_once() {
+        // 40,000 empty frames and a last one: more than one read's worth.
+        let mut wire = BytesMut::new();
+        for _ in 0..40_000 {
+            put_frame(&mut wire, FLAG_MORE, b"");
+        }
+        put_frame(&mut wire, 0, b"end");
+        let trickle = Trickle {
+            data: wire.to_vec(),
+            at: 0,
+            step: usize::MAX,
+        };
+        let mut reader = Reader::new(trickle, 1024);
+        let got = read_all(&mut reader).await;
+        assert_eq!(got.len(), 40_001);
+        assert!(
+            reader.scanned <= 40_001,
+            "{} headers scanned",
+            reader.scanned
+        );
+    }
+
+    #[test]
+    fn a_message_copy_keeps_its_bytes_and_slices_of_it_outlive_it() {
+        for len in [0, 1, 31, 32, 33, 100, 255, 448, 449, 512, 513, 4000] {
+            let src: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let copy = copy_message(&src);
+            assert_eq!(copy, src);
+            let tail = copy.slice(len / 2..);
+            drop(copy);
+            assert_eq!(tail, src[len / 2..]);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_reader_refuses_a_huge_header_and_tells_a_cut_frame_from_a_clean_end() {
+        let huge = [FLAG_LONG, 0x7f, 0, 0, 0, 0, 0, 0, 0];
+        let mut reader = Reader::new(&huge[..], 1 << 20);
+        let e = reader.frame().await.expect_err("refused");
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        assert!(reader.large.is_none(), "nothing taken for its body");
+        // One byte over the limit, large or small.
+        for limit in [255, OWN_ALLOCATION * 2] {
+            let mut wire = BytesMut::new();
+            put_frame(&mut wire, 0, &vec![1u8; limit + 1]);
+            let e = Reader::new(&wire[..9], limit).frame().await;
+            assert!(e.is_err(), "{limit}");
+            let mut at_limit = BytesMut::new();
+            put_frame(&mut at_limit, 0, &vec![1u8; limit]);
+            let mut reader = Reader::new(&at_limit[..], limit);
+            assert_eq!(read_all(&mut reader).await.len(), 1);
+        }
+        let (wire, _) = mixed_stream();
+        for cut in [1, 3, 20, wire.len() - 100, wire.len() - 1] {
+            let mut reader = Reader::new(&wire[..cut], READ_BUF * 4);
+            let e = loop {
+                match reader.frame().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => panic!("a stream cut at {cut} taken for a clean end"),
+                    Err(e) => break e,
+                }
+            };
+            assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "cut at {cut}");
         }
     }
 
