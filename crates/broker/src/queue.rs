@@ -308,6 +308,23 @@ mod tests {
         assert_eq!(q.len(), 0);
     }
 
+    #[test]
+    fn a_tiny_request_counts_what_holding_it_costs_not_only_its_bytes() {
+        // Four frames, eleven bytes: what 2,000 of them hold is not 22 kB.
+        let tiny = sized("client", 1234, 1);
+        assert_eq!(tiny.frames().map(Bytes::len).sum::<usize>(), 11);
+        assert!(
+            tiny.bytes() >= 11 + 4 * common::wire::FRAME_OVERHEAD + common::wire::MESSAGE_OVERHEAD
+        );
+        let mut q = RequestQueue::new(10_000, 1 << 20);
+        let fit = (0..2000)
+            .filter(|&id| q.push(sized("client", id, 1)).is_ok())
+            .count();
+        // Ids of four digits at most: none counts more than `tiny`.
+        assert!((1 << 20) / tiny.bytes() <= fit && fit < 2000, "{fit}");
+        assert!(q.bytes() <= 1 << 20);
+    }
+
     fn sized(client: &'static str, id: u64, payload: usize) -> Request {
         let frames = vec![
             Bytes::from_static(client.as_bytes()),
@@ -326,8 +343,9 @@ mod tests {
             q.push(sized("F", id, 100)).expect("room");
         }
         assert_eq!(q.bytes(), 10 * small);
-        // Three of the flooder's make room for one three times their size (less the key).
-        match q.push(sized("N", 0, 3 * small - 10)) {
+        // Three of the flooder's make room for one a little under three times their size.
+        let payload = 3 * small - sized("N", 0, 0).bytes() - 8;
+        match q.push(sized("N", 0, payload)) {
             Err(Overflow::Displaced(r)) => assert_eq!(r.len(), 3),
             other => panic!("expected a displacement, got {other:?}"),
         }
