@@ -195,3 +195,159 @@ async fn a_worker_that_never_reads_is_cut_at_max_peer_bytes_and_its_requests_go_
     );
     drop(rogue);
 }
+
+/// A raw DEALER on `frontend` that sends `count` messages, each `message(n)` (whole frames,
+/// encoded), and drains what the broker sends back (greeting, READY, PONGs) so that it never
+/// stalls. The stream stays open until the returned task is dropped or aborted: a client that
+/// leaves takes its queued requests with it.
+async fn raw_dealer(
+    frontend: &str,
+    count: usize,
+    message: impl Fn(usize) -> Vec<u8> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    use tokio::io::AsyncReadExt;
+    let addr = frontend.trim_start_matches("tcp://").to_string();
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut read, mut write) = stream.into_split();
+    tokio::spawn(async move {
+        let drain = tokio::spawn(async move {
+            let mut sink = vec![0u8; 64 * 1024];
+            while read.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+        });
+        let handshake = [zmtp::greeting(), zmtp::ready("DEALER")].concat();
+        write.write_all(&handshake).await.expect("handshake");
+        for n in 0..count {
+            write.write_all(&message(n)).await.expect("write");
+        }
+        // Held open: the requests stay queued while the test measures.
+        let _ = drain.await;
+        drop(write);
+    })
+}
+
+/// A tiny request `[""]["p<n>"]["x"]`.
+fn tiny_request(n: usize) -> Vec<u8> {
+    [
+        zmtp::frame(0x01, b""),
+        zmtp::frame(0x01, format!("p{n}").as_bytes()),
+        zmtp::frame(0x00, b"x"),
+    ]
+    .concat()
+}
+
+/// A ZMTP PING command (TTL 0) whose context is `padding` bytes: legal, answered with a PONG
+/// of 16 bytes of context at most, and never kept.
+fn padded_ping(padding: usize) -> Vec<u8> {
+    let mut body = vec![4u8];
+    body.extend(b"PING");
+    body.extend([0, 0]);
+    body.resize(body.len() + padding, b'p');
+    zmtp::frame(0x04, &body)
+}
+
+/// The slack allowed over the queue's byte bound for everything else the broker holds.
+const RSS_MARGIN_KIB: u64 = 64 * 1024;
+
+/// The padding trick: 2,000 tiny requests, each followed by a PING carrying 100 kB of padding,
+/// with no worker to take them. Each request is a few bytes; when its frames were slices of
+/// the connection's read buffer, each kept the whole buffer (grown for the PING) alive, and
+/// the broker's RSS grew by 380 MiB for a queue that counted 24,890 bytes. Now the reader
+/// copies what is kept out of its buffer, and the queue counts what a request holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn padded_pings_do_not_make_tiny_queued_requests_pin_memory() {
+    const REQUESTS: usize = 2_000;
+    const PADDING: usize = 100_000;
+    let _g = heavy().await;
+    let test = "peer-bytes-padding";
+    let (mut broker, frontend, _backend) =
+        broker(test, &["--max-queued-bytes", "1048576", "--json"]).await;
+    let before = rss_kib(broker.pid());
+    let dealer = raw_dealer(&frontend, REQUESTS, |n| {
+        [tiny_request(n), padded_ping(PADDING)].concat()
+    })
+    .await;
+    let counters = lab::broker_stats::wait_for(
+        &broker,
+        Duration::from_secs(60),
+        "every padded request in",
+        |c| c.get("requests_in") == REQUESTS as u64,
+    )
+    .await
+    .expect("the requests arrive");
+    let after = rss_kib(broker.pid());
+    eprintln!(
+        "broker RSS {before} KiB, {after} KiB with {} requests queued ({} bytes counted): +{} MiB",
+        counters.get("queued"),
+        counters.get("queued_bytes"),
+        after.saturating_sub(before) / 1024
+    );
+    assert_eq!(
+        counters.get("queued") + counters.get("rejected"),
+        REQUESTS as u64,
+        "every request queued or refused: {counters:?}"
+    );
+    assert!(counters.get("queued_bytes") <= 1 << 20, "{counters:?}");
+    assert!(
+        after <= before + 1024 + RSS_MARGIN_KIB,
+        "RSS grew from {before} KiB to {after} KiB for a 1 MiB bound"
+    );
+    dealer.abort();
+    let stats = integration::stop_broker(&mut broker).await;
+    assert_eq!(stats.get("guard_refused"), 0, "{stats:?}");
+}
+
+/// Requests of 100 kB, ten times as many as `--max-queued-bytes` holds, with no worker: the
+/// queue refuses what does not fit (`rejected`), never counts more than its bound, and the
+/// broker's RSS stays within the same margin over it.
+#[tokio::test(flavor = "multi_thread")]
+async fn big_requests_over_the_byte_bound_are_refused_and_rss_stays_bounded() {
+    const REQUESTS: usize = 100;
+    const BODY: usize = 100_000;
+    let _g = heavy().await;
+    let test = "peer-bytes-big";
+    let (mut broker, frontend, _backend) =
+        broker(test, &["--max-queued-bytes", "1048576", "--json"]).await;
+    let before = rss_kib(broker.pid());
+    let dealer = raw_dealer(&frontend, REQUESTS, |n| {
+        [
+            zmtp::frame(0x01, b""),
+            zmtp::frame(0x01, format!("b{n}").as_bytes()),
+            zmtp::frame(0x00, &vec![b'b'; BODY]),
+        ]
+        .concat()
+    })
+    .await;
+    let counters = lab::broker_stats::wait_for(
+        &broker,
+        Duration::from_secs(60),
+        "every big request in",
+        |c| c.get("requests_in") == REQUESTS as u64,
+    )
+    .await
+    .expect("the requests arrive");
+    let after = rss_kib(broker.pid());
+    eprintln!(
+        "broker RSS {before} KiB, {after} KiB: +{} MiB; {counters:?}",
+        after.saturating_sub(before) / 1024
+    );
+    let queued = counters.get("queued");
+    assert_eq!(
+        queued + counters.get("rejected"),
+        REQUESTS as u64,
+        "{counters:?}"
+    );
+    // Ten of 100 kB and what each holds besides fit in 1 MiB; not eleven.
+    assert!((1..=10).contains(&queued), "{counters:?}");
+    assert!(counters.get("queued_bytes") <= 1 << 20, "{counters:?}");
+    assert!(
+        counters.get("queued_bytes") >= queued * BODY as u64,
+        "at least the bodies are counted: {counters:?}"
+    );
+    assert!(
+        after <= before + 1024 + RSS_MARGIN_KIB,
+        "RSS grew from {before} KiB to {after} KiB for a 1 MiB bound"
+    );
+    dealer.abort();
+    let stats = integration::stop_broker(&mut broker).await;
+    assert_eq!(stats.get("guard_refused"), 0, "{stats:?}");
+}
