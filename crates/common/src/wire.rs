@@ -257,10 +257,11 @@ fn copy_message(src: &[u8]) -> Bytes {
 #[derive(Debug)]
 pub struct Reader<R = OwnedReadHalf> {
     read: R,
-    buf: Box<[u8]>,
-    /// What is read and not yet decoded: `buf[start..end]`.
+    /// Of capacity `READ_BUF`, never more: its pages are touched only as reads fill them, so an
+    /// idle connection costs a page, not the whole buffer.
+    buf: BytesMut,
+    /// What is read and not yet decoded: `buf[start..]`.
     start: usize,
-    end: usize,
     /// Bytes the frame at `start` needs in the buffer, header included, once its header
     /// is whole (a header alone needs 9 at most).
     want: usize,
@@ -284,9 +285,8 @@ impl<R: tokio::io::AsyncRead + Unpin> Reader<R> {
     pub fn new(read: R, max_frame: usize) -> Self {
         Self {
             read,
-            buf: vec![0; READ_BUF].into_boxed_slice(),
+            buf: BytesMut::with_capacity(READ_BUF),
             start: 0,
-            end: 0,
             want: 0,
             large: None,
             message: Bytes::new(),
@@ -325,7 +325,7 @@ impl<R: tokio::io::AsyncRead + Unpin> Reader<R> {
                 body: body.freeze(),
             }));
         }
-        let data = &self.buf[self.start..self.end];
+        let data = &self.buf[self.start..];
         let Some((flags, header, len)) = header(data, self.max_frame)? else {
             self.want = 9;
             return Ok(None);
@@ -375,7 +375,7 @@ impl<R: tokio::io::AsyncRead + Unpin> Reader<R> {
     /// that is still memory of its own; it saves an allocation per frame and the one a frame's
     /// first clone would make (the request key's).
     fn gather(&mut self, first: usize) -> bool {
-        let data = &self.buf[self.start..self.end];
+        let data = &self.buf[self.start..];
         let (mut at, mut frames) = (first, 1);
         loop {
             #[cfg(test)]
@@ -411,22 +411,22 @@ impl<R: tokio::io::AsyncRead + Unpin> Reader<R> {
             // Capacity is the frame's length: the read stops at the frame's end.
             self.read.read_buf(body).await?
         } else {
-            let pending = self.end - self.start;
+            let pending = self.buf.len() - self.start;
             if pending == 0 {
-                (self.start, self.end) = (0, 0);
-            } else if self.buf.len() - self.end < MIN_READ
-                || self.start + self.want > self.buf.len()
-            {
+                self.buf.clear();
+                self.start = 0;
+            } else if READ_BUF - self.buf.len() < MIN_READ || self.start + self.want > READ_BUF {
                 // At most a frame under `OWN_ALLOCATION` and its header: it fits once moved.
-                self.buf.copy_within(self.start..self.end, 0);
-                (self.start, self.end) = (0, pending);
+                self.buf.copy_within(self.start.., 0);
+                self.buf.truncate(pending);
+                self.start = 0;
             }
-            let n = self.read.read(&mut self.buf[self.end..]).await?;
-            self.end += n;
-            n
+            // Never full here (see above), so `read_buf` reads into the room left and does not
+            // grow the buffer.
+            self.read.read_buf(&mut self.buf).await?
         };
         if n == 0 {
-            return if self.start == self.end && self.large.is_none() {
+            return if self.start == self.buf.len() && self.large.is_none() {
                 Ok(false)
             } else {
                 Err(std::io::ErrorKind::UnexpectedEof.into())
@@ -705,7 +705,7 @@ mod tests {
             let mut reader = Reader::new(trickle, READ_BUF * 4);
             let got = read_all(&mut reader).await;
             assert_eq!(got, expected, "reads of {step} bytes");
-            assert_eq!(reader.buf.len(), READ_BUF, "the buffer never grows");
+            assert_eq!(reader.buf.capacity(), READ_BUF, "the buffer never grows");
             got.into_iter().for_each(assert_owns_exactly);
         }
     }
