@@ -98,6 +98,29 @@ pub fn user_timeout(idle: Duration) -> Duration {
     idle * 4
 }
 
+/// Raises this process's soft limit on open files to its hard limit (as Go's runtime does at
+/// start), and returns the limit now in force. A server's peers each take a descriptor; the
+/// usual soft limit of 1,024 is a leftover of `select()`, which nothing here uses.
+pub fn raise_open_files_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return hard;
+    }
+    soft
+}
+
+/// A default bound on the connections of each of `sockets` server sockets sharing this
+/// process's open-files limit `open_files`: the limit less 64 descriptors for everything else,
+/// split evenly, between 16 and 65,536 per socket. (With the limit at 256 and two sockets:
+/// 96 each.)
+pub fn max_connections_for(open_files: u64, sockets: u64) -> usize {
+    let share = open_files.saturating_sub(64) / sockets.max(1);
+    share.clamp(16, 65_536) as usize
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,27 +155,4 @@ mod tests {
             Some(Duration::from_secs(4))
         );
     }
-}
-
-/// Raises this process's soft limit on open files to its hard limit (as Go's runtime does at
-/// start), and returns the limit now in force. A server's peers each take a descriptor; the
-/// usual soft limit of 1,024 is a leftover of `select()`, which nothing here uses.
-pub fn raise_open_files_limit() -> u64 {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return 1024;
-    };
-    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
-        return hard;
-    }
-    soft
-}
-
-/// A default bound on the connections of each of `sockets` server sockets sharing this
-/// process's open-files limit `open_files`: the limit less 64 descriptors for everything else,
-/// split evenly, between 16 and 65,536 per socket. (With the limit at 256 and two sockets:
-/// 96 each.)
-pub fn max_connections_for(open_files: u64, sockets: u64) -> usize {
-    let share = open_files.saturating_sub(64) / sockets.max(1);
-    share.clamp(16, 65_536) as usize
 }

@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use zeromq::ZmqMessage;
 
-use super::{parse_command, protocol_error, Reader};
+use super::{parse_command, protocol_error, Reader, FRAME_OVERHEAD, MESSAGE_OVERHEAD};
 use crate::guard::{GuardStats, Limits};
 use crate::logging::Throttle;
 
@@ -54,8 +54,6 @@ pub const INBOUND_BATCHES: usize = 64;
 /// Bytes of those batches, per socket, at most; raised to two of the largest messages allowed
 /// so that one always passes. 64 batches of the reader's 32 KiB reads fit.
 pub const INBOUND_BYTES: usize = 8 << 20;
-/// What one message costs beyond its frames' bytes in a batch (its frame list and headers).
-const MESSAGE_OVERHEAD: usize = 128;
 /// A writer keeps a buffer of at most this much capacity between writes.
 const SPARE_BYTES: usize = 1 << 20;
 
@@ -514,7 +512,8 @@ impl Connection {
                 let more = frame.more();
                 parts.push_back(frame.body);
                 if !more {
-                    batch_bytes += size as usize + MESSAGE_OVERHEAD;
+                    // What the message holds: its bytes, each frame's handle, its own.
+                    batch_bytes += size as usize + parts.len() * FRAME_OVERHEAD + MESSAGE_OVERHEAD;
                     size = 0;
                     let frames = std::mem::replace(&mut parts, VecDeque::with_capacity(4));
                     messages.push(ZmqMessage::try_from(frames).expect("at least one frame"));

@@ -11,9 +11,9 @@
 //! byte bound. PING is answered with PONG.
 //!
 //! What stays as in a stock XSUB: any PUB or XPUB peer (libzmq, pyzmq, zmq.rs); every message a
-//! publisher sends handed over as it came; each subscription change (`0x01` + prefix, or `0x00`
-//! + prefix) sent to every publisher, and the subscriptions in force sent to each publisher
-//! that connects later.
+//! publisher sends handed over as it came; each subscription change (`0x01` or `0x00`, then the
+//! prefix) sent to every publisher, and the subscriptions in force sent to each publisher that
+//! connects later.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
