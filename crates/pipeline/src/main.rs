@@ -46,9 +46,26 @@ struct Args {
     /// Largest input file sent inline, in bytes; larger ones are reported as failed.
     #[arg(long, env = "PIPELINE_MAX_IMAGE_BYTES", default_value_t = 32 << 20)]
     max_image_bytes: u64,
-    /// Seconds a worker may spend on one image before it is sent to another worker.
+    /// Inline: image bytes the master holds at most (tasks sent and not yet accepted, inputs
+    /// being read, outputs waiting for the disk); no task leaves while they are at it.
+    /// Default: 2 x --max-image-bytes.
+    #[arg(long, env = "PIPELINE_MAX_INLINE_BYTES")]
+    max_inline_bytes: Option<u64>,
+    /// Seconds a worker may spend on one image before it is sent to another worker (the
+    /// worker, told of it, abandons the image then).
     #[arg(long, env = "PIPELINE_TASK_TIMEOUT_S", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
     task_timeout_s: u64,
+    /// Attempts an image may cost (answers lost to the task timeout, a lost or restarted
+    /// worker, a done without its output) before it fails with their reasons.
+    #[arg(long, env = "PIPELINE_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    max_attempts: u32,
+    /// Most tasks one worker may hold at once, whatever slots (threads + prefetch) it announces.
+    #[arg(long, env = "PIPELINE_MAX_SLOTS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    max_slots: u32,
+    /// Take a path-mode done without checking its output is on disk: only for `--dry-run`
+    /// workers, which write nothing (messaging benchmarks).
+    #[arg(long, hide = true)]
+    no_output_check: bool,
     /// Tell every worker to exit once the batch is complete.
     #[arg(long, env = "PIPELINE_STOP_WORKERS")]
     stop_workers: bool,
@@ -104,8 +121,14 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             TransferArg::Inline => Transfer::Inline,
         },
         max_image_bytes: args.max_image_bytes,
+        max_inline_bytes: args
+            .max_inline_bytes
+            .unwrap_or(args.max_image_bytes.saturating_mul(2)),
         heartbeat: args.heartbeat.heartbeat(),
         task_timeout: Duration::from_secs(args.task_timeout_s),
+        max_attempts: args.max_attempts,
+        max_slots: args.max_slots,
+        check_outputs: !args.no_output_check,
         stop_workers: args.stop_workers,
         min_workers: usize::try_from(args.min_workers)
             .unwrap_or(usize::MAX)
@@ -133,6 +156,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 drain: Duration::from_secs(5),
                 dry_run: false,
                 delay: Duration::ZERO,
+                stall_on: None,
             };
             let token = locals.clone();
             tokio::spawn(async move {

@@ -6,10 +6,16 @@
 //!   when a `done` answers an inline task (`output` was `null`).
 //! - control (master PUB -> worker SUB): one JSON frame [`Control`].
 //!
-//! JSON keeps every message readable and writable from a stock libzmq binding (pyzmq).
+//! JSON keeps every message readable and writable from a stock libzmq binding (pyzmq). File
+//! names are bytes on Linux, not text: a [`WirePath`] is a JSON string when the name is UTF-8
+//! and an array of its bytes otherwise, so that no name is ever converted lossily.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use zeromq::ZmqMessage;
 
 /// Why a received message is refused.
@@ -24,6 +30,71 @@ pub enum ProtocolError {
     Empty(&'static str),
 }
 
+/// A file name as it is on disk, bytes and all. On the wire: a JSON string when it is valid
+/// UTF-8 (every name a person types), else a JSON array of its bytes (`[99,97,102,233]` for
+/// `caf\xe9`), which a Python peer turns back into a path with `bytes(value)`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct WirePath(pub PathBuf);
+
+impl WirePath {
+    pub fn as_path(&self) -> &Path {
+        &self.0
+    }
+
+    /// For logs and messages only: lossy where the name is not UTF-8.
+    pub fn display(&self) -> std::path::Display<'_> {
+        self.0.display()
+    }
+}
+
+impl From<PathBuf> for WirePath {
+    fn from(p: PathBuf) -> Self {
+        Self(p)
+    }
+}
+
+impl From<&Path> for WirePath {
+    fn from(p: &Path) -> Self {
+        Self(p.to_path_buf())
+    }
+}
+
+impl From<&str> for WirePath {
+    fn from(s: &str) -> Self {
+        Self(PathBuf::from(s))
+    }
+}
+
+impl From<String> for WirePath {
+    fn from(s: String) -> Self {
+        Self(PathBuf::from(s))
+    }
+}
+
+impl Serialize for WirePath {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0.to_str() {
+            Some(text) => serializer.serialize_str(text),
+            None => serializer.collect_seq(self.0.as_os_str().as_bytes()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WirePath {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Text(String),
+            Bytes(Vec<u8>),
+        }
+        Ok(match Form::deserialize(deserializer)? {
+            Form::Text(text) => Self(PathBuf::from(text)),
+            Form::Bytes(bytes) => Self(PathBuf::from(OsString::from_vec(bytes))),
+        })
+    }
+}
+
 /// One image to process.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Task {
@@ -32,13 +103,18 @@ pub struct Task {
     /// Index of the task in its batch.
     pub id: u64,
     /// Path relative to the input and output directories (for logs and inline output naming).
-    pub path: String,
+    pub path: WirePath,
     /// Filter chain specification, validated by the master.
     pub filter: String,
     /// Absolute input path on a shared filesystem, or `null`: the bytes are in frame 1.
-    pub input: Option<String>,
+    pub input: Option<WirePath>,
     /// Absolute output path on a shared filesystem, or `null`: return the bytes in frame 1.
-    pub output: Option<String>,
+    pub output: Option<WirePath>,
+    /// The master's `--task-timeout-s`: past this much time after the task arrived, the master
+    /// has sent it elsewhere and the worker abandons it (a job running then stops at its next
+    /// step and its output is never renamed into place). Absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 /// What a worker tells the master. Every report carries the worker's capacity so that a master
@@ -153,6 +229,7 @@ mod tests {
             filter: "grayscale".into(),
             input: None,
             output: Some("/out/sub/a.png".into()),
+            timeout_ms: Some(3000),
         };
         let (back, bytes) = Task::from_message(&task.to_message(Some(Bytes::from_static(b"img"))))
             .expect("decodes");
@@ -160,6 +237,39 @@ mod tests {
         assert_eq!(bytes.as_deref(), Some(&b"img"[..]));
         let (_, none) = Task::from_message(&task.to_message(None)).expect("decodes");
         assert!(none.is_none());
+    }
+
+    #[test]
+    fn names_that_are_not_utf8_travel_as_bytes() {
+        let name = |b: &[u8]| WirePath(PathBuf::from(OsString::from_vec(b.to_vec())));
+        let task = Task {
+            batch: "b".into(),
+            id: 1,
+            path: name(b"caf\xe9.png"),
+            filter: "invert".into(),
+            input: Some(name(b"/in/\xff\xfe.png")),
+            output: Some(name(b"/out/\xfe\xff.png")),
+            timeout_ms: None,
+        };
+        let msg = task.to_message(None);
+        let json: serde_json::Value =
+            serde_json::from_slice(&msg.get(0).expect("frame")[..]).expect("json");
+        assert_eq!(
+            json["path"],
+            serde_json::json!([99, 97, 102, 233, 46, 112, 110, 103])
+        );
+        assert!(
+            json.get("timeout_ms").is_none(),
+            "absent when there is none"
+        );
+        let (back, _) = Task::from_message(&msg).expect("decodes");
+        assert_eq!(back, task);
+        let plain: Task = serde_json::from_str(
+            r#"{"batch":"b","id":2,"path":"a.png","filter":"invert","input":"/in/a.png","output":null}"#,
+        )
+        .expect("a stock peer's task");
+        assert_eq!(plain.path, WirePath::from("a.png"));
+        assert_eq!(plain.timeout_ms, None);
     }
 
     #[test]
@@ -214,22 +324,35 @@ mod fuzz {
         (".{0,12}", any::<u64>())
     }
 
+    /// UTF-8 names and raw byte names alike.
+    fn wire_path() -> impl Strategy<Value = WirePath> {
+        prop_oneof![
+            ".{0,20}".prop_map(WirePath::from),
+            proptest::collection::vec(any::<u8>(), 0..20)
+                .prop_map(|b| WirePath(PathBuf::from(OsString::from_vec(b)))),
+        ]
+    }
+
     fn task() -> impl Strategy<Value = Task> {
         (
             id(),
+            wire_path(),
             ".{0,20}",
-            ".{0,20}",
-            proptest::option::of(".{0,20}"),
-            proptest::option::of(".{0,20}"),
+            proptest::option::of(wire_path()),
+            proptest::option::of(wire_path()),
+            proptest::option::of(any::<u64>()),
         )
-            .prop_map(|((batch, id), path, filter, input, output)| Task {
-                batch,
-                id,
-                path,
-                filter,
-                input,
-                output,
-            })
+            .prop_map(
+                |((batch, id), path, filter, input, output, timeout_ms)| Task {
+                    batch,
+                    id,
+                    path,
+                    filter,
+                    input,
+                    output,
+                    timeout_ms,
+                },
+            )
     }
 
     fn event() -> impl Strategy<Value = Event> {

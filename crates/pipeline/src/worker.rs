@@ -16,9 +16,15 @@
 //! Batches: a task belongs to its master's batch. When the worker hears of a newer batch (a
 //! heartbeat or a task of a restarted master), queued tasks of the old one are dropped, and one
 //! still running discards its output instead of renaming it over the new batch's.
+//!
+//! Abandoned attempts: a task carries the master's task timeout. Once that much time has passed
+//! since it arrived, the master has sent it elsewhere, so the worker gives it up: queued, it is
+//! dropped; running, its slot is freed at once, the job stops at its next step (and never
+//! renames its output into place), and its outcome is never reported. A job stuck in a system
+//! call keeps its thread until the call returns; a task the worker already holds is deferred.
 
-use std::collections::VecDeque;
-use std::path::Path;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -59,6 +65,9 @@ pub struct WorkerConfig {
     pub dry_run: bool,
     /// Extra time spent on every image: simulates a slow worker in tests and demos.
     pub delay: Duration,
+    /// Test hook: an image whose relative path contains this text never finishes (its job waits
+    /// until abandoned), standing in for a read stuck on a hung network mount.
+    pub stall_on: Option<String>,
 }
 
 impl WorkerConfig {
@@ -83,7 +92,31 @@ pub enum WorkerError {
     Subscribe(#[source] zeromq::ZmqError),
 }
 
-type Outcome = (Task, Result<Option<Bytes>, String>);
+/// Abandoned jobs still running whose slots were freed; beyond this many, an abandoned job's
+/// slot stays taken until it returns, so that stuck threads cannot pile up without bound.
+const MAX_ABANDONED: usize = 16;
+
+/// A finished job: its number, its task, and its result (`None`: abandoned, not reported).
+type Outcome = (u64, Task, Option<Result<Option<Bytes>, String>>);
+
+/// A task accepted and not started.
+struct Queued {
+    task: Task,
+    image: Option<Bytes>,
+    /// When it arrived, for the output's "newer than this" check.
+    received: SystemTime,
+    /// When the master gives it up (its task timeout after arrival).
+    deadline: Option<tokio::time::Instant>,
+}
+
+/// A job on a blocking thread.
+struct Running {
+    batch: String,
+    id: u64,
+    deadline: Option<tokio::time::Instant>,
+    /// Set when abandoned: the job stops at its next step and writes nothing.
+    abort: Arc<AtomicBool>,
+}
 
 /// The batch the worker serves now, shared with running jobs.
 #[derive(Debug, Clone, Default)]
@@ -147,9 +180,14 @@ struct Worker {
     cfg: WorkerConfig,
     tag: String,
     backoff: Backoff,
-    /// Tasks accepted and not started, with the time each arrived.
-    queue: VecDeque<(Task, Option<Bytes>, SystemTime)>,
+    /// Tasks accepted and not started.
+    queue: VecDeque<Queued>,
     jobs: JoinSet<Outcome>,
+    /// Jobs running, by number.
+    running: HashMap<u64, Running>,
+    /// Jobs abandoned and still running, by number.
+    abandoned: HashMap<u64, Running>,
+    next_job: u64,
     results: Option<(PushSocket, Monitor)>,
     batch: CurrentBatch,
     done: u64,
@@ -170,6 +208,9 @@ impl Worker {
             backoff,
             queue: VecDeque::new(),
             jobs: JoinSet::new(),
+            running: HashMap::new(),
+            abandoned: HashMap::new(),
+            next_job: 0,
             results: None,
             batch: CurrentBatch::default(),
             done: 0,
@@ -177,8 +218,51 @@ impl Worker {
     }
 
     fn free(&self) -> u32 {
-        let held = self.jobs.len() + self.queue.len();
+        let stuck = self.abandoned.len().saturating_sub(MAX_ABANDONED);
+        let held = self.running.len() + self.queue.len() + stuck;
         self.cfg.slots().saturating_sub(held as u32)
+    }
+
+    /// Whether task `id` of `batch` is queued or running here.
+    fn holds(&self, batch: &str, id: u64) -> bool {
+        self.queue
+            .iter()
+            .any(|q| q.task.id == id && q.task.batch == batch)
+            || self
+                .running
+                .values()
+                .any(|r| r.id == id && r.batch == batch)
+    }
+
+    /// Gives up what outlived its task timeout: the master has sent it elsewhere.
+    fn abandon_expired(&mut self) {
+        let now = tokio::time::Instant::now();
+        let past = |deadline: &Option<tokio::time::Instant>| deadline.is_some_and(|d| d <= now);
+        let before = self.queue.len();
+        self.queue.retain(|q| !past(&q.deadline));
+        if self.queue.len() < before {
+            tracing::warn!(
+                dropped = before - self.queue.len(),
+                "queued tasks past their timeout dropped"
+            );
+        }
+        let expired: Vec<u64> = self
+            .running
+            .iter()
+            .filter(|(_, r)| past(&r.deadline))
+            .map(|(n, _)| *n)
+            .collect();
+        for n in expired {
+            if let Some(job) = self.running.remove(&n) {
+                tracing::warn!(
+                    id = job.id,
+                    "task past its timeout, abandoned; its slot is free"
+                );
+                job.abort.store(true, Ordering::Relaxed);
+                self.abandoned.insert(n, job);
+            }
+        }
+        self.start_queued();
     }
 
     fn report(&self, event: Event) -> Report {
@@ -333,6 +417,7 @@ impl Worker {
                     self.results = None;
                 }
                 _ = tick.tick() => {
+                    self.abandon_expired();
                     if control.is_some() && master.is_expired() {
                         // A master that went silent without a socket event (partition, or a
                         // restart we did not see): start every link afresh.
@@ -361,7 +446,7 @@ impl Worker {
     fn serve_batch(&mut self, batch: &str) {
         if self.batch.set(batch) {
             let before = self.queue.len();
-            self.queue.retain(|(t, _, _)| t.batch == batch);
+            self.queue.retain(|q| q.task.batch == batch);
             tracing::info!(
                 batch,
                 dropped = before - self.queue.len(),
@@ -380,19 +465,35 @@ impl Worker {
         };
         let (batch, id) = (task.batch.clone(), task.id);
         self.serve_batch(&batch);
-        if self.free() == 0 {
-            tracing::debug!(id, "full, deferring task");
+        if self.free() == 0 || self.holds(&batch, id) {
+            // Full; or a second copy of a task held here (the master sent a backup copy and
+            // PUSH dealt it back to us): someone else should have it.
+            tracing::debug!(id, "full or held already, deferring task");
             self.send(Event::Defer { batch, id }, None).await;
             return;
         }
-        self.queue.push_back((task, image, SystemTime::now()));
+        let deadline = task
+            .timeout_ms
+            .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+        self.queue.push_back(Queued {
+            task,
+            image,
+            received: SystemTime::now(),
+            deadline,
+        });
         self.start_queued();
         self.send(Event::Accept { batch, id }, None).await;
     }
 
     fn start_queued(&mut self) {
-        while self.jobs.len() < self.cfg.threads as usize {
-            let Some((task, image, received)) = self.queue.pop_front() else {
+        while self.running.len() < self.cfg.threads as usize {
+            let Some(Queued {
+                task,
+                image,
+                received,
+                deadline,
+            }) = self.queue.pop_front()
+            else {
                 return;
             };
             let (max, tag, dry) = (
@@ -401,51 +502,101 @@ impl Worker {
                 self.cfg.dry_run,
             );
             let delay = self.cfg.delay;
+            let stall = self
+                .cfg
+                .stall_on
+                .as_deref()
+                .is_some_and(|s| task.path.0.to_string_lossy().contains(s));
             let current = self.batch.clone();
+            let abort = Arc::new(AtomicBool::new(false));
+            let n = self.next_job;
+            self.next_job += 1;
+            self.running.insert(
+                n,
+                Running {
+                    batch: task.batch.clone(),
+                    id: task.id,
+                    deadline,
+                    abort: abort.clone(),
+                },
+            );
             self.jobs.spawn_blocking(move || {
-                if !delay.is_zero() {
-                    std::thread::sleep(delay);
+                let stop = || abort.load(Ordering::Relaxed);
+                pause(delay, &stop);
+                if stall {
+                    pause(Duration::MAX, &stop);
+                }
+                if stop() {
+                    return (n, task, None);
                 }
                 let result = if dry {
                     Ok(None)
                 } else {
-                    // Not over an output of a newer batch (a restarted master), nor over one
-                    // written since this task arrived (a copy of it done elsewhere).
+                    // Not once abandoned, not over an output of a newer batch (a restarted
+                    // master), nor over one written since this task arrived (a copy of it done
+                    // elsewhere).
                     let wanted = || {
-                        current.is(&task.batch)
+                        !stop()
+                            && current.is(&task.batch)
                             && !task
                                 .output
-                                .as_deref()
-                                .is_some_and(|p| files::modified_after(Path::new(p), received))
+                                .as_ref()
+                                .is_some_and(|p| files::modified_after(p.as_path(), received))
                     };
                     execute(&task, image, max, &tag, &wanted)
                 };
-                (task, result)
+                let result = (!stop()).then_some(result);
+                (n, task, result)
             });
         }
     }
 
     async fn on_outcome(&mut self, joined: Result<Outcome, tokio::task::JoinError>) {
-        self.start_queued();
-        let (task, result) = match joined {
+        let (n, task, result) = match joined {
             Ok(o) => o,
             Err(e) => {
                 // Only a panic in the image code gets here; the task id is lost with it, and
-                // the master re-sends the task after its lease.
+                // the master re-sends the task after its lease. Its slot: see below.
                 tracing::error!(error = %e, "image job panicked");
+                self.forget_panicked();
+                self.start_queued();
                 return;
             }
+        };
+        self.running.remove(&n);
+        let abandoned = self.abandoned.remove(&n).is_some();
+        self.start_queued();
+        let Some(result) = result.filter(|_| !abandoned) else {
+            tracing::debug!(id = task.id, "an abandoned job returned");
+            return;
         };
         let (batch, id) = (task.batch, task.id);
         match result {
             Ok(image) => {
                 self.done += 1;
-                tracing::debug!(id, path = %task.path, "done");
+                tracing::debug!(id, path = %task.path.display(), "done");
                 self.send(Event::Done { batch, id }, image).await;
             }
             Err(reason) => {
-                tracing::warn!(id, path = %task.path, %reason, "failed");
+                tracing::warn!(id, path = %task.path.display(), %reason, "failed");
                 self.send(Event::Failed { batch, id, reason }, None).await;
+            }
+        }
+    }
+
+    /// A job panicked and its number went with it: the running entries whose jobs are gone
+    /// (more entries than jobs left) are dropped, oldest first, so that the slot comes back.
+    fn forget_panicked(&mut self) {
+        while self.running.len() + self.abandoned.len() > self.jobs.len() {
+            let oldest = self
+                .running
+                .keys()
+                .chain(self.abandoned.keys())
+                .min()
+                .copied();
+            let Some(n) = oldest else { break };
+            if self.running.remove(&n).is_none() {
+                self.abandoned.remove(&n);
             }
         }
     }
@@ -455,7 +606,7 @@ impl Worker {
     async fn drain(&mut self) {
         self.queue.clear();
         let deadline = tokio::time::Instant::now() + self.cfg.drain;
-        while !self.jobs.is_empty() {
+        while !self.running.is_empty() {
             match tokio::time::timeout_at(deadline, self.jobs.join_next()).await {
                 Ok(Some(joined)) => self.on_outcome(joined).await,
                 Ok(None) | Err(_) => break,
@@ -497,9 +648,24 @@ async fn results_lost(results: &mut Option<(PushSocket, Monitor)>) {
     }
 }
 
+/// Sleeps `total` in short steps, returning early once `stop` says so.
+fn pause(total: Duration, stop: &dyn Fn() -> bool) {
+    let start = std::time::Instant::now();
+    while !stop() {
+        let left = total.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(20)));
+    }
+}
+
 /// Processes one task on the calling (blocking) thread: `Ok(Some(bytes))` when the output goes
-/// back inline, `Ok(None)` when it was written to the shared filesystem. `wanted` is asked just
-/// before the output replaces the final file: no means a newer output is in place, which stays.
+/// back inline, `Ok(None)` when it was written to the shared filesystem. A path-mode input is
+/// refused before reading when it is not a regular file or is larger than `max_decode_bytes`
+/// (an encoded image is smaller than its pixels). `wanted` is asked just before the output
+/// replaces the final file: no means a newer output is in place (which stays) or the job was
+/// abandoned. The temp file's name carries the batch ([`files::temp_tag`]).
 pub fn execute(
     task: &Task,
     image: Option<Bytes>,
@@ -509,21 +675,26 @@ pub fn execute(
 ) -> Result<Option<Bytes>, String> {
     let input = match (image, &task.input) {
         (Some(bytes), _) => bytes,
-        (None, Some(path)) => std::fs::read(path)
-            .map(Bytes::from)
-            .map_err(|e| format!("cannot read {path}: {e}"))?,
+        (None, Some(path)) => Bytes::from(files::read_input(path.as_path(), max_decode_bytes)?),
         (None, None) => return Err("task carries neither an input path nor image bytes".into()),
     };
     let chain = Chain::parse(&task.filter).map_err(|e| e.to_string())?;
-    let name = task.output.as_deref().unwrap_or(&task.path);
-    let out = crate::filter::process(&input, &chain, name, max_decode_bytes)
+    // The extension names the output format; only it is read from the name.
+    let name = task
+        .output
+        .as_ref()
+        .unwrap_or(&task.path)
+        .0
+        .to_string_lossy();
+    let out = crate::filter::process(&input, &chain, &name, max_decode_bytes)
         .map_err(|e| e.to_string())?;
     match &task.output {
         Some(path) => {
-            let kept = files::write_atomic_if(Path::new(path), &out, writer_tag, wanted)
-                .map_err(|e| format!("cannot write {path}: {e}"))?;
+            let tag = files::temp_tag(&task.batch, writer_tag);
+            let kept = files::write_atomic_if(path.as_path(), &out, &tag, wanted)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
             if !kept {
-                tracing::info!(batch = %task.batch, path = %task.path, "a newer output is in place, ours discarded");
+                tracing::info!(batch = %task.batch, path = %task.path.display(), "output not renamed into place: a newer one is there, or the task was abandoned");
             }
             Ok(None)
         }

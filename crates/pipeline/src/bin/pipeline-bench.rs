@@ -179,10 +179,11 @@ fn baseline(
                 let task = pipeline::protocol::Task {
                     batch: "base".into(),
                     id: i as u64,
-                    path: rel.clone(),
+                    path: rel.as_str().into(),
                     filter: filter.clone(),
-                    input: Some(input.join(rel).to_string_lossy().into_owned()),
-                    output: Some(output.join(rel).to_string_lossy().into_owned()),
+                    input: Some(input.join(rel).into()),
+                    output: Some(output.join(rel).into()),
+                    timeout_ms: None,
                 };
                 if let Err(e) = pipeline::worker::execute(&task, None, 512 << 20, "base", &|| true)
                 {
@@ -224,8 +225,13 @@ async fn pipeline_run(
         control_bind: "tcp://127.0.0.1:0".into(),
         transfer: Transfer::Path,
         max_image_bytes: 32 << 20,
+        max_inline_bytes: 64 << 20,
         heartbeat: Heartbeat::default(),
         task_timeout: Duration::from_secs(120),
+        max_attempts: 3,
+        max_slots: 64,
+        // `--dry-run` workers write nothing: their `done` cannot be checked on disk.
+        check_outputs: !worker_args.contains(&"--dry-run"),
         stop_workers: true,
         // The clock starts with the first task: let every worker be there by then.
         min_workers: workers,

@@ -44,6 +44,9 @@ struct Args {
     /// Extra milliseconds spent on every image (simulates a slow worker).
     #[arg(long, hide = true, default_value_t = 0)]
     delay_ms: u64,
+    /// Test hook: images whose path contains this text never finish (until abandoned).
+    #[arg(long, hide = true)]
+    stall_on: Option<String>,
     #[command(flatten)]
     heartbeat: HeartbeatArgs,
     #[command(flatten)]
@@ -78,6 +81,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         drain: Duration::from_secs(args.drain_s),
         dry_run: args.dry_run,
         delay: Duration::from_millis(args.delay_ms),
+        stall_on: args.stall_on,
     };
     let cancel = common::shutdown::on_signals();
     // A client has nothing bound: `ready` says the process runs and handles signals; it

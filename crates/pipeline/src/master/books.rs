@@ -2,12 +2,34 @@
 //! counts of the summary. Pure bookkeeping, no sockets and no files: the ventilator asks it what
 //! to send, the sink tells it what came back, and it is unit-tested on its own.
 //!
-//! Credit flow: no more tasks in flight than the workers announced free slots
-//! (`Σ free - unacknowledged`). A task is pending, sent (not yet acknowledged), accepted by a
-//! worker, done or failed; the first answer wins.
+//! Credit flow: no more tasks in flight than the workers have room for, where a worker's room is
+//! the `free` of its last report **capped by its contract**: it may hold no more than the `slots`
+//! it announced when it said hello (`threads + prefetch`, itself capped by `--max-slots`), counted
+//! in these books, whatever `free` it claims. An `accept` beyond that, or of a task the worker
+//! already holds, is refused: the task goes to another worker as after a `defer`.
+//!
+//! A task is open until its first answer, then done or failed. While open it has copies: each on
+//! its way (read, sent, not acknowledged) or accepted by a worker. Only a worker that accepted a
+//! copy of the task may answer it (`done`/`failed` from anyone else are counted `stray` and change
+//! nothing), and a `done` is settled by the master only once it checked the output (path mode: on
+//! disk; inline: written), off its loop.
+//!
+//! A worker whose `done` does not hold up (no output on disk, or no image inline) is distrusted
+//! for the rest of the batch: no credit, and every `accept` of it refused, so that a liar or a
+//! worker writing somewhere else costs one attempt, not the batch.
+//!
+//! Delivery limit: a copy lost to the task timeout, a worker lost (silent) or restarted with it,
+//! or a `done` without its output, costs the task an attempt; at `--max-attempts` the task fails
+//! with the reasons. A copy lost in transit (never acknowledged) or handed back (`defer`, `bye`)
+//! costs nothing.
+//!
+//! Tail copies: once nothing is left to send, a task held far longer than the batch's tasks take
+//! (four times the median, at least 0.5 s) gets one backup copy for a worker with room; the first
+//! answer wins. A worker that takes tasks and never finishes them (hung, or hoarding) then costs
+//! the batch little more than its healthy time, not the task timeout.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::path::Path;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::heartbeat::{Heartbeat, Liveness};
@@ -15,40 +37,134 @@ use tokio::time::Instant;
 
 use super::Failure;
 use crate::filter;
-use crate::protocol::{Event, Report};
+use crate::protocol::{Event, Report, WirePath};
 
 /// A task deferred more often than this (times the number of workers, plus one) in a row waits
 /// [`PARK`] before its next try instead of spinning.
 const DEFERS_PER_WORKER: u32 = 2;
 const PARK: Duration = Duration::from_millis(50);
+/// Workers remembered per task as allowed to answer it.
+const MAX_ANSWERERS: usize = 8;
+/// Reasons kept per task for its failure message.
+const MAX_LOSSES: usize = 8;
+/// A task held this many times the median task time (accept to done), and at least
+/// [`STRAGGLER_MIN`], gets a backup copy once nothing else is left to send.
+const STRAGGLER_FACTOR: u32 = 4;
+const STRAGGLER_MIN: Duration = Duration::from_millis(500);
+/// Task times kept for the median.
+const DURATIONS_KEPT: usize = 64;
 
-#[derive(Debug, Clone, PartialEq)]
-enum Status {
-    Pending,
-    Sent { at: Instant },
-    Accepted { worker: String, at: Instant },
+/// The books' rules, from the master's flags.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Rules {
+    /// Workers are lost after this many of their own heartbeat periods of silence.
+    pub liveness: u32,
+    /// Attempts a task may cost before it fails.
+    pub max_attempts: u32,
+    /// Most tasks one worker may hold, whatever `slots` it announces.
+    pub max_slots: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    Open,
     Done,
     Failed,
 }
 
+/// One copy of a task out in the world.
+#[derive(Debug)]
+struct Copy {
+    /// The worker that accepted it; `None` while on its way (being read, sent, unacknowledged).
+    worker: Option<String>,
+    /// When it was sent, or accepted.
+    at: Instant,
+    /// Handed to the socket (before that, being read): the acknowledgement window runs.
+    sent: bool,
+    /// Image bytes it carries (inline), counted in transit until acknowledged.
+    bytes: u64,
+    /// A tail copy beside a held one.
+    backup: bool,
+}
+
 #[derive(Debug)]
 struct Entry {
-    rel: String,
-    status: Status,
+    rel: PathBuf,
+    phase: Phase,
+    /// In `pending` or `parked`.
+    queued: bool,
+    /// A backup copy is wanted beside the held one.
+    backup_wanted: bool,
+    /// It had its backup (one per task).
+    backed_up: bool,
+    /// A `done` is being checked or written; other answers wait for the outcome.
+    settling: bool,
+    copies: Vec<Copy>,
+    /// Workers that accepted a copy: the only ones whose answers count.
+    answerers: Vec<String>,
+    attempts: u32,
+    losses: Vec<String>,
     defers: u32,
+}
+
+impl Entry {
+    /// Whether a new copy should go out now.
+    fn wants_copy(&self) -> bool {
+        self.phase == Phase::Open
+            && !self.settling
+            && (self.copies.is_empty()
+                || (self.backup_wanted
+                    && self.copies.len() == 1
+                    && self.copies[0].worker.is_some()))
+    }
+
+    fn copy_of(&self, worker: &str) -> Option<usize> {
+        self.copies
+            .iter()
+            .position(|c| c.worker.as_deref() == Some(worker))
+    }
+
+    fn unacked_copy(&self) -> Option<usize> {
+        self.copies
+            .iter()
+            .position(|c| c.worker.is_none() && c.sent)
+    }
 }
 
 #[derive(Debug)]
 struct WorkerState {
+    /// `free` of its last report.
     free: u32,
+    /// Most tasks it may hold: its `slots` at hello, capped by the rules.
+    cap: u32,
+    /// Copies it accepted and has not answered, by these books.
+    held: u32,
     liveness: Liveness,
+}
+
+impl WorkerState {
+    fn room(&self) -> u32 {
+        self.free.min(self.cap.saturating_sub(self.held))
+    }
+}
+
+/// How a `done` turned out once the master looked.
+#[derive(Debug, PartialEq)]
+pub(super) enum Settled {
+    /// The output is there (path) or written (inline).
+    Done,
+    /// The worker's fault: no output on disk, or no image inline. One attempt lost, and the
+    /// worker distrusted.
+    Bogus(String),
+    /// The master's own fault: the output could not be written. The task fails.
+    Unwritable(String),
 }
 
 /// What a worker's answer asks of the master.
 #[derive(Debug, PartialEq)]
 pub(super) enum Answer {
-    /// `done`: the output is written (path) or in the report (inline); settle with
-    /// [`Books::finish`].
+    /// `done` from a worker that held the task: check the output (path) or write it (inline),
+    /// then settle with [`Books::settle`].
     Done { id: usize, worker: String },
     /// `failed`, already settled.
     Failed,
@@ -58,20 +174,28 @@ pub(super) enum Answer {
 #[derive(Debug)]
 pub(super) struct Books {
     batch: String,
-    /// Workers are lost after this many of their own heartbeat periods of silence.
-    liveness: u32,
+    rules: Rules,
     entries: Vec<Entry>,
     pending: VecDeque<usize>,
     /// Tasks deferred many times in a row wait a little before the next try.
     parked: Vec<(Instant, usize)>,
     workers: HashMap<String, WorkerState>,
-    /// Tasks sent and neither accepted nor deferred yet (the entries in `Sent`).
+    /// Workers whose `done` did not hold up: no credit and no task for the rest of the batch.
+    distrusted: BTreeSet<String>,
+    /// Copies on their way (read, sent, not acknowledged).
     unacked: u32,
+    /// Image bytes of the sent copies not yet acknowledged (inline).
+    transit_bytes: u64,
     finished: usize,
     failures: Vec<Failure>,
     by_worker: BTreeMap<String, u64>,
     resent: u64,
     deferred: u64,
+    refused: u64,
+    stray: u64,
+    backups: u64,
+    /// Recent accept-to-done times.
+    durations: VecDeque<Duration>,
     first_sent: Option<Instant>,
     last_answer: Option<Instant>,
 }
@@ -79,32 +203,47 @@ pub(super) struct Books {
 impl Books {
     /// Opens the books of `batch` over `rels`; files that are not images by extension are failed
     /// at once, without bothering a worker.
-    pub(super) fn new(batch: String, liveness: u32, rels: Vec<String>) -> Self {
+    pub(super) fn new(batch: String, rules: Rules, rels: Vec<PathBuf>) -> Self {
         let mut books = Self {
             batch,
-            liveness,
+            rules,
             entries: rels
                 .into_iter()
                 .map(|rel| Entry {
                     rel,
-                    status: Status::Pending,
+                    phase: Phase::Open,
+                    queued: false,
+                    backup_wanted: false,
+                    backed_up: false,
+                    settling: false,
+                    copies: Vec::new(),
+                    answerers: Vec::new(),
+                    attempts: 0,
+                    losses: Vec::new(),
                     defers: 0,
                 })
                 .collect(),
             pending: VecDeque::new(),
             parked: Vec::new(),
             workers: HashMap::new(),
+            distrusted: BTreeSet::new(),
             unacked: 0,
+            transit_bytes: 0,
             finished: 0,
             failures: Vec::new(),
             by_worker: BTreeMap::new(),
             resent: 0,
             deferred: 0,
+            refused: 0,
+            stray: 0,
+            backups: 0,
+            durations: VecDeque::new(),
             first_sent: None,
             last_answer: None,
         };
         for i in 0..books.entries.len() {
-            if filter::is_image_path(Path::new(&books.entries[i].rel)) {
+            if filter::is_image_path(&books.entries[i].rel) {
+                books.entries[i].queued = true;
                 books.pending.push_back(i);
             } else {
                 books.finish(
@@ -133,146 +272,385 @@ impl Books {
         self.workers.len()
     }
 
-    pub(super) fn rel(&self, id: usize) -> &str {
+    pub(super) fn rel(&self, id: usize) -> &Path {
         &self.entries[id].rel
     }
 
-    /// How many more tasks may be sent now.
-    pub(super) fn sendable(&self) -> u32 {
-        let free: u32 = self.workers.values().map(|w| w.free).sum();
-        free.saturating_sub(self.unacked)
+    /// Every task's relative path.
+    pub(super) fn rels(&self) -> impl Iterator<Item = &Path> {
+        self.entries.iter().map(|e| e.rel.as_path())
     }
 
-    /// The next task to send, if credits allow one.
+    /// How many more tasks may be sent now: the workers' room, less the copies on their way.
+    pub(super) fn sendable(&self) -> u32 {
+        let room = self
+            .workers
+            .iter()
+            .filter(|(w, _)| !self.distrusted.contains(*w))
+            .map(|(_, state)| state.room())
+            .fold(0u32, u32::saturating_add);
+        room.saturating_sub(self.unacked)
+    }
+
+    /// Image bytes sent and not yet acknowledged.
+    pub(super) fn transit_bytes(&self) -> u64 {
+        self.transit_bytes
+    }
+
+    /// The next task to send, if credits allow one: a copy of it is on its way from now on (to
+    /// be read, then [`sent`](Self::sent), or given back with [`unsent`](Self::unsent) or
+    /// [`unreadable`](Self::unreadable)).
     pub(super) fn next_to_send(&mut self) -> Option<usize> {
         while self.sendable() > 0 {
             let i = self.pending.pop_front()?;
-            if self.entries[i].status == Status::Pending {
-                return Some(i);
+            let e = &mut self.entries[i];
+            e.queued = false;
+            if !e.wants_copy() {
+                continue; // answered, or accepted after all, since it was queued
             }
-            // Stale: answered or accepted after its lease ran out.
+            let backup = !e.copies.is_empty();
+            e.backup_wanted = false;
+            e.copies.push(Copy {
+                worker: None,
+                at: Instant::now(),
+                sent: false,
+                bytes: 0,
+                backup,
+            });
+            self.unacked += 1;
+            return Some(i);
         }
         None
     }
 
-    pub(super) fn sent(&mut self, id: usize) {
-        self.entries[id].status = Status::Sent { at: Instant::now() };
-        self.unacked += 1;
-        self.first_sent.get_or_insert_with(Instant::now);
+    fn launched_copy(&self, id: usize) -> Option<usize> {
+        self.entries[id]
+            .copies
+            .iter()
+            .rposition(|c| c.worker.is_none() && !c.sent)
     }
 
-    /// `id` could not be sent now: it goes first next time.
+    /// Whether the copy [`next_to_send`](Self::next_to_send) launched for `id` still waits to
+    /// be sent (an answer may have settled the task while its image was read).
+    pub(super) fn is_launched(&self, id: usize) -> bool {
+        self.launched_copy(id).is_some()
+    }
+
+    /// Whether task `id` wants a copy sent now (open, not answered, no copy held).
+    pub(super) fn wants_copy(&self, id: usize) -> bool {
+        self.entries[id].wants_copy()
+    }
+
+    /// The launched copy of `id`, carrying `bytes` of image, was handed to the socket.
+    pub(super) fn sent(&mut self, id: usize, bytes: u64) {
+        let now = Instant::now();
+        if let Some(k) = self.launched_copy(id) {
+            let c = &mut self.entries[id].copies[k];
+            c.sent = true;
+            c.at = now;
+            c.bytes = bytes;
+            self.transit_bytes += bytes;
+        }
+        self.first_sent.get_or_insert(now);
+    }
+
+    /// The launched copy of `id` could not be sent now: the task goes first next time.
     pub(super) fn unsent(&mut self, id: usize) {
-        self.pending.push_front(id);
+        if let Some(k) = self.launched_copy(id) {
+            self.drop_copy(id, k);
+        }
+        self.requeue(id, true);
+    }
+
+    /// The image of `id` cannot be read: the task fails with `reason`, without a worker.
+    pub(super) fn unreadable(&mut self, id: usize, reason: String) {
+        if let Some(k) = self.launched_copy(id) {
+            self.drop_copy(id, k);
+        }
+        if self.entries[id].phase == Phase::Open {
+            self.finish(id, Err(reason), None);
+        }
     }
 
     /// Books one report: the worker's credit and liveness, and the task event it carries.
     pub(super) fn on_report(&mut self, report: &Report) -> Option<Answer> {
-        let worker = report.worker.clone();
+        let worker = report.worker.as_str();
         if report.event == Event::Bye {
-            if self.workers.remove(&worker).is_some() {
+            if self.workers.remove(worker).is_some() {
                 tracing::info!(%worker, "worker left");
             }
-            self.requeue_worker(&worker);
+            self.release_worker(worker, None);
             return None;
         }
         let expiry = Heartbeat {
             interval: Duration::from_millis(report.heartbeat_ms.max(1)),
-            liveness: self.liveness,
+            liveness: self.rules.liveness,
         };
-        let state = self.workers.entry(worker.clone()).or_insert_with(|| {
-            tracing::info!(%worker, slots = report.slots, "worker joined");
+        let known = self.workers.contains_key(worker);
+        let cap = report.slots.min(self.rules.max_slots);
+        let state = self.workers.entry(worker.to_string()).or_insert_with(|| {
+            tracing::info!(%worker, slots = report.slots, cap, "worker joined");
             WorkerState {
                 free: 0,
+                cap,
+                held: 0,
                 liveness: Liveness::new(expiry),
             }
         });
+        if report.event == Event::Hello {
+            // Its contract: what it says at hello holds until it says hello again.
+            state.cap = cap;
+        }
         state.free = report.free;
         state.liveness = Liveness::new(expiry);
-        if report.event == Event::Hello {
+        if report.event == Event::Hello && known {
             // A worker says hello again after rebuilding its links: reports it sent on the old
             // ones may be lost (a partition), so what it accepted goes back. The first answer
-            // still wins if its own arrives after all.
-            self.requeue_worker(&worker);
+            // still wins if its own arrives after all. Holding nothing now, it restarted: those
+            // copies are lost for good, and cost their tasks an attempt.
+            let restarted = report.free >= report.slots;
+            self.release_worker(worker, restarted.then(|| format!("{worker} restarted")));
         }
         let (batch, id) = match &report.event {
             Event::Accept { batch, id }
             | Event::Defer { batch, id }
             | Event::Done { batch, id }
-            | Event::Failed { batch, id, .. } => (batch, *id as usize),
+            | Event::Failed { batch, id, .. } => (batch, *id),
             Event::Hello | Event::Heartbeat | Event::Bye => return None,
         };
-        if *batch != self.batch || id >= self.entries.len() {
+        if *batch != self.batch || id >= self.entries.len() as u64 {
             return None; // a previous master's batch
         }
-        let was_sent = matches!(self.entries[id].status, Status::Sent { .. });
-        if matches!(self.entries[id].status, Status::Done | Status::Failed) {
-            return None;
-        }
-        if was_sent {
-            self.unacked -= 1;
-        }
+        let id = id as usize;
         match &report.event {
             Event::Accept { .. } => {
-                if !matches!(self.entries[id].status, Status::Accepted { .. }) {
-                    self.entries[id].status = Status::Accepted {
-                        worker,
-                        at: Instant::now(),
-                    };
-                }
+                self.accept(id, worker);
                 None
             }
             Event::Defer { .. } => {
-                if was_sent {
-                    self.defer(id);
-                }
+                self.defer(id);
                 None
             }
-            Event::Done { .. } => Some(Answer::Done { id, worker }),
-            Event::Failed { reason, .. } => {
-                self.finish(id, Err(reason.clone()), Some(worker));
-                Some(Answer::Failed)
-            }
+            Event::Done { .. } => self.answer(id, worker, None),
+            Event::Failed { reason, .. } => self.answer(id, worker, Some(reason.clone())),
             Event::Hello | Event::Heartbeat | Event::Bye => None,
         }
     }
 
+    fn accept(&mut self, id: usize, worker: &str) {
+        let Some(state) = self.workers.get(worker) else {
+            return;
+        };
+        let e = &self.entries[id];
+        if e.phase != Phase::Open {
+            return;
+        }
+        let unacked = e.unacked_copy();
+        let duplicate = e.copy_of(worker).is_some();
+        let distrusted = self.distrusted.contains(worker);
+        if duplicate || distrusted || state.held >= state.cap {
+            // Beyond its contract, a second copy of what it holds, or from a worker whose
+            // `done` did not hold up: not its task. It goes elsewhere as after a `defer`; an
+            // honest worker gets here only with a backup copy of what it holds.
+            self.refused += 1;
+            tracing::debug!(%worker, id, duplicate, distrusted, held = state.held, cap = state.cap, "accept refused");
+            if let Some(k) = unacked {
+                self.drop_copy(id, k);
+                self.requeue(id, true);
+            }
+            return;
+        }
+        let now = Instant::now();
+        let e = &mut self.entries[id];
+        match unacked {
+            Some(k) => {
+                let c = &mut e.copies[k];
+                c.worker = Some(worker.to_string());
+                c.at = now;
+                self.unacked -= 1;
+                self.transit_bytes -= c.bytes;
+                c.bytes = 0;
+            }
+            // A copy given up on (lost in transit, or its lease ran out) is accepted after all:
+            // the worker has it.
+            None if !e.settling => e.copies.push(Copy {
+                worker: Some(worker.to_string()),
+                at: now,
+                sent: true,
+                bytes: 0,
+                backup: false,
+            }),
+            None => return,
+        }
+        if !e.answerers.iter().any(|w| w == worker) && e.answerers.len() < MAX_ANSWERERS {
+            e.answerers.push(worker.to_string());
+        }
+        if let Some(state) = self.workers.get_mut(worker) {
+            state.held += 1;
+        }
+    }
+
     fn defer(&mut self, id: usize) {
+        if self.entries[id].phase != Phase::Open {
+            return;
+        }
+        let Some(k) = self.entries[id].unacked_copy() else {
+            return; // its copy was given up on already
+        };
+        self.drop_copy(id, k);
         self.deferred += 1;
         let limit = DEFERS_PER_WORKER * (self.workers.len() as u32 + 1);
         let e = &mut self.entries[id];
-        e.status = Status::Pending;
+        if !e.wants_copy() || e.queued {
+            return;
+        }
         e.defers += 1;
         if e.defers > limit {
             // Every worker we tried was full although credits said otherwise (a worker whose
             // task link is down): do not spin, wait for the books to settle.
             e.defers = 0;
+            e.queued = true;
             self.parked.push((Instant::now() + PARK, id));
         } else {
-            self.pending.push_front(id);
+            self.requeue(id, true);
         }
     }
 
-    /// Settles task `id`: done (`Ok`) or failed with a reason.
-    pub(super) fn finish(
-        &mut self,
-        id: usize,
-        outcome: Result<(), String>,
-        worker: Option<String>,
-    ) {
+    fn answer(&mut self, id: usize, worker: &str, failed: Option<String>) -> Option<Answer> {
+        let e = &self.entries[id];
+        if e.phase != Phase::Open || e.settling {
+            return None;
+        }
+        if !e.answerers.iter().any(|w| w == worker) || self.distrusted.contains(worker) {
+            self.stray += 1;
+            tracing::debug!(%worker, id, "answer from a worker that never held the task (or is distrusted), ignored");
+            return None;
+        }
+        if let Some(k) = e.copy_of(worker) {
+            if failed.is_none() {
+                if self.durations.len() == DURATIONS_KEPT {
+                    self.durations.pop_front();
+                }
+                self.durations.push_back(e.copies[k].at.elapsed());
+            }
+            self.drop_copy(id, k);
+        }
+        match failed {
+            None => {
+                self.entries[id].settling = true;
+                Some(Answer::Done {
+                    id,
+                    worker: worker.to_string(),
+                })
+            }
+            Some(reason) => {
+                self.finish(id, Err(reason), Some(worker.to_string()));
+                Some(Answer::Failed)
+            }
+        }
+    }
+
+    /// Settles a `done` of `worker` once its output was checked (path) or written (inline).
+    /// Returns whether the task is done now.
+    pub(super) fn settle(&mut self, id: usize, worker: &str, outcome: Settled) -> bool {
+        let e = &mut self.entries[id];
+        e.settling = false;
+        if e.phase != Phase::Open {
+            return false;
+        }
+        match outcome {
+            Settled::Done => {
+                self.finish(id, Ok(()), Some(worker.to_string()));
+                true
+            }
+            Settled::Bogus(reason) => {
+                tracing::warn!(path = %e.rel.display(), %worker, %reason, "a done that does not hold up: worker distrusted");
+                self.distrusted.insert(worker.to_string());
+                self.lose(id, format!("{worker}: {reason}"));
+                false
+            }
+            Settled::Unwritable(reason) => {
+                self.finish(id, Err(reason), None);
+                false
+            }
+        }
+    }
+
+    /// Removes copy `k` of task `id` from the counts.
+    fn drop_copy(&mut self, id: usize, k: usize) {
+        let e = &mut self.entries[id];
+        let c = e.copies.swap_remove(k);
+        match &c.worker {
+            Some(w) => {
+                if let Some(state) = self.workers.get_mut(w) {
+                    state.held = state.held.saturating_sub(1);
+                }
+            }
+            None => {
+                self.unacked -= 1;
+                if c.sent {
+                    self.transit_bytes -= c.bytes;
+                }
+                if c.backup {
+                    e.backup_wanted = true;
+                }
+            }
+        }
+    }
+
+    /// Queues `id` to be sent again if it wants a copy and is not queued already.
+    fn requeue(&mut self, id: usize, front: bool) -> bool {
+        let e = &mut self.entries[id];
+        if !e.wants_copy() || e.queued {
+            return false;
+        }
+        e.queued = true;
+        if front {
+            self.pending.push_front(id);
+        } else {
+            self.pending.push_back(id);
+        }
+        true
+    }
+
+    /// A copy of `id` was lost for `why`: one attempt more, and the task fails at the limit.
+    fn lose(&mut self, id: usize, why: String) {
+        let e = &mut self.entries[id];
+        e.attempts += 1;
+        if e.losses.len() < MAX_LOSSES {
+            e.losses.push(why);
+        }
+        if e.attempts >= self.rules.max_attempts {
+            let reason = format!(
+                "gave up after {} attempts: {}",
+                e.attempts,
+                e.losses.join("; ")
+            );
+            self.finish(id, Err(reason), None);
+        } else if self.requeue(id, false) {
+            self.resent += 1;
+        }
+    }
+
+    /// Settles task `id`: done (`Ok`) or failed with a reason. Its other copies are forgotten.
+    fn finish(&mut self, id: usize, outcome: Result<(), String>, worker: Option<String>) {
+        while !self.entries[id].copies.is_empty() {
+            self.drop_copy(id, 0);
+        }
         let entry = &mut self.entries[id];
+        entry.settling = false;
         match outcome {
             Ok(()) => {
-                entry.status = Status::Done;
+                entry.phase = Phase::Done;
                 if let Some(w) = worker {
                     *self.by_worker.entry(w).or_default() += 1;
                 }
             }
             Err(reason) => {
-                entry.status = Status::Failed;
-                tracing::warn!(path = %entry.rel, %reason, "image failed");
+                entry.phase = Phase::Failed;
+                tracing::warn!(path = %entry.rel.display(), %reason, "image failed");
                 self.failures.push(Failure {
-                    path: entry.rel.clone(),
+                    path: WirePath(entry.rel.clone()),
                     reason,
                 });
             }
@@ -281,34 +659,42 @@ impl Books {
         self.last_answer = Some(Instant::now());
     }
 
-    /// Puts back every task `worker` accepted and did not answer.
-    fn requeue_worker(&mut self, worker: &str) {
-        for (i, e) in self.entries.iter_mut().enumerate() {
-            if matches!(&e.status, Status::Accepted { worker: w, .. } if w == worker) {
-                e.status = Status::Pending;
-                self.pending.push_back(i);
-                self.resent += 1;
+    /// Takes back every copy `worker` holds: sent again, and with `lost` (why they are gone for
+    /// good) at the cost of an attempt each.
+    fn release_worker(&mut self, worker: &str, lost: Option<String>) {
+        for i in 0..self.entries.len() {
+            let Some(k) = self.entries[i].copy_of(worker) else {
+                continue;
+            };
+            self.drop_copy(i, k);
+            match &lost {
+                Some(why) => self.lose(i, why.clone()),
+                None => {
+                    if self.requeue(i, false) {
+                        self.resent += 1;
+                    }
+                }
             }
         }
     }
 
-    /// Puts back every task sent and not acknowledged: called when the task link was cut, so
+    /// Puts back every copy sent and not acknowledged: called when the task link was cut, so
     /// they are lost in a hung worker's connection (or, rarely, on their way to a live worker,
     /// which then does one twice: the first answer wins).
     pub(super) fn requeue_unacked(&mut self) {
-        for (i, e) in self.entries.iter_mut().enumerate() {
-            if matches!(e.status, Status::Sent { .. }) {
-                e.status = Status::Pending;
-                self.pending.push_back(i);
-                self.resent += 1;
+        for i in 0..self.entries.len() {
+            while let Some(k) = self.entries[i].unacked_copy() {
+                self.drop_copy(i, k);
+                if self.requeue(i, false) {
+                    self.resent += 1;
+                }
             }
         }
-        self.unacked = 0;
     }
 
-    /// Expires what ran out: workers silent for their liveness window (their tasks go back),
-    /// tasks unacknowledged for `ack_window` and tasks accepted `task_timeout` ago; and releases
-    /// parked tasks that waited long enough.
+    /// Expires what ran out: workers silent for their liveness window (their copies lost),
+    /// copies unacknowledged for `ack_window` (sent again, at no cost) and copies accepted
+    /// `task_timeout` ago (lost); and releases parked tasks that waited long enough.
     pub(super) fn expire(&mut self, ack_window: Duration, task_timeout: Duration) -> Expired {
         let lost: Vec<String> = self
             .workers
@@ -319,31 +705,92 @@ impl Books {
         for worker in &lost {
             self.workers.remove(worker);
             tracing::warn!(%worker, "worker silent, re-sending its tasks");
-            self.requeue_worker(worker);
+            self.release_worker(worker, Some(format!("{worker} lost (silent)")));
         }
         let now = Instant::now();
         let mut unacked = 0;
-        for (i, e) in self.entries.iter_mut().enumerate() {
-            let expired = match &e.status {
-                Status::Sent { at } => now.duration_since(*at) > ack_window,
-                Status::Accepted { at, .. } => now.duration_since(*at) > task_timeout,
-                _ => false,
-            };
-            if expired {
-                if matches!(e.status, Status::Sent { .. }) {
-                    self.unacked -= 1;
-                    unacked += 1;
+        for i in 0..self.entries.len() {
+            let mut k = 0;
+            while k < self.entries[i].copies.len() {
+                let c = &self.entries[i].copies[k];
+                let age = now.duration_since(c.at);
+                match &c.worker {
+                    None if c.sent && age > ack_window => {
+                        self.drop_copy(i, k);
+                        unacked += 1;
+                        if self.requeue(i, false) {
+                            self.resent += 1;
+                        }
+                    }
+                    Some(w) if age > task_timeout => {
+                        let why = format!(
+                            "no answer from {w} within the {} s task timeout",
+                            task_timeout.as_secs_f64()
+                        );
+                        tracing::info!(path = %self.entries[i].rel.display(), worker = %w, "task lease expired");
+                        self.drop_copy(i, k);
+                        self.lose(i, why);
+                    }
+                    _ => k += 1,
                 }
-                tracing::info!(path = %e.rel, "task lease expired, re-sending");
-                e.status = Status::Pending;
-                self.pending.push_back(i);
-                self.resent += 1;
             }
         }
         let (due, later): (Vec<_>, Vec<_>) = self.parked.drain(..).partition(|(t, _)| *t <= now);
         self.parked = later;
-        self.pending.extend(due.into_iter().map(|(_, i)| i));
+        for (_, i) in due {
+            self.entries[i].queued = false;
+            self.requeue(i, false);
+        }
         Expired { lost, unacked }
+    }
+
+    /// Once nothing is left to send and workers have room: a backup copy of each task held
+    /// longer than [`STRAGGLER_FACTOR`] times the median task time (at least
+    /// [`STRAGGLER_MIN`]), oldest first, as many as there is room. Returns how many.
+    pub(super) fn request_backups(&mut self) -> usize {
+        if !self.pending.is_empty() || !self.parked.is_empty() {
+            return 0;
+        }
+        let room = self.sendable() as usize;
+        if room == 0 || self.durations.is_empty() {
+            return 0;
+        }
+        let mut times: Vec<Duration> = self.durations.iter().copied().collect();
+        times.sort();
+        let threshold = (times[times.len() / 2] * STRAGGLER_FACTOR).max(STRAGGLER_MIN);
+        let now = Instant::now();
+        let mut stragglers: Vec<(Instant, usize)> = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| {
+                e.phase == Phase::Open
+                    && !e.settling
+                    && !e.queued
+                    && !e.backed_up
+                    && e.copies.len() == 1
+                    && e.copies[0].worker.is_some()
+                    && now.duration_since(e.copies[0].at) > threshold
+            })
+            .map(|(i, e)| (e.copies[0].at, i))
+            .collect();
+        stragglers.sort();
+        stragglers.truncate(room);
+        for &(_, i) in &stragglers {
+            let e = &mut self.entries[i];
+            e.backup_wanted = true;
+            e.backed_up = true;
+            tracing::info!(
+                path = %e.rel.display(),
+                holder = ?e.copies[0].worker,
+                threshold_ms = threshold.as_millis() as u64,
+                "held long past the median: a backup copy"
+            );
+            self.requeue(i, false);
+            self.backups += 1;
+            self.resent += 1;
+        }
+        stragglers.len()
     }
 
     /// The workers currently alive.
@@ -351,18 +798,22 @@ impl Books {
         self.workers.keys().cloned().collect()
     }
 
-    /// Counts for the summary: `(done, failures, by_worker, resent, deferred, elapsed)`.
+    /// Counts for the summary.
     pub(super) fn tally(&self) -> Tally {
         Tally {
             done: self
                 .entries
                 .iter()
-                .filter(|e| e.status == Status::Done)
+                .filter(|e| e.phase == Phase::Done)
                 .count(),
             failures: self.failures.clone(),
             by_worker: self.by_worker.clone(),
             resent: self.resent,
             deferred: self.deferred,
+            refused: self.refused,
+            stray: self.stray,
+            backups: self.backups,
+            distrusted: self.distrusted.iter().cloned().collect(),
             elapsed: match (self.first_sent, self.last_answer) {
                 (Some(a), Some(b)) if b > a => b - a,
                 _ => Duration::ZERO,
@@ -388,6 +839,10 @@ pub(super) struct Tally {
     pub by_worker: BTreeMap<String, u64>,
     pub resent: u64,
     pub deferred: u64,
+    pub refused: u64,
+    pub stray: u64,
+    pub backups: u64,
+    pub distrusted: Vec<String>,
     /// First task sent to last answer.
     pub elapsed: Duration,
 }
@@ -395,6 +850,12 @@ pub(super) struct Tally {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const RULES: Rules = Rules {
+        liveness: 3,
+        max_attempts: 3,
+        max_slots: 64,
+    };
 
     fn report(worker: &str, free: u32, event: Event) -> Report {
         Report {
@@ -406,12 +867,22 @@ mod tests {
         }
     }
 
+    fn books(names: &[&str]) -> Books {
+        Books::new("b".into(), RULES, names.iter().map(PathBuf::from).collect())
+    }
+
+    /// Sends the next task and returns its id.
+    fn send(b: &mut Books) -> usize {
+        let id = b.next_to_send().expect("credit");
+        b.sent(id, 0);
+        id
+    }
+
     /// Books of one image, sent to worker `w` (one slot) and, if `accepted`, accepted by it.
     fn one_task(accepted: bool) -> Books {
-        let mut b = Books::new("b".into(), 3, vec!["a.png".into()]);
+        let mut b = books(&["a.png"]);
         b.on_report(&report("w", 1, Event::Hello));
-        let id = b.next_to_send().expect("credit");
-        b.sent(id);
+        send(&mut b);
         if accepted {
             b.on_report(&report("w", 0, accept(0)));
         }
@@ -425,18 +896,20 @@ mod tests {
         }
     }
 
+    fn done(id: u64) -> Event {
+        Event::Done {
+            batch: "b".into(),
+            id,
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn credits_bound_what_is_in_flight() {
-        let mut b = Books::new(
-            "b".into(),
-            3,
-            vec!["a.png".into(), "b.png".into(), "c.txt".into()],
-        );
+        let mut b = books(&["a.png", "b.png", "c.txt"]);
         assert_eq!(b.finished(), 1, "the text file fails at once");
         assert_eq!(b.next_to_send(), None, "no worker, no credit");
         b.on_report(&report("w", 1, Event::Hello));
-        assert_eq!(b.next_to_send(), Some(0));
-        b.sent(0);
+        assert_eq!(send(&mut b), 0);
         assert_eq!(b.next_to_send(), None, "one credit, one task in flight");
         b.on_report(&report("w", 0, accept(0)));
         b.on_report(&report("w", 1, Event::Heartbeat));
@@ -444,18 +917,82 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_worker_holds_no_more_than_its_slots_whatever_free_it_claims() {
+        let mut b = books(&["a.png", "b.png", "c.png", "d.png"]);
+        // Two slots at hello; then free=100,000 on every report while finishing nothing.
+        b.on_report(&report("liar", 100_000, Event::Hello));
+        assert_eq!(b.sendable(), 2, "capped by its two slots");
+        for _ in 0..2 {
+            let id = send(&mut b);
+            b.on_report(&report("liar", 100_000, accept(id as u64)));
+        }
+        assert_eq!(b.sendable(), 0, "it holds its two");
+        // A third task dealt to it anyway (PUSH's round robin) is refused, and goes elsewhere.
+        b.on_report(&report("honest", 1, Event::Hello));
+        let id = send(&mut b);
+        b.on_report(&report("liar", 100_000, accept(id as u64)));
+        assert_eq!(b.tally().refused, 1);
+        assert_eq!(b.next_to_send(), Some(id), "sent again at once");
+        // Neither can slots announced later raise the contract, nor hello beyond --max-slots.
+        let mut big = report("liar", 100_000, Event::Heartbeat);
+        big.slots = 1000;
+        b.on_report(&big);
+        assert_eq!(b.workers["liar"].cap, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_a_worker_that_held_the_task_may_answer_it() {
+        let mut b = one_task(true);
+        assert_eq!(b.on_report(&report("ghost", 1000, done(0))), None);
+        let failed = Event::Failed {
+            batch: "b".into(),
+            id: 0,
+            reason: "no".into(),
+        };
+        assert_eq!(b.on_report(&report("ghost", 1000, failed)), None);
+        assert_eq!(b.tally().stray, 2);
+        assert_eq!(b.finished(), 0);
+        assert_eq!(
+            b.on_report(&report("w", 1, done(0))),
+            Some(Answer::Done {
+                id: 0,
+                worker: "w".into()
+            })
+        );
+        // A done that does not hold up (no output) costs an attempt and the task goes again.
+        b.settle(
+            0,
+            "w",
+            Settled::Bogus("reported done, but no output on disk".into()),
+        );
+        assert_eq!(b.finished(), 0);
+        assert_eq!(b.tally().distrusted, ["w"]);
+        assert_eq!(
+            b.sendable(),
+            2,
+            "the ghost's two slots, none of the distrusted worker's"
+        );
+        b.on_report(&report("v", 1, Event::Hello));
+        let id = send(&mut b);
+        b.on_report(&report("w", 1, accept(id as u64)));
+        assert_eq!(b.tally().refused, 1, "nor may it take a task");
+        assert_eq!(
+            b.on_report(&report("w", 1, done(0))),
+            None,
+            "nor answer one"
+        );
+        assert_eq!(send(&mut b), 0, "which goes to another worker");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_first_answer_wins_and_other_batches_are_ignored() {
-        let mut b = one_task(false);
+        let mut b = one_task(true);
         let old = Event::Done {
             batch: "old".into(),
             id: 0,
         };
         assert_eq!(b.on_report(&report("w", 1, old)), None);
-        let done = Event::Done {
-            batch: "b".into(),
-            id: 0,
-        };
-        let got = b.on_report(&report("w", 1, done.clone()));
+        let got = b.on_report(&report("w", 1, done(0)));
         assert_eq!(
             got,
             Some(Answer::Done {
@@ -463,20 +1000,18 @@ mod tests {
                 worker: "w".into()
             })
         );
-        b.finish(0, Ok(()), Some("w".into()));
-        assert_eq!(b.on_report(&report("x", 1, done)), None);
+        b.settle(0, "w", Settled::Done);
+        assert_eq!(b.on_report(&report("w", 1, done(0))), None);
         assert!(b.is_complete());
         assert_eq!(b.tally().by_worker.get("w"), Some(&1));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_silent_worker_is_lost_and_its_tasks_go_back() {
-        let mut b = Books::new("b".into(), 3, vec!["a.png".into(), "b.png".into()]);
+        let mut b = books(&["a.png", "b.png"]);
         b.on_report(&report("w", 2, Event::Hello));
-        for _ in 0..2 {
-            let id = b.next_to_send().expect("credit");
-            b.sent(id);
-        }
+        send(&mut b);
+        send(&mut b);
         b.on_report(&report("w", 1, accept(0)));
         tokio::time::advance(Duration::from_millis(350)).await;
         let expired = b.expire(Duration::from_secs(60), Duration::from_secs(60));
@@ -511,5 +1046,61 @@ mod tests {
         );
         assert_eq!(b.tally().resent, 1);
         assert_eq!(b.next_to_send(), Some(0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_that_times_out_max_attempts_times_fails_with_the_reasons() {
+        let mut b = books(&["poison.png"]);
+        b.on_report(&report("w", 2, Event::Hello));
+        for attempt in 1..=3 {
+            let id = send(&mut b);
+            b.on_report(&report("w", 1, accept(id as u64)));
+            tokio::time::advance(Duration::from_millis(60)).await;
+            b.on_report(&report("w", 2, Event::Heartbeat));
+            b.expire(Duration::from_secs(60), Duration::from_millis(50));
+            assert_eq!(b.is_complete(), attempt == 3, "attempt {attempt}");
+        }
+        let t = b.tally();
+        assert_eq!(t.failures.len(), 1);
+        assert!(
+            t.failures[0]
+                .reason
+                .starts_with("gave up after 3 attempts: no answer from w"),
+            "{}",
+            t.failures[0].reason
+        );
+        assert_eq!(b.next_to_send(), None, "never sent again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_held_far_past_the_median_gets_one_backup_copy() {
+        let mut b = books(&["a.png", "b.png"]);
+        b.on_report(&report("hoarder", 1, Event::Hello));
+        let held = send(&mut b);
+        b.on_report(&report("hoarder", 1, accept(held as u64)));
+        b.on_report(&report("honest", 1, Event::Hello));
+        let other = send(&mut b);
+        b.on_report(&report("honest", 0, accept(other as u64)));
+        tokio::time::advance(Duration::from_millis(10)).await;
+        b.on_report(&report("honest", 1, done(other as u64)));
+        b.settle(other, "honest", Settled::Done);
+        assert_eq!(b.request_backups(), 0, "not yet past 0.5 s");
+        tokio::time::advance(Duration::from_millis(600)).await;
+        b.on_report(&report("hoarder", 1, Event::Heartbeat));
+        b.on_report(&report("honest", 1, Event::Heartbeat));
+        assert_eq!(b.request_backups(), 1);
+        assert_eq!(send(&mut b), held);
+        // PUSH deals the copy to the hoarder itself: refused (it holds the task), sent again.
+        b.on_report(&report("hoarder", 1, accept(held as u64)));
+        assert_eq!(b.tally().refused, 1);
+        assert_eq!(send(&mut b), held);
+        b.on_report(&report("honest", 0, accept(held as u64)));
+        assert_eq!(b.request_backups(), 0, "one backup per task");
+        assert!(b
+            .on_report(&report("honest", 1, done(held as u64)))
+            .is_some());
+        b.settle(held, "honest", Settled::Done);
+        assert!(b.is_complete());
+        assert_eq!(b.tally().by_worker.get("honest"), Some(&2));
     }
 }

@@ -4,23 +4,25 @@
 //! - [`ventilator`]: the bound PUSH that deals tasks, and the task messages;
 //! - [`sink`]: the bound PULL that collects worker reports, and inline outputs;
 //! - [`controller`]: the bound PUB for heartbeats and `stop`;
-//! - [`books`]: every task's state, the workers' credits and liveness (no I/O).
+//! - [`books`]: every task's state, the workers' credits and liveness (no I/O);
+//! - [`io`]: the disk work (inline reads and writes, path-mode output checks), off the loop.
 //!
 //! This file runs one batch: it checks the inputs, binds the three sockets (with keepalive and
 //! `TCP_USER_TIMEOUT`), and turns one loop that moves reports into the books and tasks out of
-//! them. A worker the books lose (silent for its liveness window) gets its tasks re-sent, and
-//! the ventilator cuts the task links so that PUSH stops dealing to it; so does a task that no
-//! worker acknowledged within that window.
+//! them, and never waits on the disk. A worker the books lose (silent for its liveness window)
+//! gets its tasks re-sent, and the ventilator cuts the task links so that PUSH stops dealing to
+//! it; so does a task that no worker acknowledged within that window.
 
 mod books;
 mod controller;
+mod io;
 mod sink;
 mod ventilator;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::guard::{GuardStats, Limits, Mode};
@@ -36,18 +38,27 @@ use zeromq::{Socket, ZmqError};
 
 use crate::files;
 use crate::filter::Chain;
-use crate::protocol::{Control, Event, Report};
-use books::{Answer, Books};
+use crate::protocol::{Control, Event, Report, WirePath};
+use books::{Answer, Books, Rules, Settled};
 use controller::Controller;
+use io::{Io, Outcome};
 use sink::Sink;
 use ventilator::{TaskSource, Ventilator};
 
 /// Reports handled in a row when they are already waiting, before the next `select!` turn.
 const DRAIN: usize = 64;
 
-/// How long the batch loop may stall before the process exits (`common::watchdog`): far above
-/// the slowest file operation it awaits.
+/// How long the batch loop may stall before the process exits (`common::watchdog`); the loop
+/// awaits no file operation (they run in [`io`]), so only a frozen runtime gets here.
 const WATCHDOG: Duration = Duration::from_secs(30);
+
+/// An output is taken for this batch's when modified no earlier than this before the batch
+/// started: file times come from a coarse clock (and, on a network filesystem, the server's).
+const OUTPUT_CLOCK_SLACK: Duration = Duration::from_secs(2);
+
+/// After the task links are cut, the old PUSH keeps the tasks queued on it for its handshake
+/// grace (100 ms, `ventilator`): inline, their bytes count as held until then.
+const RETIRED_FOR: Duration = Duration::from_millis(200);
 
 /// How image bytes reach workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -73,9 +84,22 @@ pub struct MasterConfig {
     pub transfer: Transfer,
     /// Larger files are reported as failed in inline mode (bounds memory per task).
     pub max_image_bytes: u64,
+    /// Inline: image bytes the master holds at most, tasks sent and not yet acknowledged plus
+    /// inputs being read (counted at `max_image_bytes`) plus outputs not yet written; no task
+    /// leaves while they are at it. At least `max_image_bytes`.
+    pub max_inline_bytes: u64,
     pub heartbeat: Heartbeat,
-    /// A task accepted this long ago without an answer is sent again.
+    /// A task accepted this long ago without an answer is sent again (and the worker, told of
+    /// it in the task, abandons it).
     pub task_timeout: Duration,
+    /// Attempts a task may cost (answers lost to the task timeout, a lost or restarted worker,
+    /// a `done` without its output) before it fails.
+    pub max_attempts: u32,
+    /// Most tasks one worker may hold, whatever `slots` it announces.
+    pub max_slots: u32,
+    /// Path mode: a `done` counts only with its output on disk. Off only for `--dry-run`
+    /// workers, which write nothing (benchmarks of the messaging).
+    pub check_outputs: bool,
     /// Broadcast `stop` once the batch is complete.
     pub stop_workers: bool,
     /// Send nothing until this many workers said hello (zguide: start the batch once the
@@ -107,6 +131,10 @@ pub enum MasterError {
         #[source]
         source: std::io::Error,
     },
+    #[error("--output {output} is --input {input} or inside it: outputs would land among the inputs; choose an output directory outside the input tree")]
+    OutputInInput { output: PathBuf, input: PathBuf },
+    #[error("--max-inline-bytes {budget} is below --max-image-bytes {image}: no image could ever be sent")]
+    InlineBudget { budget: u64, image: u64 },
     #[error("output directory {path} is not writable")]
     Output {
         path: PathBuf,
@@ -241,7 +269,8 @@ impl Endpoints {
 /// One file that produced no output, and why.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Failure {
-    pub path: String,
+    /// Relative to the input: a string, or an array of bytes when the name is not UTF-8.
+    pub path: WirePath,
     pub reason: String,
 }
 
@@ -264,6 +293,16 @@ pub struct Summary {
     pub resent: u64,
     /// Tasks a full worker handed back (PUSH round robin hit a busy worker).
     pub deferred: u64,
+    /// `accept`s refused: beyond the worker's slots, or of a task it already held (the task
+    /// went to another worker).
+    pub refused: u64,
+    /// `done`/`failed` from workers that never held the task: ignored.
+    pub stray: u64,
+    /// Tail copies of tasks held far longer than the median (counted in `resent` too).
+    pub backups: u64,
+    /// Workers whose `done` did not hold up (path: no output on disk; inline: no image): given
+    /// nothing more in this batch.
+    pub distrusted: Vec<String>,
     /// Connections the guards cut off for oversized or malformed input, and for letting more
     /// than `--max-peer-bytes` pile up unread.
     pub guard_refused: u64,
@@ -294,7 +333,7 @@ impl Summary {
             s.push_str(&format!("  worker {w}: {n}\n"));
         }
         for f in &self.failures {
-            s.push_str(&format!("  failed {}: {}\n", f.path, f.reason));
+            s.push_str(&format!("  failed {}: {}\n", f.path.display(), f.reason));
         }
         if self.interrupted {
             s.push_str("  interrupted before the end of the batch\n");
@@ -342,15 +381,34 @@ async fn run_on(
         path: input.to_path_buf(),
         source,
     })?;
+    let output_resolved = files::resolve(&config.output).map_err(|source| MasterError::Output {
+        path: config.output.clone(),
+        source,
+    })?;
+    if output_resolved.starts_with(&input) {
+        return Err(MasterError::OutputInInput {
+            output: config.output.clone(),
+            input,
+        });
+    }
+    if config.transfer == Transfer::Inline && config.max_inline_bytes < config.max_image_bytes {
+        return Err(MasterError::InlineBudget {
+            budget: config.max_inline_bytes,
+            image: config.max_image_bytes,
+        });
+    }
     // Order matters for "nothing half done": list the input, bind every socket, and only then
-    // create the output directory, so a failure before it leaves no trace.
-    let output_guess = std::fs::canonicalize(&config.output).ok();
-    let rels = files::list_files(&input, output_guess.as_deref()).map_err(|source| {
-        MasterError::ListInput {
+    // create the output directory, so a failure before it leaves no trace. The output directory
+    // is not inside the input, but a link in the input may lead to it: the walk leaves it out.
+    let listing =
+        files::list(&input, Some(&output_resolved)).map_err(|source| MasterError::ListInput {
             path: input.clone(),
             source,
-        }
-    })?;
+        })?;
+    if !listing.loops.is_empty() {
+        tracing::warn!(links = ?listing.loops, "links to their own ancestors, not walked");
+    }
+    let rels = listing.files;
     // Keepalive probes are whole seconds.
     let keepalive = config.heartbeat.interval.max(Duration::from_secs(1));
     let guard = |endpoint: &str| -> Result<Option<Limits>, MasterError> {
@@ -403,24 +461,28 @@ async fn run_on(
         "master ready"
     );
 
-    let rels = rels
-        .into_iter()
-        .map(|p| p.to_string_lossy().into_owned())
-        .collect();
+    let rules = Rules {
+        liveness: config.heartbeat.liveness,
+        max_attempts: config.max_attempts.max(1),
+        max_slots: config.max_slots,
+    };
+    let since = SystemTime::now() - OUTPUT_CLOCK_SLACK;
     let mut m = Master {
         cfg: config,
-        books: Books::new(batch.clone(), config.heartbeat.liveness, rels),
+        books: Books::new(batch.clone(), rules, rels),
         source: TaskSource {
             input,
             output,
             batch,
             filter: config.filter.to_string(),
-            transfer: config.transfer,
-            max_image_bytes: config.max_image_bytes,
+            timeout_ms: u64::try_from(config.task_timeout.as_millis()).unwrap_or(u64::MAX),
         },
         ventilator,
         sink,
         controller,
+        io: Io::new(since),
+        staged: HashMap::new(),
+        retired: None,
         started: false,
         progress: progress_bar(config.progress),
         timeline: common::timeline::Timeline::start(),
@@ -429,9 +491,20 @@ async fn run_on(
     let started = Instant::now();
     let interrupted = !m.serve(&cancel).await;
     m.progress.finish_and_clear();
-    let removed = files::remove_temp_files(&m.source.output);
+    // This batch's temp files only, in its own output directories: another batch writing into
+    // the same tree keeps its own.
+    let dirs = files::output_dirs(&m.source.output, m.books.rels());
+    let batch = m.source.batch.clone();
+    let removed = tokio::task::spawn_blocking(move || {
+        files::remove_batch_temp_files(dirs.iter().map(PathBuf::as_path), &batch)
+    })
+    .await
+    .unwrap_or(0);
     if removed > 0 {
-        tracing::info!(removed, "removed temp files left by lost workers");
+        tracing::info!(
+            removed,
+            "removed this batch's temp files left by lost workers"
+        );
     }
     if m.cfg.stop_workers && !interrupted {
         m.stop_workers(&cancel).await;
@@ -452,6 +525,16 @@ fn progress_bar(visible: bool) -> ProgressBar {
     bar
 }
 
+/// What became of a task handed to the PUSH.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Went {
+    Queued,
+    /// Not taken by that worker; it goes to the next one now.
+    Again,
+    /// No task link at all: nothing more can go until the next event.
+    NoLink,
+}
+
 /// One batch in progress: the books between the ventilator, the sink and the controller.
 struct Master<'a> {
     cfg: &'a MasterConfig,
@@ -460,6 +543,12 @@ struct Master<'a> {
     ventilator: Ventilator,
     sink: Sink,
     controller: Controller,
+    io: Io,
+    /// Inline inputs read and not sent yet (no task link at that moment): sent from here next
+    /// time rather than read again.
+    staged: HashMap<usize, Bytes>,
+    /// Inline bytes of the tasks queued on a PUSH just cut, held until it is dropped.
+    retired: Option<(Instant, u64)>,
     /// `min_workers` was reached once.
     started: bool,
     progress: ProgressBar,
@@ -482,7 +571,7 @@ impl Master<'_> {
             tokio::select! {
                 () = cancel.cancelled() => return false,
                 (report, image) = self.sink.recv() => {
-                    self.on_report(report, image).await;
+                    self.on_report(report, image);
                     // Reports already waiting are taken now, not one per turn of this
                     // `select!` with a pump after each (measured with tiny tasks: +10% at one
                     // in flight, the same at 32; docs/performance.md).
@@ -490,9 +579,10 @@ impl Master<'_> {
                         let Some((report, image)) = self.sink.recv().now_or_never() else {
                             break;
                         };
-                        self.on_report(report, image).await;
+                        self.on_report(report, image);
                     }
                 }
+                outcome = self.io.next(), if self.io.is_busy() => self.on_io(outcome),
                 _ = tick.tick() => {
                     if last_beat.elapsed() >= self.cfg.heartbeat.interval {
                         last_beat = Instant::now();
@@ -507,9 +597,12 @@ impl Master<'_> {
                     if !expired.lost.is_empty() || expired.unacked > 0 {
                         self.cut_task_links(&expired).await;
                     }
+                    self.books.request_backups();
+                    let books = &self.books;
+                    self.staged.retain(|id, _| books.wants_copy(*id));
                 }
             }
-            self.pump().await;
+            self.pump();
             self.progress.set_position(self.books.finished() as u64);
             // zmq.rs's sockets are outside tokio's cooperative budget: without this, reports
             // that keep coming would never let the library's own tasks on this thread run.
@@ -518,19 +611,106 @@ impl Master<'_> {
         true
     }
 
-    async fn on_report(&mut self, report: Report, image: Option<Bytes>) {
+    /// Books a report; a `done` from a worker that held the task goes to [`io`] (output
+    /// checked or written) and is settled when that comes back.
+    fn on_report(&mut self, report: Report, image: Option<Bytes>) {
         let Some(Answer::Done { id, worker }) = self.books.on_report(&report) else {
             return;
         };
-        let outcome = match (self.cfg.transfer, image) {
-            (Transfer::Path, _) => Ok(()),
+        let dest = self.source.output.join(self.books.rel(id));
+        match (self.cfg.transfer, image) {
+            (Transfer::Path, _) if self.cfg.check_outputs => self.io.check(id, worker, dest),
+            (Transfer::Path, _) => self.settle(id, &worker, Settled::Done),
             (Transfer::Inline, Some(bytes)) => {
-                sink::write_output(&self.source.output, self.books.rel(id), bytes).await
+                let tag = files::temp_tag(&self.source.batch, "master");
+                self.io.write(id, worker, dest, bytes, tag);
             }
-            (Transfer::Inline, None) => Err("worker returned no image".to_string()),
+            (Transfer::Inline, None) => {
+                self.settle(id, &worker, Settled::Bogus("returned no image".into()));
+            }
+        }
+    }
+
+    fn settle(&mut self, id: usize, worker: &str, outcome: Settled) {
+        if self.books.settle(id, worker, outcome) {
+            self.timeline.record();
+        }
+    }
+
+    /// A disk job came back: an input read is sent, an output written or checked settles its
+    /// task.
+    fn on_io(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Read { id, result } => {
+                if !self.books.is_launched(id) {
+                    return; // answered meanwhile by a worker that held it before
+                }
+                match result {
+                    Ok(bytes) => {
+                        self.send_inline(id, bytes);
+                    }
+                    Err(reason) => self.books.unreadable(id, reason),
+                }
+            }
+            Outcome::Written { id, worker, result } => {
+                let settled = result.map_or_else(Settled::Unwritable, |()| Settled::Done);
+                self.settle(id, &worker, settled);
+            }
+            Outcome::Checked(items) => {
+                for (id, worker, result) in items {
+                    let settled = result.map_or_else(Settled::Bogus, |()| Settled::Done);
+                    self.settle(id, &worker, settled);
+                }
+            }
+        }
+    }
+
+    /// Whether inline bytes (in transit, being read, waiting to be written) leave room for one
+    /// more input at its limit.
+    fn inline_room(&self) -> bool {
+        let retired = match self.retired {
+            Some((until, bytes)) if Instant::now() < until => bytes,
+            _ => 0,
         };
-        self.books.finish(id, outcome, Some(worker));
-        self.timeline.record();
+        let staged: u64 = self.staged.values().map(|b| b.len() as u64).sum();
+        let held = self.books.transit_bytes() + self.io.held_bytes() + staged + retired;
+        held == 0 || held.saturating_add(self.cfg.max_image_bytes) <= self.cfg.max_inline_bytes
+    }
+
+    /// Sends inline task `id` with its image; kept staged when it cannot go now.
+    fn send_inline(&mut self, id: usize, bytes: Bytes) -> bool {
+        let msg = self
+            .source
+            .message(id, self.books.rel(id), Some(bytes.clone()));
+        let len = bytes.len() as u64;
+        let went = self.send(id, msg, len);
+        if went != Went::Queued {
+            self.staged.insert(id, bytes);
+        }
+        went != Went::NoLink
+    }
+
+    /// Hands task `id` to the PUSH.
+    fn send(&mut self, id: usize, msg: zeromq::ZmqMessage, bytes: u64) -> Went {
+        match self.ventilator.send(msg) {
+            Sent::Queued => {
+                self.books.sent(id, bytes);
+                Went::Queued
+            }
+            Sent::Stalled => {
+                // That worker's queue is full: the message was dropped and the worker left
+                // the rotation; the task goes to the next one.
+                tracing::warn!("a worker stopped reading its tasks");
+                self.books.unsent(id);
+                Went::Again
+            }
+            Sent::Failed(e) => {
+                // No task link yet (the `hello` came first): retry on the next event.
+                tracing::debug!(error = %e, "cannot send task yet");
+                self.books.unsent(id);
+                Went::NoLink
+            }
+        }
     }
 
     /// A worker went silent, or a task vanished without an acknowledgement: a task connection
@@ -541,14 +721,17 @@ impl Master<'_> {
         match self.ventilator.cut().await {
             Ok(()) => {
                 tracing::info!(lost = ?why.lost, unacked = why.unacked, "task links cut, live workers reconnect");
+                let queued = self.books.transit_bytes();
+                self.retired = Some((Instant::now() + RETIRED_FOR, queued));
                 self.books.requeue_unacked();
             }
             Err(e) => tracing::error!(error = %e, "cannot renew the task socket"),
         }
     }
 
-    /// Sends pending tasks while workers have announced room for them.
-    async fn pump(&mut self) {
+    /// Sends pending tasks while workers have announced room for them (inline: while the
+    /// bytes held leave room too; the input is read off the loop and sent when read).
+    fn pump(&mut self) {
         if !self.started {
             if self.books.workers() < self.cfg.min_workers.max(1) {
                 return;
@@ -556,28 +739,28 @@ impl Master<'_> {
             self.started = true;
             tracing::info!(workers = self.books.workers(), "dispatching");
         }
-        while let Some(i) = self.books.next_to_send() {
-            let msg = match self.source.message(i, self.books.rel(i)).await {
-                Ok(msg) => msg,
-                Err(reason) => {
-                    self.books.finish(i, Err(reason), None);
-                    continue;
-                }
+        loop {
+            let inline = self.cfg.transfer == Transfer::Inline;
+            if inline && !self.inline_room() {
+                return;
+            }
+            let Some(i) = self.books.next_to_send() else {
+                return;
             };
-            match self.ventilator.send(msg) {
-                Sent::Queued => self.books.sent(i),
-                Sent::Stalled => {
-                    // That worker's queue is full: the message was dropped and the worker left
-                    // the rotation; the task goes to the next one.
-                    tracing::warn!("a worker stopped reading its tasks");
-                    self.books.unsent(i);
+            if inline {
+                if let Some(bytes) = self.staged.remove(&i) {
+                    if !self.send_inline(i, bytes) {
+                        return;
+                    }
+                } else {
+                    let path = self.source.input.join(self.books.rel(i));
+                    self.io.read(i, path, self.cfg.max_image_bytes);
                 }
-                Sent::Failed(e) => {
-                    // No task link yet (the `hello` came first): retry on the next event.
-                    tracing::debug!(error = %e, "cannot send task yet");
-                    self.books.unsent(i);
-                    return;
-                }
+                continue;
+            }
+            let msg = self.source.message(i, self.books.rel(i), None);
+            if self.send(i, msg, 0) == Went::NoLink {
+                return;
             }
         }
     }
@@ -637,6 +820,10 @@ impl Master<'_> {
             wall_ms: started.elapsed().as_millis() as u64,
             resent: t.resent,
             deferred: t.deferred,
+            refused: t.refused,
+            stray: t.stray,
+            backups: t.backups,
+            distrusted: t.distrusted,
             guard_refused,
             guard_stalled,
             interrupted,

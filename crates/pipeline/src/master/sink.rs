@@ -1,7 +1,6 @@
 //! The sink (zguide `tasksink`): the master's bound PULL, which fair-queues every worker's
-//! reports, and the writer of outputs that come back inline.
+//! reports. Outputs that come back inline are written by `master::io`, off the loop.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +9,6 @@ use common::guard::{GuardStats, Limits};
 use zeromq::{PullSocket, SocketRecv};
 
 use super::{Bound, MasterError};
-use crate::files;
 use crate::protocol::Report;
 
 /// The bound report PULL.
@@ -47,15 +45,4 @@ impl Sink {
             }
         }
     }
-}
-
-/// Writes an output that came back inline, off the runtime threads.
-pub(super) async fn write_output(output: &Path, rel: &str, bytes: Bytes) -> Result<(), String> {
-    let dest = output.join(rel);
-    tokio::task::spawn_blocking(move || {
-        files::write_atomic(&dest, &bytes, "master")
-            .map_err(|e| format!("cannot write {}: {e}", dest.display()))
-    })
-    .await
-    .map_err(|e| format!("writer failed: {e}"))?
 }

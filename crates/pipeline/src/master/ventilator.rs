@@ -22,8 +22,8 @@ use common::guard::{GuardStats, Limits};
 use common::send::{try_send, Sent};
 use zeromq::{PushSocket, Socket, ZmqMessage};
 
-use super::{Bound, MasterError, Transfer};
-use crate::protocol::Task;
+use super::{Bound, MasterError};
+use crate::protocol::{Task, WirePath};
 
 /// How long a closed PUSH keeps its connections before it is dropped: a worker whose handshake
 /// the old socket accepted just before it stopped listening gets closed with the others, instead
@@ -37,31 +37,25 @@ pub(super) struct TaskSource {
     pub output: PathBuf,
     pub batch: String,
     pub filter: String,
-    pub transfer: Transfer,
-    pub max_image_bytes: u64,
+    /// The master's task timeout, told to the worker so that it abandons the task with it.
+    pub timeout_ms: u64,
 }
 
 impl TaskSource {
-    /// The message of task `id` (`rel` under the input), with the image bytes when inline.
-    /// `Err` is the reason the file fails without reaching a worker.
-    pub(super) async fn message(&self, id: usize, rel: &str) -> Result<ZmqMessage, String> {
-        let src = self.input.join(rel);
-        let dst = self.output.join(rel);
-        let mut task = Task {
+    /// The message of task `id` (`rel` under the input), with the image bytes when inline
+    /// (read beforehand, off the loop). Names go as they are on disk ([`WirePath`]).
+    pub(super) fn message(&self, id: usize, rel: &Path, image: Option<Bytes>) -> ZmqMessage {
+        let on_disk = image.is_none();
+        let task = Task {
             batch: self.batch.clone(),
             id: id as u64,
-            path: rel.to_string(),
+            path: WirePath::from(rel),
             filter: self.filter.clone(),
-            input: Some(src.to_string_lossy().into_owned()),
-            output: Some(dst.to_string_lossy().into_owned()),
+            input: on_disk.then(|| WirePath(self.input.join(rel))),
+            output: on_disk.then(|| WirePath(self.output.join(rel))),
+            timeout_ms: Some(self.timeout_ms),
         };
-        if self.transfer == Transfer::Path {
-            return Ok(task.to_message(None));
-        }
-        let bytes = read_bounded(&src, self.max_image_bytes).await?;
-        task.input = None;
-        task.output = None;
-        Ok(task.to_message(Some(bytes)))
+        task.to_message(image)
     }
 }
 
@@ -146,20 +140,4 @@ fn clone_of(listener: &TcpListener, endpoint: &str) -> Result<TcpListener, Maste
         endpoint: endpoint.to_string(),
         source,
     })
-}
-
-async fn read_bounded(path: &Path, max: u64) -> Result<Bytes, String> {
-    let meta = tokio::fs::metadata(path)
-        .await
-        .map_err(|e| format!("cannot read: {e}"))?;
-    if meta.len() > max {
-        return Err(format!(
-            "{} bytes, more than --max-image-bytes {max} for inline transfer",
-            meta.len()
-        ));
-    }
-    tokio::fs::read(path)
-        .await
-        .map(Bytes::from)
-        .map_err(|e| format!("cannot read: {e}"))
 }
