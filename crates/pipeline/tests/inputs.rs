@@ -41,12 +41,21 @@ fn reasons(s: &serde_json::Value) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Peak resident memory of process `pid`, in MiB (`VmHWM`).
+fn peak_rss_mib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
 /// Case 9: an "image" that blocks its reader (a link to a named pipe, standing in for a file on
 /// a hung network mount), `--task-timeout-s 3`, two workers: the master re-sent it every 3 s
 /// for ever and never exited. Now it fails at once with its reason (not a regular file), the
-/// good images are done and the batch exits 3.
+/// good images are done and the batch exits 3. Beside it, a sparse file of 1.5 GiB, which a
+/// worker read whole (peak RSS 1.5 GiB): refused before reading, over the worker's limit.
 #[test]
-fn a_link_to_a_named_pipe_fails_with_its_reason_and_the_batch_ends() {
+fn a_pipe_and_a_huge_file_fail_unread_with_their_reasons_and_the_batch_ends() {
     let dir = Scratch::new("poison-pipe");
     let (input, output) = (dir.path("in"), dir.path("out"));
     let good = samples(&input, 20, 24);
@@ -56,6 +65,8 @@ fn a_link_to_a_named_pipe_fails_with_its_reason_and_the_batch_ends() {
         .unwrap();
     assert!(status.success(), "mkfifo");
     std::os::unix::fs::symlink(dir.path("pipe"), input.join("poison.png")).unwrap();
+    let huge = std::fs::File::create(input.join("huge.png")).unwrap();
+    huge.set_len(1536 << 20).unwrap();
     let (mut m, connect) = master(
         &input,
         &output,
@@ -69,22 +80,38 @@ fn a_link_to_a_named_pipe_fails_with_its_reason_and_the_batch_ends() {
             "3",
         ],
     );
-    let _w1 = worker(&connect, "w1", &[]);
-    let _w2 = worker(&connect, "w2", &[]);
+    let workers = [worker(&connect, "w1", &[]), worker(&connect, "w2", &[])];
     let started = Instant::now();
-    let status = exit_within(&mut m, Duration::from_secs(45)).unwrap_or_else(|| {
+    let mut peak = 0;
+    while !m.exited() && started.elapsed() < Duration::from_secs(45) {
+        for w in &workers {
+            peak = peak.max(peak_rss_mib(w.pid()).unwrap_or(0));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = exit_within(&mut m, Duration::from_secs(1)).unwrap_or_else(|| {
         panic!(
             "the master did not end the batch within 45 s; stderr:\n{}",
             m.stderr()
         )
     });
-    eprintln!("ended in {:?}", started.elapsed());
+    eprintln!(
+        "ended in {:?}, worker peak RSS {peak} MiB",
+        started.elapsed()
+    );
     assert_eq!(status.code(), Some(3), "{}", m.stderr());
     let s = m.summary();
-    assert_eq!((count(&s, "done"), count(&s, "failed")), (20, 1), "{s}");
-    let failed = reasons(&s);
-    assert_eq!(failed[0].0, "poison.png", "{s}");
-    assert!(failed[0].1.contains("named pipe"), "{s}");
+    assert_eq!((count(&s, "done"), count(&s, "failed")), (20, 2), "{s}");
+    let mut failed = reasons(&s);
+    failed.sort();
+    assert_eq!(failed[0].0, "huge.png", "{s}");
+    assert!(failed[0].1.contains("refused without reading"), "{s}");
+    assert_eq!(failed[1].0, "poison.png", "{s}");
+    assert!(failed[1].1.contains("named pipe"), "{s}");
+    assert!(
+        peak < 200,
+        "a worker read the huge file: peak RSS {peak} MiB"
+    );
     assert_outputs(&output, &good);
 }
 
