@@ -26,6 +26,8 @@ pub struct ProxyConfig {
     pub queue: usize,
     /// Distinct subscription prefixes held at most.
     pub max_topics: usize,
+    /// Prefixes one subscriber connection holds at most.
+    pub max_prefixes_per_connection: usize,
     /// TCP_USER_TIMEOUT on subscriber connections: one that keeps a zero window (stopped
     /// reading) or leaves data unacknowledged this long is cut by the kernel.
     pub stall_timeout: Duration,
@@ -47,6 +49,7 @@ impl Default for ProxyConfig {
             heartbeat: Heartbeat::default(),
             queue: 100_000,
             max_topics: 100_000,
+            max_prefixes_per_connection: 10_000,
             stall_timeout: Duration::from_millis(2000),
             last_value_cache: true,
             watchdog: Duration::from_secs(10),

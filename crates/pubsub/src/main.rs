@@ -9,7 +9,7 @@ use common::cli::{GuardArgs, HeartbeatArgs};
 use pubsub::config::{DEFAULT_XPUB, DEFAULT_XSUB};
 use pubsub::{Proxy, ProxyConfig, ProxyStats};
 
-/// Pub/sub proxy: XSUB for publishers, XPUB for subscribers, counted subscriptions,
+/// Pub/sub proxy: XSUB for publishers, XPUB for subscribers, subscriptions per connection,
 /// heartbeats on its own topic, last value cache.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -31,6 +31,10 @@ struct Args {
     /// Distinct subscription prefixes held at most; beyond, new ones are refused.
     #[arg(long, env = "PROXY_MAX_TOPICS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     max_topics: u64,
+    /// Prefixes one subscriber connection may hold at most; beyond, its new ones are refused
+    /// (counted, and logged once a second at most).
+    #[arg(long, env = "PROXY_MAX_PREFIXES_PER_CONNECTION", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_prefixes_per_connection: u64,
     /// Milliseconds a subscriber may take no data (stopped reading) or leave data
     /// unacknowledged before it is cut; the other subscribers never wait for it.
     #[arg(long, env = "PROXY_STALL_TIMEOUT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..))]
@@ -64,6 +68,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         heartbeat: args.heartbeat.heartbeat(),
         queue: args.queue as usize,
         max_topics: args.max_topics as usize,
+        max_prefixes_per_connection: args.max_prefixes_per_connection as usize,
         stall_timeout: Duration::from_millis(args.stall_timeout_ms),
         last_value_cache: !args.no_last_value,
         watchdog: Duration::from_secs(args.watchdog_secs),

@@ -6,9 +6,10 @@
 //! a publisher starts, `seq` counts from 1 per (publisher, zip): a subscriber can prove gaps
 //! and duplicates. The proxy heartbeats on a topic of its own, `[~hb][<proxy instance>]`,
 //! which no zip prefix matches. Subscriptions travel upstream as one frame: `0x01` + prefix to
-//! subscribe, `0x00` + prefix to unsubscribe (ZMTP 3.0, as libzmq sends them). Our subscribers
-//! add one message: `0x02` + `<proxy instance> <prefix>` (RELEASE), sent on a new connection to
-//! withdraw the subscription a lost connection to that same proxy left counted.
+//! subscribe, `0x00` + prefix to unsubscribe (ZMTP 3.0, as libzmq sends them). (Until
+//! subscriptions belonged to their connection at the proxy, our subscribers also sent a
+//! RELEASE, `0x02`, for a lost connection's subscriptions; a connection's end releases them now,
+//! and `0x02` is refused like any other first byte.)
 
 use std::fmt;
 
@@ -36,8 +37,6 @@ pub enum Malformed {
     Body(String),
     #[error("heartbeat body is not a hex proxy instance: {0:?}")]
     Heartbeat(String),
-    #[error("release is not `0x02<proxy instance> <prefix>`")]
-    Release,
 }
 
 /// Why a zip list given by a user cannot be used.
@@ -216,12 +215,6 @@ impl Incoming {
 pub enum Subscription {
     Subscribe(Bytes),
     Unsubscribe(Bytes),
-    /// A subscription made by a connection of the sender's that is gone, to the proxy
-    /// `proxy`: count it out (the XPUB's own filter already dropped that connection).
-    Release {
-        proxy: u64,
-        prefix: Bytes,
-    },
 }
 
 impl Subscription {
@@ -238,42 +231,23 @@ impl Subscription {
             None => Err(Malformed::EmptySubscription),
             Some(1) => Ok(Self::Subscribe(frame.slice(1..))),
             Some(0) => Ok(Self::Unsubscribe(frame.slice(1..))),
-            Some(2) => {
-                let rest = &frame[1..];
-                let space = rest
-                    .iter()
-                    .position(|&b| b == b' ')
-                    .ok_or(Malformed::Release)?;
-                let proxy = std::str::from_utf8(&rest[..space])
-                    .ok()
-                    .and_then(|t| u64::from_str_radix(t, 16).ok())
-                    .ok_or(Malformed::Release)?;
-                Ok(Self::Release {
-                    proxy,
-                    prefix: frame.slice(space + 2..),
-                })
-            }
             Some(&other) => Err(Malformed::SubscriptionKind(other)),
         }
     }
 
     pub fn prefix(&self) -> &Bytes {
         match self {
-            Self::Subscribe(p) | Self::Unsubscribe(p) | Self::Release { prefix: p, .. } => p,
+            Self::Subscribe(p) | Self::Unsubscribe(p) => p,
         }
     }
 
     /// The one-frame message an XSUB sends upstream for this.
     pub fn to_message(&self) -> ZmqMessage {
-        let mut frame = Vec::with_capacity(self.prefix().len() + 18);
-        match self {
-            Self::Subscribe(_) => frame.push(1),
-            Self::Unsubscribe(_) => frame.push(0),
-            Self::Release { proxy, .. } => {
-                frame.push(2);
-                frame.extend_from_slice(format!("{proxy:x} ").as_bytes());
-            }
-        }
+        let mut frame = Vec::with_capacity(self.prefix().len() + 1);
+        frame.push(match self {
+            Self::Subscribe(_) => 1,
+            Self::Unsubscribe(_) => 0,
+        });
         frame.extend_from_slice(self.prefix());
         ZmqMessage::from(Bytes::from(frame))
     }
@@ -352,18 +326,8 @@ mod tests {
         };
         assert_eq!(bad(b""), Some(Malformed::EmptySubscription));
         assert_eq!(bad(b"\x03x"), Some(Malformed::SubscriptionKind(3)));
-        assert_eq!(bad(b"\x02x"), Some(Malformed::Release));
-        assert_eq!(bad(b"\x02zz 1"), Some(Malformed::Release));
-        let release = Subscription::Release {
-            proxy: 0xab,
-            prefix: Bytes::from_static(b"10001"),
-        };
-        let frame = release.to_message().into_vec();
-        assert_eq!(frame[0].as_ref(), b"\x02ab 10001".as_slice());
-        assert_eq!(
-            Subscription::parse(&ZmqMessage::from(frame[0].clone())),
-            Ok(release)
-        );
+        // The retired RELEASE is refused like any other kind.
+        assert_eq!(bad(b"\x02ab 10001"), Some(Malformed::SubscriptionKind(2)));
         let mut two = ZmqMessage::from("\x01a");
         two.push_back(Bytes::from_static(b"b"));
         assert!(Subscription::parse(&two).is_err());
@@ -420,9 +384,7 @@ mod fuzz {
         let prefix = proptest::collection::vec(any::<u8>(), 0..12).prop_map(Bytes::from);
         prop_oneof![
             prefix.clone().prop_map(Subscription::Subscribe),
-            prefix.clone().prop_map(Subscription::Unsubscribe),
-            (any::<u64>(), prefix)
-                .prop_map(|(proxy, prefix)| Subscription::Release { proxy, prefix }),
+            prefix.prop_map(Subscription::Unsubscribe),
         ]
     }
 

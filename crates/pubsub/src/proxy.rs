@@ -3,15 +3,18 @@
 //! The intake task owns the XSUB (zmq.rs): it reads updates into a bounded queue (full: the
 //! update is dropped and counted), sends subscription changes upstream and heartbeats to
 //! publishers; it never waits on a peer. The fanout loop owns the XPUB side, our own ZMTP
-//! writer ([`crate::xpub`]): it counts subscriptions (see [`crate::subscriptions`]), re-sends
-//! last values to new subscriptions, heartbeats subscribers on the proxy's own topic, and
-//! delivers the queue: each update is encoded once and queued to every subscriber whose
-//! subscriptions match; each subscriber's writer task sends what is queued in batches. It never
-//! waits on a subscriber: one whose queue is full misses updates (counted), one that stopped
-//! reading is cut after `stall_timeout`. No peer's error stops either task (unlike
+//! writer ([`crate::xpub`]): it keeps each connection's subscriptions and releases them when
+//! the connection ends (see [`crate::subscriptions`]), hands the changes of what publishers are
+//! asked for to the intake (coalesced, never dropped), sends a new subscription the last values
+//! it matches, heartbeats subscribers on the proxy's own topic, and delivers the queue: each
+//! update is encoded once and queued to every connection holding a prefix of its topic (found
+//! in an index, not by a scan); each subscriber's writer task sends what is queued in batches.
+//! It never waits on a subscriber: one whose queue is full misses updates (counted), one that
+//! stopped reading is cut after `stall_timeout`. No peer's error stops either task (unlike
 //! `zeromq::proxy`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,19 +22,20 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::frames;
 use common::guard::{GuardStats, Limits};
+use common::logging::Throttle;
 use common::send::{try_send, Sent};
 use common::watchdog::Watchdog;
 use futures::channel::mpsc as events;
 use futures::StreamExt;
 use tokio::sync::mpsc;
-use tokio::time::{interval, MissedTickBehavior};
+use tokio::time::{interval, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use zeromq::{Socket, SocketEvent, SocketRecv, XSubSocket, ZmqMessage};
 
 use crate::config::ProxyConfig;
 use crate::protocol::{self, Subscription, HEARTBEAT_TOPIC};
-use crate::stats::ProxyStats;
-use crate::subscriptions::{Change, Subscriptions};
+use crate::stats::{ProxyStats, TOPICS_SHOWN};
+use crate::subscriptions::{Outcome, Pending, Slot, Subscriptions};
 use crate::xpub::{self, PeerCounters, PeerEvent, PeerOptions};
 
 /// Errors that stop the proxy before it serves.
@@ -49,9 +53,14 @@ pub enum ProxyError {
     Bind(#[from] common::guard::BindError),
 }
 
-/// Subscription changes waiting to go upstream, at most (they are rare; a full channel means
-/// the intake task is gone).
-const UPSTREAM_QUEUE: usize = 1024;
+/// Subscription changes sent upstream per turn of the intake loop, at most (the rest wait,
+/// coalesced, for the next turn).
+const UPSTREAM_BATCH: usize = 1024;
+/// See [`Handover`]: how often a stalled hand-over probes the publishers' links, how long it
+/// waits for them to drain, and how long it then sends without waiting.
+const HANDOVER_PROBE: Duration = Duration::from_millis(1);
+const HANDOVER_WAIT: Duration = Duration::from_secs(1);
+const HANDOVER_DEGRADED: Duration = Duration::from_secs(5);
 /// Updates delivered per turn of the fanout loop before it looks at its other inputs.
 const BATCH: usize = 256;
 /// Updates read per turn of the intake loop, at most, when they are ready.
@@ -139,6 +148,8 @@ struct Intake {
     dropped: AtomicU64,
     peer_errors: AtomicU64,
     publishers_seen: AtomicU64,
+    upstream_stalled: AtomicU64,
+    upstream_unsent: AtomicU64,
 }
 
 impl Proxy {
@@ -194,7 +205,7 @@ impl Proxy {
             ..
         } = self;
         let (data_tx, data_rx) = mpsc::channel(config.queue.max(1));
-        let (upstream_tx, upstream_rx) = mpsc::channel(UPSTREAM_QUEUE);
+        let upstream = Arc::new(Pending::new());
         let (peer_tx, peer_rx) = mpsc::channel(PEER_EVENTS);
         let intake = Arc::new(Intake::default());
         let peers = Arc::new(PeerCounters::default());
@@ -203,7 +214,7 @@ impl Proxy {
             xsub,
             xsub_events,
             data_tx,
-            upstream_rx,
+            upstream.clone(),
             intake.clone(),
             config.heartbeat.interval,
             instance,
@@ -220,13 +231,18 @@ impl Proxy {
             stop.clone(),
         ));
         let mut fanout = Fanout {
-            subscriptions: Subscriptions::new(config.max_topics),
+            subscriptions: Subscriptions::new(
+                config.max_topics,
+                config.max_prefixes_per_connection,
+            ),
+            slots: HashMap::new(),
+            targets: Vec::new(),
             cache: HashMap::new(),
+            cached_topics: BTreeSet::new(),
             stats: ProxyStats::default(),
             config,
-            peers: HashMap::new(),
             peer_counters: peers,
-            upstream: upstream_tx,
+            upstream,
             instance,
             intake,
             guards,
@@ -235,8 +251,9 @@ impl Proxy {
         stop.cancel();
         let _ = intake_task.await;
         let _ = xpub_task.await;
-        fanout.log_stats("final stats");
-        fanout.snapshot()
+        let stats = fanout.snapshot();
+        log_stats("final stats", &stats);
+        stats
     }
 }
 
@@ -247,7 +264,7 @@ async fn run_intake(
     mut xsub: XSubSocket,
     mut events: events::Receiver<SocketEvent>,
     data: mpsc::Sender<ZmqMessage>,
-    mut upstream: mpsc::Receiver<ZmqMessage>,
+    upstream: Arc<Pending>,
     counters: Arc<Intake>,
     every: Duration,
     instance: u64,
@@ -255,6 +272,9 @@ async fn run_intake(
 ) {
     let mut heartbeat = interval(every);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut probe = interval(HANDOVER_PROBE);
+    probe.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut handover = Handover::default();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -285,11 +305,13 @@ async fn run_intake(
                     }
                 }
             }
-            Some(msg) = upstream.recv() => {
-                // XSUB keeps the set and re-sends it to publishers that connect later.
-                if !matches!(try_send(&mut xsub, msg), Sent::Queued) {
-                    tracing::warn!("a publisher is not reading: subscription change not sent to it");
-                }
+            // Coalesced per prefix by the fanout. XSUB keeps the set and re-sends it to
+            // publishers that connect later.
+            () = upstream.ready(), if !handover.waiting() => {
+                handover.send(&mut xsub, &upstream, &counters);
+            }
+            _ = probe.tick(), if handover.waiting() => {
+                handover.probe(&mut xsub, instance, &upstream, &counters);
             }
             Some(event) = events.next() => match event {
                 SocketEvent::Accepted(endpoint, _) => {
@@ -307,30 +329,153 @@ async fn run_intake(
     }
 }
 
-/// One subscriber connection, as the fanout sees it.
+/// The hand-over of subscription changes to zmq.rs's XSUB, until the proxy uses
+/// `common::wire::xsub` (a queue per publisher, nothing dropped). zmq.rs writes a change to each
+/// publisher connection in turn, and [`try_send`] gives up at the first whose link cannot take
+/// it at once: the connections after it miss the change (a flood of 60,000 new prefixes reached
+/// a stock publisher as 6,162 that way). So once a change stalls, no other is sent until a
+/// heartbeat goes through to every publisher (every link drained; probed every
+/// [`HANDOVER_PROBE`]), and then the stalled change is sent again, first. The links that had it
+/// get it twice: a stock PUB keeps a set and ignores that, zmq.rs's PUB keeps a list, so a
+/// subscribe sent twice has its unsubscribe sent twice too (a spare unsubscribe is ignored by
+/// both). A link that does not drain within [`HANDOVER_WAIT`] is a publisher that stopped
+/// reading, not a slow one: then changes go without waiting for [`HANDOVER_DEGRADED`] (the
+/// connections after it miss them, counted in `upstream_unsent`; the XSUB's set keeps them for
+/// when they reconnect), and the wait is tried again after.
+#[derive(Debug, Default)]
+struct Handover {
+    /// The change that stalled, and since when.
+    stalled: Option<(Subscription, Instant)>,
+    /// Until when changes go without waiting.
+    degraded_until: Option<Instant>,
+    /// Subscribes that went out more than once: how many times more, per prefix.
+    doubled: HashMap<Bytes, u32>,
+}
+
+impl Handover {
+    fn waiting(&self) -> bool {
+        self.stalled.is_some()
+    }
+
+    /// Sends what is pending, up to a batch; stops at the first change that stalls.
+    fn send(&mut self, xsub: &mut XSubSocket, upstream: &Pending, counters: &Intake) {
+        let mut changes = upstream.take(UPSTREAM_BATCH).into_iter();
+        while let Some(change) = changes.next() {
+            if self.send_one(xsub, &change, counters) {
+                continue;
+            }
+            if self.degraded_until.is_some_and(|t| Instant::now() < t) {
+                let unsent = counters.upstream_unsent.fetch_add(1, Relaxed) + 1;
+                static UNSENT: Throttle = Throttle::new(Duration::from_secs(1));
+                if let Some(held_back) = UNSENT.check() {
+                    tracing::warn!(unsent, held_back, "a publisher is not reading: subscription changes sent without waiting for it, the publishers after it miss them until they reconnect");
+                }
+                continue;
+            }
+            self.stalled = Some((change, Instant::now()));
+            upstream.put_back(changes.collect());
+            return;
+        }
+    }
+
+    /// One change (an unsubscribe as many times as its subscribe went out); false if it
+    /// stalled.
+    fn send_one(
+        &mut self,
+        xsub: &mut XSubSocket,
+        change: &Subscription,
+        counters: &Intake,
+    ) -> bool {
+        let copies = match change {
+            Subscription::Unsubscribe(prefix) => 1 + self.doubled.get(prefix).copied().unwrap_or(0),
+            Subscription::Subscribe(_) => 1,
+        };
+        for _ in 0..copies {
+            match try_send(xsub, change.to_message()) {
+                // A link that failed is dropped; the others have the change.
+                Sent::Queued | Sent::Failed(_) => {}
+                Sent::Stalled => {
+                    counters.upstream_stalled.fetch_add(1, Relaxed);
+                    return false;
+                }
+            }
+        }
+        if let Subscription::Unsubscribe(prefix) = change {
+            self.doubled.remove(prefix);
+        }
+        true
+    }
+
+    /// While a change is stalled: once every link has drained, sends it again and goes on; if
+    /// they do not drain in time, goes on without waiting.
+    fn probe(
+        &mut self,
+        xsub: &mut XSubSocket,
+        instance: u64,
+        upstream: &Pending,
+        counters: &Intake,
+    ) {
+        let Some((change, since)) = self.stalled.take() else {
+            return;
+        };
+        if try_send(xsub, protocol::heartbeat(instance)).is_queued() {
+            if let Subscription::Subscribe(prefix) = &change {
+                *self.doubled.entry(prefix.clone()).or_default() += 1;
+            }
+            if self.send_one(xsub, &change, counters) {
+                self.send(xsub, upstream, counters);
+            } else {
+                self.stalled = Some((change, since));
+            }
+        } else if since.elapsed() >= HANDOVER_WAIT {
+            counters.upstream_unsent.fetch_add(1, Relaxed);
+            self.degraded_until = Some(Instant::now() + HANDOVER_DEGRADED);
+            self.send(xsub, upstream, counters);
+        } else {
+            self.stalled = Some((change, since));
+        }
+    }
+}
+
+/// One subscriber connection, as the fanout sees it (its prefixes are in [`Subscriptions`]).
+#[derive(Debug)]
 struct Peer {
     addr: std::net::SocketAddr,
-    /// Its prefixes, as a stock XPUB keeps them: one entry per subscribe, an unsubscribe
-    /// removes one.
-    prefixes: Vec<Bytes>,
     queue: mpsc::Sender<Bytes>,
 }
 
-impl Peer {
-    fn wants(&self, topic: &[u8]) -> bool {
-        self.prefixes.iter().any(|p| protocol::matches(p, topic))
+/// Queues `wire` to `peer`; false if it has no room (counted: it misses the update) or is gone
+/// (its `Left` follows).
+fn queue(peer: &Peer, wire: Bytes, stats: &mut ProxyStats) -> bool {
+    match peer.queue.try_send(wire) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            stats.slow_dropped += 1;
+            static BEHIND: Throttle = Throttle::new(Duration::from_secs(1));
+            if let Some(held_back) = BEHIND.check() {
+                tracing::warn!(peer = %peer.addr, slow_dropped = stats.slow_dropped, held_back, "a subscriber is behind: its queue is full, dropping its updates");
+            }
+            false
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
     }
 }
 
 /// The XPUB side: subscriptions, last values, heartbeats, delivery.
 struct Fanout {
     config: ProxyConfig,
-    peers: HashMap<u64, Peer>,
+    /// Every connection's prefixes, and the connections themselves.
+    subscriptions: Subscriptions<Peer>,
+    /// The XPUB side's connection ids, to their slots.
+    slots: HashMap<u64, Slot>,
+    /// Scratch: the connections an update goes to.
+    targets: Vec<Slot>,
     peer_counters: Arc<PeerCounters>,
-    upstream: mpsc::Sender<ZmqMessage>,
-    subscriptions: Subscriptions,
-    /// Last update per topic (first frame), encoded, at most `max_topics`.
+    upstream: Arc<Pending>,
+    /// Last update per topic (first frame), encoded, at most `max_topics`; and the same topics
+    /// in order, to find those a new prefix matches without a scan.
     cache: HashMap<Bytes, Bytes>,
+    cached_topics: BTreeSet<Bytes>,
     stats: ProxyStats,
     instance: u64,
     intake: Arc<Intake>,
@@ -376,49 +521,42 @@ impl Fanout {
                     self.send(HEARTBEAT_TOPIC, xpub::encode(&msg));
                 }
                 _ = stats_tick.tick() => {
-                    self.log_stats("stats");
-                    report(&self.snapshot());
+                    let stats = self.snapshot();
+                    log_stats("stats", &stats);
+                    report(&stats);
                 }
             }
         }
     }
 
-    /// Queues an encoded message to every subscriber whose prefixes match `topic`; never
-    /// waits. A full queue: that subscriber misses it. A closed one: it is gone.
+    /// Queues an encoded message to every connection holding a prefix of `topic`, once each;
+    /// never waits. A full queue: that subscriber misses it.
     fn send(&mut self, topic: &[u8], wire: Bytes) {
-        let mut gone = Vec::new();
-        for (id, peer) in &self.peers {
-            if !peer.wants(topic) {
-                continue;
-            }
-            match peer.queue.try_send(wire.clone()) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.stats.slow_dropped += 1;
-                    if self.stats.slow_dropped.is_power_of_two() {
-                        tracing::warn!(peer = %peer.addr, slow_dropped = self.stats.slow_dropped, "a subscriber is behind: its queue is full, dropping its updates");
-                    }
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => gone.push(*id),
+        let mut targets = std::mem::take(&mut self.targets);
+        self.subscriptions.matching(topic, &mut targets);
+        for slot in targets.drain(..) {
+            if let Some(peer) = self.subscriptions.peer(slot) {
+                queue(peer, wire.clone(), &mut self.stats);
             }
         }
-        for id in gone {
-            self.peers.remove(&id);
-        }
+        self.targets = targets;
     }
 
     fn deliver(&mut self, msg: ZmqMessage) {
         let wire = xpub::encode(&msg);
-        let topic = msg.get(0).cloned().unwrap_or_default();
+        let topic = msg.get(0).map_or(&[][..], |t| &t[..]);
         if self.config.last_value_cache {
-            if let Some(last) = self.cache.get_mut(&topic) {
+            if let Some(last) = self.cache.get_mut(topic) {
                 *last = wire.clone();
             } else if self.cache.len() < self.config.max_topics {
-                self.cache.insert(topic.clone(), wire.clone());
+                // Copied: the frame is a slice of a larger read.
+                let topic = Bytes::copy_from_slice(topic);
+                self.cached_topics.insert(topic.clone());
+                self.cache.insert(topic, wire.clone());
             }
         }
         self.stats.messages_out += 1;
-        self.send(&topic, wire);
+        self.send(topic, wire);
     }
 
     fn on_peer(&mut self, event: PeerEvent) {
@@ -426,99 +564,121 @@ impl Fanout {
             PeerEvent::Joined { id, addr, queue } => {
                 self.stats.subscribers_seen += 1;
                 tracing::debug!(peer = %addr, "subscriber connected");
-                self.peers.insert(
-                    id,
-                    Peer {
-                        addr,
-                        prefixes: Vec::new(),
-                        queue,
-                    },
-                );
+                let slot = self.subscriptions.join(Peer { addr, queue });
+                self.slots.insert(id, slot);
             }
             PeerEvent::Left { id } => {
-                if let Some(peer) = self.peers.remove(&id) {
-                    tracing::debug!(peer = %peer.addr, "subscriber gone");
+                if let Some(slot) = self.slots.remove(&id) {
+                    self.release(slot);
                 }
             }
             PeerEvent::Message { id, msg } => self.on_subscriber(id, msg),
         }
     }
 
-    fn on_subscriber(&mut self, id: u64, msg: ZmqMessage) {
-        let Some(peer) = self.peers.get_mut(&id) else {
+    /// A connection ended: what it held is let go, and what nobody else holds is withdrawn
+    /// upstream (as libzmq's XPUB does).
+    fn release(&mut self, slot: Slot) {
+        let held = self.subscriptions.held_by(slot) as u64;
+        let Some((peer, withdrawn)) = self.subscriptions.leave(slot) else {
             return;
         };
-        // The connection's own filter, kept as a stock XPUB keeps it.
-        if let [frame] = msg.iter().collect::<Vec<_>>()[..] {
-            match frame.first() {
-                Some(1) => peer.prefixes.push(frame.slice(1..)),
-                Some(0) => {
-                    if let Some(i) = peer.prefixes.iter().position(|p| p[..] == frame[1..]) {
-                        peer.prefixes.swap_remove(i);
-                    }
-                }
-                _ => {}
-            }
+        self.stats.released += held;
+        tracing::debug!(peer = %peer.addr, held, withdrawn = withdrawn.len(), "subscriber gone");
+        for prefix in withdrawn {
+            self.forward(prefix, false);
         }
-        let addr = peer.addr;
+    }
+
+    /// A change of what the proxy asks publishers for: on its way to the intake task, which
+    /// sends it upstream (coalesced per prefix, never dropped).
+    fn forward(&mut self, prefix: Bytes, subscribe: bool) {
+        self.stats.forwarded += 1;
+        tracing::debug!(prefix = %frames::show(&prefix), subscribe, "forwarded upstream");
+        self.upstream.push(prefix, subscribe);
+    }
+
+    fn on_subscriber(&mut self, id: u64, msg: ZmqMessage) {
+        let Some(&slot) = self.slots.get(&id) else {
+            return;
+        };
+        let addr = self.subscriptions.peer(slot).map(|p| p.addr);
+        // Only for the log lines (throttled): no allocation per message.
+        let peer = || addr.map(|a| a.to_string()).unwrap_or_default();
         let sub = match Subscription::parse(&msg) {
             Ok(sub) => sub,
             Err(e) => {
                 self.stats.bad_xpub += 1;
-                if self.stats.bad_xpub.is_power_of_two() {
+                static BAD: Throttle = Throttle::new(Duration::from_secs(1));
+                if let Some(held_back) = BAD.check() {
                     let first = msg.get(0).map(|f| frames::show(f)).unwrap_or_default();
-                    tracing::warn!(peer = %addr, error = %e, first = %first, bad = self.stats.bad_xpub, "bad message from a subscriber dropped");
+                    tracing::warn!(peer = %peer(), error = %e, first = %first, bad = self.stats.bad_xpub, held_back, "bad message from a subscriber dropped");
                 }
                 return;
             }
         };
-        match &sub {
-            Subscription::Subscribe(_) => self.stats.subscribes += 1,
-            Subscription::Unsubscribe(_) => self.stats.unsubscribes += 1,
-            Subscription::Release { proxy, .. } if *proxy != self.instance => {
-                // Made to a proxy that has since restarted: its counts died with it.
-                self.stats.stale_releases += 1;
-                return;
-            }
-            Subscription::Release { .. } => self.stats.releases += 1,
-        }
-        match self.subscriptions.apply(&sub) {
-            Change::Upstream(change) => {
-                self.stats.forwarded += 1;
-                tracing::debug!(prefix = %frames::show(change.prefix()), ?change, "forwarded upstream");
-                if self.upstream.try_send(change.to_message()).is_err() {
-                    tracing::warn!("intake not keeping up: subscription change lost");
+        match sub {
+            Subscription::Subscribe(prefix) => {
+                self.stats.subscribes += 1;
+                match self.subscriptions.subscribe(slot, &prefix) {
+                    Outcome::Changed { upstream } => {
+                        if upstream {
+                            self.forward(Bytes::copy_from_slice(&prefix), true);
+                        }
+                        self.send_last_values(slot, &prefix);
+                    }
+                    Outcome::Unchanged => {}
+                    Outcome::TableFull => {
+                        self.stats.refused += 1;
+                        static FULL: Throttle = Throttle::new(Duration::from_secs(1));
+                        if let Some(held_back) = FULL.check() {
+                            tracing::warn!(peer = %peer(), prefix = %frames::show(&prefix), max = self.config.max_topics, refused = self.stats.refused, held_back, "subscription table full: prefix refused");
+                        }
+                    }
+                    Outcome::ConnectionFull => {
+                        self.stats.refused_per_connection += 1;
+                        static MANY: Throttle = Throttle::new(Duration::from_secs(1));
+                        if let Some(held_back) = MANY.check() {
+                            tracing::warn!(peer = %peer(), prefix = %frames::show(&prefix), max = self.config.max_prefixes_per_connection, refused = self.stats.refused_per_connection, held_back, "a subscriber holds its bound of prefixes: prefix refused");
+                        }
+                    }
                 }
             }
-            Change::Refused => {
-                self.stats.refused += 1;
-                tracing::warn!(peer = %addr, prefix = %frames::show(sub.prefix()), max = self.config.max_topics, "subscription table full: prefix refused");
+            Subscription::Unsubscribe(prefix) => {
+                self.stats.unsubscribes += 1;
+                match self.subscriptions.unsubscribe(slot, &prefix) {
+                    Outcome::Changed { upstream: true } => {
+                        self.forward(Bytes::copy_from_slice(&prefix), false);
+                    }
+                    Outcome::Changed { upstream: false } => {}
+                    // Not held by this connection: whoever holds it keeps it.
+                    _ => self.stats.bad_xpub += 1,
+                }
             }
-            Change::Unknown => self.stats.bad_xpub += 1,
-            Change::Counted | Change::Local => {}
-        }
-        if let Subscription::Subscribe(prefix) = &sub {
-            self.send_last_values(prefix);
         }
     }
 
-    /// Last value cache: a new subscription gets the latest update of each topic it matches at
-    /// once. Every subscriber of those topics gets it too (as through a stock XPUB, which
-    /// filters per topic); ours recognise it by its sequence number and count it as a
-    /// duplicate.
-    fn send_last_values(&mut self, prefix: &[u8]) {
+    /// Last value cache: a subscription a connection did not hold gets the latest update of
+    /// each topic its prefix matches at once, on that connection only.
+    fn send_last_values(&mut self, slot: Slot, prefix: &[u8]) {
         if !self.config.last_value_cache {
             return;
         }
-        let cached: Vec<(Bytes, Bytes)> = self
-            .cache
-            .iter()
-            .filter(|(topic, _)| protocol::matches(prefix, topic))
-            .map(|(topic, wire)| (topic.clone(), wire.clone()))
-            .collect();
-        for (topic, wire) in cached {
+        let Some(peer) = self.subscriptions.peer(slot) else {
+            return;
+        };
+        let from = (Bound::Included(prefix), Bound::Unbounded);
+        for topic in self.cached_topics.range::<[u8], _>(from) {
+            if !topic.starts_with(prefix) {
+                break;
+            }
+            let Some(wire) = self.cache.get(topic) else {
+                continue;
+            };
+            if !queue(peer, wire.clone(), &mut self.stats) {
+                break; // its queue is full: the rest would not fit either
+            }
             self.stats.cached_sent += 1;
-            self.send(&topic, wire);
         }
     }
 
@@ -530,31 +690,38 @@ impl Fanout {
         s.peer_errors += self.peer_counters.peer_errors.load(Relaxed);
         s.stalled_cut = self.peer_counters.stalled_cut.load(Relaxed);
         s.publishers_seen = self.intake.publishers_seen.load(Relaxed);
-        s.topics = self.subscriptions.snapshot();
+        s.upstream_pending = self.upstream.len() as u64;
+        s.upstream_stalled = self.intake.upstream_stalled.load(Relaxed);
+        s.upstream_unsent = self.intake.upstream_unsent.load(Relaxed);
+        s.topics_held = self.subscriptions.len() as u64;
+        s.topics = self.subscriptions.snapshot(TOPICS_SHOWN);
         (s.guard_refused, s.guard_stalled) = common::guard::totals(&self.guards);
         s
     }
+}
 
-    fn log_stats(&self, what: &'static str) {
-        let s = self.snapshot();
-        tracing::info!(
-            messages_in = s.messages_in,
-            messages_out = s.messages_out,
-            dropped = s.dropped,
-            slow_dropped = s.slow_dropped,
-            stalled_cut = s.stalled_cut,
-            cached_sent = s.cached_sent,
-            subscribes = s.subscribes,
-            unsubscribes = s.unsubscribes,
-            releases = s.releases,
-            forwarded = s.forwarded,
-            refused = s.refused,
-            topics = s.topics.len(),
-            bad_xpub = s.bad_xpub,
-            peer_errors = s.peer_errors,
-            publishers_seen = s.publishers_seen,
-            subscribers_seen = s.subscribers_seen,
-            "{what}"
-        );
-    }
+fn log_stats(what: &'static str, s: &ProxyStats) {
+    tracing::info!(
+        messages_in = s.messages_in,
+        messages_out = s.messages_out,
+        dropped = s.dropped,
+        slow_dropped = s.slow_dropped,
+        stalled_cut = s.stalled_cut,
+        cached_sent = s.cached_sent,
+        subscribes = s.subscribes,
+        unsubscribes = s.unsubscribes,
+        released = s.released,
+        forwarded = s.forwarded,
+        upstream_pending = s.upstream_pending,
+        upstream_stalled = s.upstream_stalled,
+        upstream_unsent = s.upstream_unsent,
+        refused = s.refused,
+        refused_per_connection = s.refused_per_connection,
+        topics = s.topics_held,
+        bad_xpub = s.bad_xpub,
+        peer_errors = s.peer_errors,
+        publishers_seen = s.publishers_seen,
+        subscribers_seen = s.subscribers_seen,
+        "{what}"
+    );
 }

@@ -2,6 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Prefixes listed in [`ProxyStats::topics`], at most (every stats line carries them).
+pub const TOPICS_SHOWN: usize = 1000;
+
 /// Proxy counters since start.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProxyStats {
@@ -19,18 +22,34 @@ pub struct ProxyStats {
     /// Last values re-sent for new subscriptions.
     pub cached_sent: u64,
     pub heartbeats: u64,
-    /// Subscribe and unsubscribe messages received from subscribers.
+    /// Subscribe and unsubscribe messages received from subscribers (a subscribe to a prefix
+    /// the connection holds already, or an unsubscribe of one it does not hold, changes
+    /// nothing).
     pub subscribes: u64,
     pub unsubscribes: u64,
-    /// Subscriptions of lost connections released by our subscribers on their new connection;
-    /// and releases meant for another proxy instance (ignored).
-    pub releases: u64,
-    pub stale_releases: u64,
-    /// Subscription changes forwarded to publishers.
+    /// Subscriptions let go because their connection ended.
+    #[serde(default)]
+    pub released: u64,
+    /// Subscription changes forwarded to publishers (first connection to hold a prefix, or
+    /// last to let it go), and those of them not yet handed to the XSUB.
     pub forwarded: u64,
-    /// Subscriptions to new prefixes refused because the table was full.
+    #[serde(default)]
+    pub upstream_pending: u64,
+    /// Changes the XSUB (zmq.rs) could not write to every publisher at once (it writes to each
+    /// in turn and gives up at one whose link is full): sent again once the links drained; and
+    /// those sent on without waiting for a publisher that stopped reading, which the publishers
+    /// after it missed (the XSUB's set keeps them: they get them when they reconnect).
+    #[serde(default)]
+    pub upstream_stalled: u64,
+    #[serde(default)]
+    pub upstream_unsent: u64,
+    /// Subscriptions to new prefixes refused because the table was full (`--max-topics`).
     pub refused: u64,
-    /// Malformed messages from subscribers (not a subscription), and unknown unsubscribes.
+    /// Subscriptions refused because the connection held `--max-prefixes-per-connection`.
+    #[serde(default)]
+    pub refused_per_connection: u64,
+    /// Malformed messages from subscribers (not a subscription), and unsubscribes of a prefix
+    /// the connection does not hold.
     pub bad_xpub: u64,
     /// Receive errors reported by either socket (peer reset, bad handshake...).
     pub peer_errors: u64,
@@ -41,6 +60,9 @@ pub struct ProxyStats {
     /// short), and peers that let more than `--max-peer-bytes` pile up unread.
     pub guard_refused: u64,
     pub guard_stalled: u64,
-    /// Prefixes currently asked for upstream, with their subscriber counts.
+    /// Prefixes currently asked for upstream, and the first [`TOPICS_SHOWN`] of them in order
+    /// with the number of connections holding each.
+    #[serde(default)]
+    pub topics_held: u64,
     pub topics: Vec<(String, u64)>,
 }

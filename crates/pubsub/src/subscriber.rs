@@ -5,10 +5,9 @@
 //! (see [`crate::tracker`]). A closed connection, or silence (no update, no heartbeat) for
 //! `interval x liveness`, ends the link: the socket is dropped and a fresh one connects and
 //! subscribes again (zmq.rs's own SUB reconnection backs off to 30 s and never hears a proxy
-//! that restarted behind a partition). The proxy cannot see that the old connection's
-//! subscriptions are gone, so once the new connection hears the same proxy instance the old
-//! one heard, the subscriber sends a RELEASE for each of them. On a clean stop it
-//! unsubscribes first. Either way the proxy's counts stay exact.
+//! that restarted behind a partition). The proxy releases the old connection's subscriptions
+//! when that connection ends, as libzmq's XPUB does; on a clean stop the subscriber
+//! unsubscribes first.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -19,10 +18,10 @@ use common::link::{self, Backoff};
 use serde::{Deserialize, Serialize};
 use tokio::time::{interval, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use zeromq::{Socket, SocketRecv, SocketSend, XSubSocket};
+use zeromq::{Socket, SocketRecv, XSubSocket};
 
 use crate::config::SubscriberConfig;
-use crate::protocol::{Incoming, Subscription, Update, HEARTBEAT_TOPIC};
+use crate::protocol::{Incoming, Update, HEARTBEAT_TOPIC};
 use crate::tracker::{Seen, StreamSummary, Tracker};
 
 /// Per zip, in the summary.
@@ -64,8 +63,7 @@ pub struct SubscriberSummary {
 }
 
 enum LinkEnd {
-    /// With the proxy instance this link heard, if any: its subscriptions are counted there.
-    Lost(&'static str, Option<u64>),
+    Lost(&'static str),
     Finished,
 }
 
@@ -77,8 +75,6 @@ struct State {
     temperature_sums: BTreeMap<String, i64>,
     last_update: Option<Instant>,
     proxies: Vec<u64>,
-    /// A lost link's subscriptions are still counted by this proxy instance.
-    to_release: Option<u64>,
 }
 
 impl State {
@@ -120,24 +116,6 @@ impl State {
         on_update(&update, entry.avg_temperature);
     }
 
-    /// On a new link that hears `instance`: if a lost link's subscriptions are still counted
-    /// by that same proxy, count them out.
-    async fn release(&mut self, socket: &mut XSubSocket, instance: u64) {
-        if self.to_release.take() != Some(instance) {
-            return;
-        }
-        for zip in &self.config.zips {
-            let release = Subscription::Release {
-                proxy: instance,
-                prefix: zip.topic(),
-            };
-            if socket.send(release.to_message()).await.is_err() {
-                return;
-            }
-        }
-        tracing::debug!("released the lost link's subscriptions");
-    }
-
     async fn serve(
         &mut self,
         socket: &mut XSubSocket,
@@ -148,15 +126,14 @@ impl State {
     ) -> LinkEnd {
         for zip in &self.config.zips {
             if socket.subscribe(&zip.to_string()).await.is_err() {
-                return LinkEnd::Lost("cannot subscribe", None);
+                return LinkEnd::Lost("cannot subscribe");
             }
         }
         // Last: once a heartbeat arrives, the proxy has every zip subscription too.
         let heartbeat_topic = String::from_utf8_lossy(HEARTBEAT_TOPIC).into_owned();
         if socket.subscribe(&heartbeat_topic).await.is_err() {
-            return LinkEnd::Lost("cannot subscribe", None);
+            return LinkEnd::Lost("cannot subscribe");
         }
-        let mut heard: Option<u64> = None;
         let mut liveness = Liveness::new(self.config.heartbeat);
         let mut tick = interval(self.config.heartbeat.interval / 2);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -166,9 +143,9 @@ impl State {
             }
             tokio::select! {
                 () = stop.cancelled() => return LinkEnd::Finished,
-                _ = monitor.disconnected() => return LinkEnd::Lost("connection closed", heard),
+                _ = monitor.disconnected() => return LinkEnd::Lost("connection closed"),
                 msg = socket.recv() => {
-                    let Ok(msg) = msg else { return LinkEnd::Lost("receive failed", heard) };
+                    let Ok(msg) = msg else { return LinkEnd::Lost("receive failed") };
                     liveness.heard();
                     match Incoming::parse(&msg.into_vec()) {
                         Ok(Incoming::Update(update)) => {
@@ -180,10 +157,6 @@ impl State {
                         }
                         Ok(Incoming::Heartbeat(instance)) => {
                             self.summary.heartbeats += 1;
-                            if heard.is_none() {
-                                heard = Some(instance);
-                                self.release(socket, instance).await;
-                            }
                             if !self.proxies.contains(&instance) {
                                 if self.proxies.is_empty() && self.summary.received == 0 {
                                     on_ready();
@@ -202,7 +175,7 @@ impl State {
                 }
                 _ = tick.tick() => {
                     if liveness.is_expired() {
-                        return LinkEnd::Lost("proxy silent", heard);
+                        return LinkEnd::Lost("proxy silent");
                     }
                 }
             }
@@ -240,7 +213,6 @@ pub async fn run(
         temperature_sums: BTreeMap::new(),
         last_update: None,
         proxies: Vec::new(),
-        to_release: None,
     };
     let endpoint = state.config.connect.clone();
     let policy = state.config.reconnect;
@@ -271,10 +243,7 @@ pub async fn run(
                 leave(&mut socket, &state.config).await;
                 break;
             }
-            LinkEnd::Lost(why, heard) => {
-                if heard.is_some() {
-                    state.to_release = heard;
-                }
+            LinkEnd::Lost(why) => {
                 state.summary.reconnects += 1;
                 tracing::warn!(why, "proxy link lost, reconnecting");
                 drop(socket);

@@ -193,7 +193,8 @@ async fn bad_input_is_counted_and_never_fatal() {
 }
 
 /// A subscriber whose link is lost and which reconnects on a fresh socket leaves no count
-/// behind: on the new link it releases what the old one subscribed (the proxy cannot tell).
+/// behind: when its old connection ends at the proxy, the proxy releases what it held (our
+/// subscribers no longer send a RELEASE for it: nothing unknown reaches the proxy).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_subscriber_that_reconnects_leaves_no_count_behind() {
     let _g = heavy().await;
@@ -210,10 +211,13 @@ async fn a_subscriber_that_reconnects_leaves_no_count_behind() {
     relay.set_partitioned(true);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     relay.set_partitioned(false);
-    let released = await_stats(&px.proc, READY_WITHIN, |s| s.releases >= 1).await;
-    let settled = await_topic(&px.proc, "10001", 1).await;
-    assert_eq!(released.stale_releases, 0);
-    assert_eq!(settled.forwarded, 1, "never withdrawn upstream meanwhile");
+    // Both connections seen; then the old one's end released its subscription.
+    await_stats(&px.proc, READY_WITHIN, |s| s.subscribers_seen >= 2).await;
+    let settled = await_stats(&px.proc, READY_WITHIN, |s| {
+        s.released >= 2 && s.topics == [("10001".to_string(), 1)]
+    })
+    .await;
+    assert_eq!(settled.bad_xpub, 0, "{settled:?}");
     let a: SubscriberSummary = stop(&mut a).await;
     assert!(a.reconnects >= 1, "{a:?}");
     await_stats(&px.proc, READY_WITHIN, |s| s.topics.is_empty()).await;

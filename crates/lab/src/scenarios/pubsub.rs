@@ -585,8 +585,11 @@ async fn late_joiner(lab: &Lab) -> Result<Verdict> {
         true,
     );
     v.expect(
-        early.duplicates >= 5,
-        "the re-sent values reached the early subscriber as duplicates, not shown twice",
+        early.duplicates == 0,
+        format!(
+            "the last values went to the newcomer alone, none to the early subscriber (it counted {} duplicates)",
+            early.duplicates
+        ),
     );
     Ok(v)
 }
