@@ -4,34 +4,14 @@
 
 use std::time::Duration;
 
-/// Each message the broker reads is copied into an allocation of its own (so that what it keeps
-/// holds only its own bytes): mimalloc makes that cheap. Measured with callgrind (1 client x 64,
-/// 1 worker x 64 credits, ours): 7.2k instructions per request on glibc's malloc, 6.1k on
-/// mimalloc, where the code before the copies took 6.5k on glibc.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// `mi_option_purge_delay` (mimalloc.h, v3, the version the `mimalloc` crate builds): how long
-/// freed memory stays with the process before it goes back to the system, 1 s by default. (The
-/// debug builds check the index against that default, so that an update that moves it fails
-/// the tests.) At 0 it goes back at once, and the broker's RSS follows what it holds (tests/peer_bytes: a peak of +26 MiB
-/// instead of +8 MiB after 200 kB replies to a client that stopped reading); the instructions
-/// per request were the same.
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-#[allow(unsafe_code)] // the one FFI call: mimalloc has no safe setter for its options
-fn return_freed_memory_at_once() {
-    // SAFETY: plain calls into mimalloc with one of its options; nothing is shared yet.
-    unsafe {
-        debug_assert_eq!(libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY), 1000);
-        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
-    }
-}
-
 use broker::config::{DEFAULT_BACKEND, DEFAULT_FRONTEND};
 use broker::{Broker, BrokerConfig};
 use clap::Parser;
 use common::cli::{HeartbeatArgs, LimitArgs};
+
+/// See `common::alloc`: each message read is an allocation of its own.
+#[global_allocator]
+static ALLOCATOR: common::alloc::MiMalloc = common::alloc::MiMalloc;
 
 /// Shared-queue broker: ROUTER frontend for clients, ROUTER backend for RFC 6 workers.
 #[derive(Debug, Parser)]
@@ -81,7 +61,7 @@ struct Args {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
-    return_freed_memory_at_once();
+    common::alloc::tune();
     let args = Args::parse();
     common::logging::init("broker=info,common=info");
     common::cli::exit_code(run(args).await.map(|()| std::process::ExitCode::SUCCESS))

@@ -10,7 +10,9 @@
 //! - [`wire`]: ZMTP 3 on a TCP stream, for the server sides written without zmq.rs.
 //! - [`zmtp`]: raw ZMTP 3 bytes, for the wire fuzzer and the tests that attack the roles.
 //! - [`logging`], [`shutdown`], [`cli`], [`watchdog`]: process plumbing every binary needs.
+//! - [`alloc`]: the servers' allocator (mimalloc, tuned to give memory back).
 
+pub mod alloc;
 pub mod cli;
 pub mod endpoint;
 pub mod frames;
