@@ -32,8 +32,9 @@ pub struct FuzzArgs {
     /// Targets, comma-separated (default: all): broker, proxy, pipeline.
     #[arg(long, value_delimiter = ',')]
     pub target: Vec<String>,
-    /// The proxy's and the pipeline master's guard mode (`never` shows what the fuzzer does to
-    /// an unguarded zmq.rs socket). The broker has none: its ROUTERs check the limits always.
+    /// The pipeline master's guard mode (`never` shows what the fuzzer does to an unguarded
+    /// zmq.rs socket). The broker and the proxy have none: their sockets check the limits
+    /// always.
     #[arg(long, default_value = "always", value_parser = ["always", "auto", "never"])]
     pub guard: String,
 }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use common::guard::{Limits, Mode};
+use common::guard::Limits;
 use common::heartbeat::Heartbeat;
 use common::link::Reconnect;
 
@@ -36,9 +36,10 @@ pub struct ProxyConfig {
     /// The loop may stall this long before the process exits with status 70.
     pub watchdog: Duration,
     pub stats_every: Duration,
-    /// Which endpoints get a guard (see `common::guard`), and what it lets through.
-    pub guard: Mode,
+    /// What one publisher may send, and make the XSUB hold (see `common::wire::server`).
     pub limits: Limits,
+    /// Publisher connections open at once, at most (see `common::wire::server`).
+    pub max_connections: usize,
 }
 
 impl Default for ProxyConfig {
@@ -54,8 +55,8 @@ impl Default for ProxyConfig {
             last_value_cache: true,
             watchdog: Duration::from_secs(10),
             stats_every: Duration::from_secs(5),
-            guard: Mode::Auto,
             limits: Limits::default(),
+            max_connections: common::endpoint::max_connections_for(1024, 2),
         }
     }
 }

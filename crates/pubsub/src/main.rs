@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use common::cli::{GuardArgs, HeartbeatArgs};
+use common::cli::{HeartbeatArgs, LimitArgs};
 use pubsub::config::{DEFAULT_XPUB, DEFAULT_XSUB};
 use pubsub::{Proxy, ProxyConfig, ProxyStats};
 
@@ -23,7 +23,12 @@ struct Args {
     #[command(flatten)]
     heartbeat: HeartbeatArgs,
     #[command(flatten)]
-    guard: GuardArgs,
+    limits: LimitArgs,
+    /// Publisher connections open at once, at most; at the bound a new one replaces the one
+    /// quiet longest (2 s or more), or is closed. Default: the open-files limit (raised to its
+    /// hard limit at start) less 64, shared by the two sockets.
+    #[arg(long, env = "PROXY_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: Option<u64>,
     /// Updates read from publishers and not yet handed to the fanout beyond this many are
     /// dropped (counted). Each subscriber also has its own queue of 10,000.
     #[arg(long, env = "PROXY_QUEUE", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -62,6 +67,11 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = common::shutdown::on_signals();
+    let open_files = common::endpoint::raise_open_files_limit();
+    let max_connections = args.max_connections.map_or_else(
+        || common::endpoint::max_connections_for(open_files, 2),
+        |max| max as usize,
+    );
     let config = ProxyConfig {
         xsub: args.xsub,
         xpub: args.xpub,
@@ -73,8 +83,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         last_value_cache: !args.no_last_value,
         watchdog: Duration::from_secs(args.watchdog_secs),
         stats_every: Duration::from_secs(args.stats_secs),
-        guard: args.guard.guard,
-        limits: args.guard.limits.limits(),
+        limits: args.limits.limits(),
+        max_connections,
     };
     let proxy = Proxy::bind(config).await?;
     common::ready::announce(&[

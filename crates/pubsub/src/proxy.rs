@@ -1,8 +1,9 @@
 //! The proxy: XSUB bound for publishers, XPUB bound for subscribers, two tasks between them.
 //!
-//! The intake task owns the XSUB (zmq.rs): it reads updates into a bounded queue (full: the
-//! update is dropped and counted), sends subscription changes upstream and heartbeats to
-//! publishers; it never waits on a peer. The fanout loop owns the XPUB side, our own ZMTP
+//! The intake task owns the XSUB, our own ZMTP socket ([`common::wire::xsub`]: its limits on
+//! every endpoint, loopback included): it reads updates into a bounded queue (full: the update
+//! is dropped and counted), sends subscription changes upstream and heartbeats to publishers;
+//! it never waits on a peer (a publisher that stops reading is cut off at its byte bound). The fanout loop owns the XPUB side, our own ZMTP
 //! writer ([`crate::xpub`]): it keeps each connection's subscriptions and releases them when
 //! the connection ends (see [`crate::subscriptions`]), hands the changes of what publishers are
 //! asked for to the intake (coalesced, never dropped), sends a new subscription the last values
@@ -21,16 +22,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::frames;
-use common::guard::{GuardStats, Limits};
+use common::guard::GuardStats;
 use common::logging::Throttle;
-use common::send::{try_send, Sent};
 use common::watchdog::Watchdog;
-use futures::channel::mpsc as events;
-use futures::StreamExt;
+use common::wire::xsub::XSub;
 use tokio::sync::mpsc;
-use tokio::time::{interval, Instant, MissedTickBehavior};
+use tokio::time::{interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use zeromq::{Socket, SocketEvent, SocketRecv, XSubSocket, ZmqMessage};
+use zeromq::ZmqMessage;
 
 use crate::config::ProxyConfig;
 use crate::protocol::{self, Subscription, HEARTBEAT_TOPIC};
@@ -49,22 +48,22 @@ pub enum ProxyError {
         #[source]
         source: std::io::Error,
     },
-    #[error(transparent)]
-    Bind(#[from] common::guard::BindError),
+    #[error("cannot serve {endpoint}: {source}")]
+    Serve {
+        endpoint: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Subscription changes sent upstream per turn of the intake loop, at most (the rest wait,
 /// coalesced, for the next turn).
 const UPSTREAM_BATCH: usize = 1024;
-/// See [`Handover`]: how often a stalled hand-over probes the publishers' links, how long it
-/// waits for them to drain, and how long it then sends without waiting.
-const HANDOVER_PROBE: Duration = Duration::from_millis(1);
-const HANDOVER_WAIT: Duration = Duration::from_secs(1);
-const HANDOVER_DEGRADED: Duration = Duration::from_secs(5);
 /// Updates delivered per turn of the fanout loop before it looks at its other inputs.
 const BATCH: usize = 256;
-/// Updates read per turn of the intake loop, at most, when they are ready.
-const INTAKE_BATCH: usize = 256;
+/// Batches (what one read of one publisher brought) handled per turn of the intake loop, at
+/// most, when they are ready.
+const INTAKE_BATCHES: usize = 64;
 /// Updates waiting for one subscriber's socket, at most; beyond, it misses them (counted as
 /// `slow_dropped`), like a libzmq XPUB at its high-water mark. About 10 MB at 1 KiB.
 pub const SUBSCRIBER_QUEUE: usize = 10_000;
@@ -74,16 +73,15 @@ const PEER_EVENTS: usize = 1024;
 /// A proxy whose sockets are bound; [`Proxy::run`] serves until cancelled.
 pub struct Proxy {
     config: ProxyConfig,
-    xsub: XSubSocket,
+    xsub: XSub,
     xpub: tokio::net::TcpListener,
-    xsub_events: events::Receiver<SocketEvent>,
     /// Real endpoints (port 0 resolved).
     pub xsub_endpoint: String,
     pub xpub_endpoint: String,
     /// Random, per process: subscribers and publishers tell a restarted proxy by it.
     pub instance: u64,
-    /// Counters of the guard in front of the XSUB, if any.
-    guards: Vec<Arc<GuardStats>>,
+    /// Counters of the XSUB's limits.
+    xsub_stats: Arc<GuardStats>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -93,17 +91,6 @@ impl std::fmt::Debug for Proxy {
             .field("xpub", &self.xpub_endpoint)
             .finish_non_exhaustive()
     }
-}
-
-/// Binds the XSUB (keepalive), behind a guard when `guard` is given.
-async fn bind<S: Socket>(
-    socket: &mut S,
-    endpoint: &str,
-    keepalive: Duration,
-    guard: Option<Limits>,
-) -> Result<common::guard::Bound, ProxyError> {
-    let listener = listen(endpoint, keepalive, None)?;
-    Ok(common::guard::bind_on(socket, listener, endpoint, guard).await?)
 }
 
 /// A listener with keepalive and, when given, a user timeout on every accepted connection.
@@ -146,29 +133,29 @@ fn bind_xpub(
 struct Intake {
     messages_in: AtomicU64,
     dropped: AtomicU64,
-    peer_errors: AtomicU64,
     publishers_seen: AtomicU64,
-    upstream_stalled: AtomicU64,
-    upstream_unsent: AtomicU64,
 }
 
 impl Proxy {
     /// Binds both sockets (keepalive and user timeout on every accepted connection).
     pub async fn bind(config: ProxyConfig) -> Result<Self, ProxyError> {
         let keepalive = config.heartbeat.interval.max(Duration::from_secs(1));
-        let mut xsub = XSubSocket::new();
-        let xsub_events = xsub.monitor();
-        // The XSUB is zmq.rs's: the guard stands in front of it where wanted. The XPUB side is
-        // our own ZMTP code (crate::xpub), which checks every frame header itself.
-        let guard = common::guard::wanted(config.guard, &config.xsub)?.then_some(config.limits);
-        let xsub_bound = bind(&mut xsub, &config.xsub, keepalive, guard).await?;
-        let xsub_endpoint = xsub_bound.endpoint;
+        // Both sides are our own ZMTP code, which checks every frame header itself.
+        let listener = listen(&config.xsub, keepalive, None)?;
+        let xsub =
+            XSub::serve(listener, config.limits, config.max_connections).map_err(|source| {
+                ProxyError::Serve {
+                    endpoint: config.xsub.clone(),
+                    source,
+                }
+            })?;
+        let xsub_endpoint = xsub.endpoint.clone();
+        let xsub_stats = xsub.stats().clone();
         let (xpub, xpub_endpoint) = bind_xpub(&config.xpub, keepalive, config.stall_timeout)?;
         let instance = rand::random::<u64>();
         tracing::info!(
             xsub = %xsub_endpoint,
             xpub = %xpub_endpoint,
-            guarded_xsub = xsub_bound.guard.is_some(),
             instance = format!("{instance:x}"),
             "proxy bound"
         );
@@ -176,11 +163,10 @@ impl Proxy {
             config,
             xsub,
             xpub,
-            xsub_events,
             xsub_endpoint,
             xpub_endpoint,
             instance,
-            guards: xsub_bound.guard.into_iter().collect(),
+            xsub_stats,
         })
     }
 
@@ -199,9 +185,8 @@ impl Proxy {
             config,
             xsub,
             xpub,
-            xsub_events,
             instance,
-            guards,
+            xsub_stats,
             ..
         } = self;
         let (data_tx, data_rx) = mpsc::channel(config.queue.max(1));
@@ -212,7 +197,6 @@ impl Proxy {
         let stop = shutdown.child_token();
         let intake_task = tokio::spawn(run_intake(
             xsub,
-            xsub_events,
             data_tx,
             upstream.clone(),
             intake.clone(),
@@ -245,7 +229,7 @@ impl Proxy {
             upstream,
             instance,
             intake,
-            guards,
+            guards: vec![xsub_stats],
         };
         fanout.run(data_rx, peer_rx, &shutdown, &mut report).await;
         stop.cancel();
@@ -258,11 +242,11 @@ impl Proxy {
 }
 
 /// Reads publishers, forwards subscription changes to them, heartbeats them. Never waits on
-/// a peer: the XSUB is always read, so publishers are never held back by subscribers.
-#[allow(clippy::too_many_arguments)]
+/// a peer: the XSUB is always read, so publishers are never held back by subscribers, and a
+/// change goes into every publisher's outbox at once (the XSUB keeps the set in force and sends
+/// it to publishers that connect later).
 async fn run_intake(
-    mut xsub: XSubSocket,
-    mut events: events::Receiver<SocketEvent>,
+    mut xsub: XSub,
     data: mpsc::Sender<ZmqMessage>,
     upstream: Arc<Pending>,
     counters: Arc<Intake>,
@@ -272,169 +256,46 @@ async fn run_intake(
 ) {
     let mut heartbeat = interval(every);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut probe = interval(HANDOVER_PROBE);
-    probe.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut handover = Handover::default();
     loop {
         tokio::select! {
-            () = stop.cancelled() => return,
-            msg = xsub.recv() => {
-                // Then whatever else is ready, without a turn of the select for each (recv
-                // is cancel-safe: a pending one dropped loses nothing).
-                let mut next = Some(msg);
-                let mut more = INTAKE_BATCH;
-                while let Some(msg) = next.take() {
-                    match msg {
-                        Ok(msg) => {
-                            counters.messages_in.fetch_add(1, Relaxed);
-                            if data.try_send(msg).is_err() {
-                                let dropped = counters.dropped.fetch_add(1, Relaxed) + 1;
-                                if dropped.is_power_of_two() {
-                                    tracing::warn!(dropped, "subscribers are behind: queue full, dropping updates");
-                                }
+            () = stop.cancelled() => break,
+            batch = xsub.recv() => {
+                // Then whatever else is ready, without a turn of the select for each.
+                let mut next = Some(batch);
+                let mut more = INTAKE_BATCHES;
+                while let Some(batch) = next.take() {
+                    for msg in batch {
+                        counters.messages_in.fetch_add(1, Relaxed);
+                        if data.try_send(msg).is_err() {
+                            let dropped = counters.dropped.fetch_add(1, Relaxed) + 1;
+                            if dropped.is_power_of_two() {
+                                tracing::warn!(dropped, "subscribers are behind: queue full, dropping updates");
                             }
-                        }
-                        Err(e) => {
-                            counters.peer_errors.fetch_add(1, Relaxed);
-                            tracing::info!(error = %e, "publisher connection failed");
                         }
                     }
                     more -= 1;
                     if more > 0 {
-                        next = futures::FutureExt::now_or_never(xsub.recv());
+                        next = xsub.try_recv();
+                    }
+                }
+                counters.publishers_seen.store(xsub.joined(), Relaxed);
+            }
+            // Coalesced per prefix by the fanout.
+            () = upstream.ready() => {
+                for change in upstream.take(UPSTREAM_BATCH) {
+                    if let Some(frame) = change.to_message().get(0) {
+                        xsub.change(frame.clone());
                     }
                 }
             }
-            // Coalesced per prefix by the fanout. XSUB keeps the set and re-sends it to
-            // publishers that connect later.
-            () = upstream.ready(), if !handover.waiting() => {
-                handover.send(&mut xsub, &upstream, &counters);
-            }
-            _ = probe.tick(), if handover.waiting() => {
-                handover.probe(&mut xsub, instance, &upstream, &counters);
-            }
-            Some(event) = events.next() => match event {
-                SocketEvent::Accepted(endpoint, _) => {
-                    counters.publishers_seen.fetch_add(1, Relaxed);
-                    tracing::debug!(%endpoint, "publisher connected");
-                }
-                SocketEvent::Disconnected(_) => tracing::debug!("publisher gone"),
-                _ => {}
-            },
             _ = heartbeat.tick() => {
                 // Publishers of ours listen for it to notice a dead link; libzmq PUBs ignore it.
-                let _ = try_send(&mut xsub, protocol::heartbeat(instance));
+                xsub.broadcast(&protocol::heartbeat(instance));
+                counters.publishers_seen.store(xsub.joined(), Relaxed);
             }
         }
     }
-}
-
-/// The hand-over of subscription changes to zmq.rs's XSUB, until the proxy uses
-/// `common::wire::xsub` (a queue per publisher, nothing dropped). zmq.rs writes a change to each
-/// publisher connection in turn, and [`try_send`] gives up at the first whose link cannot take
-/// it at once: the connections after it miss the change (a flood of 60,000 new prefixes reached
-/// a stock publisher as 6,162 that way). So once a change stalls, no other is sent until a
-/// heartbeat goes through to every publisher (every link drained; probed every
-/// [`HANDOVER_PROBE`]), and then the stalled change is sent again, first. The links that had it
-/// get it twice: a stock PUB keeps a set and ignores that, zmq.rs's PUB keeps a list, so a
-/// subscribe sent twice has its unsubscribe sent twice too (a spare unsubscribe is ignored by
-/// both). A link that does not drain within [`HANDOVER_WAIT`] is a publisher that stopped
-/// reading, not a slow one: then changes go without waiting for [`HANDOVER_DEGRADED`] (the
-/// connections after it miss them, counted in `upstream_unsent`; the XSUB's set keeps them for
-/// when they reconnect), and the wait is tried again after.
-#[derive(Debug, Default)]
-struct Handover {
-    /// The change that stalled, and since when.
-    stalled: Option<(Subscription, Instant)>,
-    /// Until when changes go without waiting.
-    degraded_until: Option<Instant>,
-    /// Subscribes that went out more than once: how many times more, per prefix.
-    doubled: HashMap<Bytes, u32>,
-}
-
-impl Handover {
-    fn waiting(&self) -> bool {
-        self.stalled.is_some()
-    }
-
-    /// Sends what is pending, up to a batch; stops at the first change that stalls.
-    fn send(&mut self, xsub: &mut XSubSocket, upstream: &Pending, counters: &Intake) {
-        let mut changes = upstream.take(UPSTREAM_BATCH).into_iter();
-        while let Some(change) = changes.next() {
-            if self.send_one(xsub, &change, counters) {
-                continue;
-            }
-            if self.degraded_until.is_some_and(|t| Instant::now() < t) {
-                let unsent = counters.upstream_unsent.fetch_add(1, Relaxed) + 1;
-                static UNSENT: Throttle = Throttle::new(Duration::from_secs(1));
-                if let Some(held_back) = UNSENT.check() {
-                    tracing::warn!(unsent, held_back, "a publisher is not reading: subscription changes sent without waiting for it, the publishers after it miss them until they reconnect");
-                }
-                continue;
-            }
-            self.stalled = Some((change, Instant::now()));
-            upstream.put_back(changes.collect());
-            return;
-        }
-    }
-
-    /// One change (an unsubscribe as many times as its subscribe went out); false if it
-    /// stalled.
-    fn send_one(
-        &mut self,
-        xsub: &mut XSubSocket,
-        change: &Subscription,
-        counters: &Intake,
-    ) -> bool {
-        let copies = match change {
-            Subscription::Unsubscribe(prefix) => 1 + self.doubled.get(prefix).copied().unwrap_or(0),
-            Subscription::Subscribe(_) => 1,
-        };
-        for _ in 0..copies {
-            match try_send(xsub, change.to_message()) {
-                // A link that failed is dropped; the others have the change.
-                Sent::Queued | Sent::Failed(_) => {}
-                Sent::Stalled => {
-                    counters.upstream_stalled.fetch_add(1, Relaxed);
-                    return false;
-                }
-            }
-        }
-        if let Subscription::Unsubscribe(prefix) = change {
-            self.doubled.remove(prefix);
-        }
-        true
-    }
-
-    /// While a change is stalled: once every link has drained, sends it again and goes on; if
-    /// they do not drain in time, goes on without waiting.
-    fn probe(
-        &mut self,
-        xsub: &mut XSubSocket,
-        instance: u64,
-        upstream: &Pending,
-        counters: &Intake,
-    ) {
-        let Some((change, since)) = self.stalled.take() else {
-            return;
-        };
-        if try_send(xsub, protocol::heartbeat(instance)).is_queued() {
-            if let Subscription::Subscribe(prefix) = &change {
-                *self.doubled.entry(prefix.clone()).or_default() += 1;
-            }
-            if self.send_one(xsub, &change, counters) {
-                self.send(xsub, upstream, counters);
-            } else {
-                self.stalled = Some((change, since));
-            }
-        } else if since.elapsed() >= HANDOVER_WAIT {
-            counters.upstream_unsent.fetch_add(1, Relaxed);
-            self.degraded_until = Some(Instant::now() + HANDOVER_DEGRADED);
-            self.send(xsub, upstream, counters);
-        } else {
-            self.stalled = Some((change, since));
-        }
-    }
+    xsub.flush(common::link::LINGER).await;
 }
 
 /// One subscriber connection, as the fanout sees it (its prefixes are in [`Subscriptions`]).
@@ -686,13 +547,10 @@ impl Fanout {
         let mut s = self.stats.clone();
         s.messages_in = self.intake.messages_in.load(Relaxed);
         s.dropped = self.intake.dropped.load(Relaxed);
-        s.peer_errors += self.intake.peer_errors.load(Relaxed);
         s.peer_errors += self.peer_counters.peer_errors.load(Relaxed);
         s.stalled_cut = self.peer_counters.stalled_cut.load(Relaxed);
         s.publishers_seen = self.intake.publishers_seen.load(Relaxed);
         s.upstream_pending = self.upstream.len() as u64;
-        s.upstream_stalled = self.intake.upstream_stalled.load(Relaxed);
-        s.upstream_unsent = self.intake.upstream_unsent.load(Relaxed);
         s.topics_held = self.subscriptions.len() as u64;
         s.topics = self.subscriptions.snapshot(TOPICS_SHOWN);
         (s.guard_refused, s.guard_stalled) = common::guard::totals(&self.guards);
@@ -713,8 +571,6 @@ fn log_stats(what: &'static str, s: &ProxyStats) {
         released = s.released,
         forwarded = s.forwarded,
         upstream_pending = s.upstream_pending,
-        upstream_stalled = s.upstream_stalled,
-        upstream_unsent = s.upstream_unsent,
         refused = s.refused,
         refused_per_connection = s.refused_per_connection,
         topics = s.topics_held,

@@ -35,14 +35,6 @@ pub struct ProxyStats {
     pub forwarded: u64,
     #[serde(default)]
     pub upstream_pending: u64,
-    /// Changes the XSUB (zmq.rs) could not write to every publisher at once (it writes to each
-    /// in turn and gives up at one whose link is full): sent again once the links drained; and
-    /// those sent on without waiting for a publisher that stopped reading, which the publishers
-    /// after it missed (the XSUB's set keeps them: they get them when they reconnect).
-    #[serde(default)]
-    pub upstream_stalled: u64,
-    #[serde(default)]
-    pub upstream_unsent: u64,
     /// Subscriptions to new prefixes refused because the table was full (`--max-topics`).
     pub refused: u64,
     /// Subscriptions refused because the connection held `--max-prefixes-per-connection`.

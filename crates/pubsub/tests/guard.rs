@@ -1,11 +1,11 @@
-//! Bad input on both proxy sockets. The XSUB is zmq.rs's, so with `--guard always` the guard
-//! stands in front of it: the nine bytes that abort a bare zmq.rs process, oversized frames, MORE
-//! floods, garbage and greetings cut short are cut off, logged once with the peer's address and
-//! counted. The XPUB side is the proxy's own ZMTP code (`pubsub::xpub`), which refuses the same
-//! input itself (the connection ends, logged with the peer's address, counted in `peer_errors`)
-//! and counts and names a subscriber that sends anything but subscriptions (`bad_xpub`). A
-//! subscriber that stops reading costs the others nothing and is cut off. Real updates reach a
-//! real subscriber throughout. Without the guard the nine bytes abort the proxy through its XSUB.
+//! Bad input on both proxy sockets, with default flags, on loopback. Both are the proxy's own
+//! ZMTP code. The XSUB (`common::wire::xsub`) refuses the nine bytes that abort a bare zmq.rs
+//! process, oversized frames, MORE floods, garbage and greetings cut short: the connection ends,
+//! counted in `guard_refused` and logged with the peer's address (once a second at most). The
+//! XPUB side (`pubsub::xpub`) refuses the same input itself (counted in `peer_errors`) and counts
+//! and names a subscriber that sends anything but subscriptions (`bad_xpub`). A subscriber that
+//! stops reading costs the others nothing and is cut off. Real updates reach a real subscriber
+//! throughout.
 
 use std::time::Duration;
 
@@ -97,11 +97,7 @@ fn xpub_floods() -> Vec<(&'static str, Vec<u8>)> {
 async fn bad_peers_are_cut_off_on_both_proxy_sockets_and_updates_still_flow() {
     let _g = heavy().await;
     let logs = logs("guard");
-    let mut px = proxy_with_stats(
-        &logs,
-        &["--guard", "always", "--max-message-bytes", "65536"],
-    )
-    .await;
+    let mut px = proxy_with_stats(&logs, &["--max-message-bytes", "65536"]).await;
     for (_, bytes) in attacks() {
         send_raw(&px.xsub, &bytes).await;
     }
@@ -135,10 +131,9 @@ async fn bad_peers_are_cut_off_on_both_proxy_sockets_and_updates_still_flow() {
             .filter(|l| l.contains(what) && l.contains("peer=127.0.0.1:"))
             .count() as u64
     };
-    assert_eq!(
-        named("peer cut off"),
-        guarded,
-        "each XSUB cut logged once with the peer's address"
+    assert!(
+        named("connection refused") >= 1,
+        "the XSUB's refusals logged with the peer's address"
     );
     let xpub_named = named("subscriber handshake failed") + named("subscriber connection failed");
     assert!(
@@ -206,22 +201,21 @@ async fn a_subscriber_that_stops_reading_costs_the_others_nothing_and_is_cut() {
     drop(stalled);
 }
 
-/// Without the guard the same nine bytes abort the proxy through zmq.rs's XSUB; the XPUB side,
-/// the proxy's own code, refuses them and goes on serving.
+/// With default flags, nine bytes on loopback (a frame header announcing a terabyte) sent to
+/// either socket end that connection only: the proxy serves on. (Its XSUB was zmq.rs's, behind
+/// a guard only for endpoints not on loopback, and the nine bytes aborted the process.)
 #[tokio::test(flavor = "multi_thread")]
-async fn without_the_guard_nine_bytes_abort_the_proxy_through_its_xsub() {
+async fn nine_bytes_on_loopback_do_not_kill_the_proxy() {
     let _g = heavy().await;
-    let logs = logs("unguarded");
-    let mut px = proxy(&logs, "proxy", LOOPBACK, LOOPBACK, &["--guard", "never"]).await;
+    let logs = logs("nine-bytes");
+    let mut px = proxy_with_stats(&logs, &[]).await;
     send_raw(&px.xpub, &[greeting(), nine_bytes()].concat()).await;
+    send_raw(&px.xsub, &[greeting(), nine_bytes()].concat()).await;
+    send_raw(&px.xsub, &nine_bytes()).await;
+    let stats = await_stats(&px.proc, READY_WITHIN, |s| s.guard_refused >= 2).await;
+    assert_eq!(stats.guard_refused, 2, "{stats:?}");
     let s = serves(&logs, &px, 20).await;
-    assert_eq!(
-        (s.received, s.gaps),
-        (20, 0),
-        "the XPUB survived and serves"
-    );
-    let xsub = px.xsub.clone();
-    send_raw(&xsub, &[greeting(), nine_bytes()].concat()).await;
-    let status = px.proc.wait(EXIT_WITHIN).await.expect("the proxy dies");
-    assert!(!status.success(), "a bare zmq.rs XSUB survived");
+    assert_eq!((s.received, s.gaps), (20, 0), "the proxy serves on");
+    let last: pubsub::ProxyStats = stop(&mut px.proc).await;
+    assert_eq!(last.guard_refused, 2, "{last:?}");
 }
