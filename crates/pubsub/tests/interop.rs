@@ -73,6 +73,37 @@ async fn stock_pub_reaches_our_subscriber() {
     publisher.kill().await.expect("python pub killed");
 }
 
+/// A stock PUB with ZMTP heartbeats (a PING every 100 ms, dropped without a PONG in 300 ms)
+/// keeps its one connection through the proxy for 3 s, and our subscriber gets its updates
+/// without a gap. (zmq.rs's XSUB knew no PING: "Unknown command received", and the publisher
+/// was cut off about every second, losing what it sent meanwhile.)
+#[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(pyzmq_missing, ignore = "needs python3 with pyzmq (pip install pyzmq)")]
+async fn a_stock_pub_with_zmtp_heartbeats_keeps_its_connection() {
+    require_pyzmq();
+    let _g = heavy().await;
+    let logs = logs("interop-pub-heartbeat");
+    let px = proxy(&logs, "proxy", LOOPBACK, LOOPBACK, &[]).await;
+    let mut s = subscriber(&logs, "sub", &px.xpub, "10006", &[]).await;
+    let mut publisher = python(
+        &logs,
+        "py-pub",
+        "heartbeat_pub.py",
+        &[&px.xsub, "py1", "10006", "100", "3"],
+    );
+    let status = publisher.wait(EXIT_WITHIN).await.expect("python pub ends");
+    let sent: serde_json::Value = publisher.json().expect("summary");
+    assert!(status.success(), "{}", publisher.log_tail());
+    assert_eq!(
+        sent["disconnects"], 0,
+        "the PUB lost its connection: {sent}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s: SubscriberSummary = stop(&mut s).await;
+    assert_eq!((s.gaps, s.bad), (0, 0), "{s:?}");
+    assert!(s.received > 0, "{s:?}");
+}
+
 /// A libzmq subscriber that stops reading (tiny buffers, SIGSTOPped) does not hold the others:
 /// the kernel (`TCP_USER_TIMEOUT`) or the proxy cuts it once its buffers are full. The proxy's
 /// intake never stops, and the healthy subscriber accounts exactly for all it was sent.
