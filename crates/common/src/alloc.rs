@@ -11,13 +11,16 @@
 //! (the crate's `no_thp` feature: the idle broker 4.5 MB) and [`tune`] gives freed memory back
 //! at once; the instructions per request stay the same.
 //!
-//! A binary opts in with
+//! A binary opts in with (this example runs as a test: it also checks, in a debug build, that
+//! the option [`tune`] sets is where mimalloc has it)
 //!
-//! ```ignore
+//! ```
 //! #[global_allocator]
 //! static ALLOCATOR: common::alloc::MiMalloc = common::alloc::MiMalloc;
-//! // first thing in main:
-//! common::alloc::tune();
+//!
+//! fn main() {
+//!     common::alloc::tune(); // first thing
+//! }
 //! ```
 
 pub use mimalloc::MiMalloc;
