@@ -9,6 +9,10 @@ use common::cli::{HeartbeatArgs, LimitArgs};
 use pubsub::config::{DEFAULT_XPUB, DEFAULT_XSUB};
 use pubsub::{Proxy, ProxyConfig, ProxyStats};
 
+/// See `common::alloc`: each message read from a publisher is an allocation of its own.
+#[global_allocator]
+static ALLOCATOR: common::alloc::MiMalloc = common::alloc::MiMalloc;
+
 /// Pub/sub proxy: XSUB for publishers, XPUB for subscribers, subscriptions per connection,
 /// heartbeats on its own topic, last value cache.
 #[derive(Debug, Parser)]
@@ -60,6 +64,7 @@ struct Args {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> std::process::ExitCode {
+    common::alloc::tune();
     let args = Args::parse();
     common::logging::init("pubsub=info,common=info");
     common::cli::exit_code(run(args).await.map(|()| std::process::ExitCode::SUCCESS))
