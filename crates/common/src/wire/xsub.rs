@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use crate::guard::{GuardStats, Limits};
 use crate::wire::server::{self, Batch, Options, Outbox, Server};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use zeromq::ZmqMessage;
 
 /// The socket types that may connect: publishers.
@@ -182,23 +182,25 @@ impl XSub {
     }
 }
 
-/// A subscription change frame: `0x01` (subscribe) or `0x00` (unsubscribe), then the prefix.
-pub fn change_frame(subscribe: bool, prefix: &[u8]) -> Bytes {
-    let mut frame = BytesMut::with_capacity(1 + prefix.len());
-    frame.put_u8(u8::from(subscribe));
-    frame.put_slice(prefix);
-    frame.freeze()
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
     use std::time::Duration;
 
+    use bytes::BufMut;
+
     use crate::zmtp;
     use zeromq::{PubSocket, Socket, SocketSend};
 
     use super::*;
+
+    /// A subscription change frame: `0x01` (subscribe) or `0x00` (unsubscribe), then the prefix.
+    pub fn change_frame(subscribe: bool, prefix: &[u8]) -> Bytes {
+        let mut frame = BytesMut::with_capacity(1 + prefix.len());
+        frame.put_u8(u8::from(subscribe));
+        frame.put_slice(prefix);
+        frame.freeze()
+    }
 
     fn xsub() -> XSub {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
