@@ -268,15 +268,7 @@ async fn padded_pings_do_not_make_tiny_queued_requests_pin_memory() {
         [tiny_request(n), padded_ping(PADDING)].concat()
     })
     .await;
-    let counters = lab::broker_stats::wait_for(
-        &broker,
-        Duration::from_secs(60),
-        "every padded request in",
-        |c| c.get("requests_in") == REQUESTS as u64,
-    )
-    .await
-    .expect("the requests arrive");
-    let after = rss_kib(broker.pid());
+    let (counters, after) = all_in(&broker, REQUESTS, "every padded request in").await;
     eprintln!(
         "broker RSS {before} KiB, {after} KiB with {} requests queued ({} bytes counted): +{} MiB",
         counters.get("queued"),
@@ -319,15 +311,7 @@ async fn big_requests_over_the_byte_bound_are_refused_and_rss_stays_bounded() {
         .concat()
     })
     .await;
-    let counters = lab::broker_stats::wait_for(
-        &broker,
-        Duration::from_secs(60),
-        "every big request in",
-        |c| c.get("requests_in") == REQUESTS as u64,
-    )
-    .await
-    .expect("the requests arrive");
-    let after = rss_kib(broker.pid());
+    let (counters, after) = all_in(&broker, REQUESTS, "every big request in").await;
     eprintln!(
         "broker RSS {before} KiB, {after} KiB: +{} MiB; {counters:?}",
         after.saturating_sub(before) / 1024
@@ -352,4 +336,18 @@ async fn big_requests_over_the_byte_bound_are_refused_and_rss_stays_bounded() {
     dealer.abort();
     let stats = integration::stop_broker(&mut broker).await;
     assert_eq!(stats.get("guard_refused"), 0, "{stats:?}");
+}
+
+/// Waits until the broker's counters show `n` requests in; its counters then and its RSS (KiB).
+async fn all_in(
+    broker: &lab::process::Proc,
+    n: usize,
+    what: &str,
+) -> (lab::broker_stats::Counters, u64) {
+    let counters = lab::broker_stats::wait_for(broker, Duration::from_secs(60), what, |c| {
+        c.get("requests_in") == n as u64
+    })
+    .await
+    .expect("the requests arrive");
+    (counters, rss_kib(broker.pid()))
 }
