@@ -92,6 +92,35 @@ pub fn bind_keepalive(text: &str, idle: Duration) -> Result<TcpListener, Endpoin
     Ok(socket.into())
 }
 
+/// Binds a TCP listener for peers that may never send (a SUB, a PULL): such a peer cannot learn
+/// of a cut made while it was unreachable, so nothing here ends a connection for being silent
+/// during a partition. No `TCP_USER_TIMEOUT`: unacknowledged data is retransmitted until the
+/// kernel gives up (`tcp_retries2`, about 15 minutes), and the connection carries on when the link
+/// heals. Keepalive ([`PATIENT_KEEPALIVE`] before the first probe, then six probes 10 s apart)
+/// releases an idle connection whose peer is gone for good. A peer that stopped reading (its
+/// kernel still acknowledges) is the server's to judge: see [`crate::wire::server::Options`].
+pub fn bind_patient(text: &str) -> Result<TcpListener, EndpointError> {
+    let addr = resolve(text)?;
+    let bind_err = |source| EndpointError::Bind {
+        endpoint: text.to_string(),
+        source,
+    };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(bind_err)?;
+    socket.set_reuse_address(true).map_err(bind_err)?;
+    let keepalive = TcpKeepalive::new()
+        .with_time(PATIENT_KEEPALIVE)
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6);
+    socket.set_tcp_keepalive(&keepalive).map_err(bind_err)?;
+    socket.bind(&addr.into()).map_err(bind_err)?;
+    socket.listen(1024).map_err(bind_err)?;
+    Ok(socket.into())
+}
+
+/// How long a connection of [`bind_patient`] may be idle before keepalive probes its peer.
+pub const PATIENT_KEEPALIVE: Duration = Duration::from_secs(60);
+
 /// How long a bound socket's connection may leave data unacknowledged before the kernel aborts
 /// it: the time keepalive takes to give up on an idle peer (one idle period, three probes).
 pub fn user_timeout(idle: Duration) -> Duration {

@@ -76,6 +76,9 @@ pub struct GuardStats {
     /// New connections closed at once at the connection bound, every open one having been heard
     /// from lately (our own sockets only).
     pub turned_away: AtomicU64,
+    /// Connections whose peer could not be reached while writes waited, kept for when the link
+    /// heals (our own sockets for peers that may never send only).
+    pub unreachable: AtomicU64,
 }
 
 impl GuardStats {
@@ -89,6 +92,10 @@ impl GuardStats {
 
     pub fn evicted(&self) -> u64 {
         self.evicted.load(Ordering::Relaxed)
+    }
+
+    pub fn unreachable(&self) -> u64 {
+        self.unreachable.load(Ordering::Relaxed)
     }
 
     pub fn turned_away(&self) -> u64 {

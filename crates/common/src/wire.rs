@@ -12,6 +12,7 @@
 //!
 //! [`crate::zmtp`] has the raw bytes tests and the fuzzer attack with.
 
+pub mod reach;
 pub mod router;
 pub mod server;
 pub mod xsub;

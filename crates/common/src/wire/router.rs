@@ -102,6 +102,7 @@ impl Router {
             peers: PEERS,
             limits,
             max_connections,
+            stall: None,
         };
         let server = Server::serve(listener, options)?;
         Ok(Self {

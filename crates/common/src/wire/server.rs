@@ -25,6 +25,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,7 +39,7 @@ use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use zeromq::ZmqMessage;
 
-use super::{parse_command, protocol_error, Reader, FRAME_OVERHEAD, MESSAGE_OVERHEAD};
+use super::{parse_command, protocol_error, reach, Reader, FRAME_OVERHEAD, MESSAGE_OVERHEAD};
 use crate::guard::{GuardStats, Limits};
 use crate::logging::Throttle;
 
@@ -61,6 +62,16 @@ const SPARE_BYTES: usize = 1 << 20;
 static REFUSED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
 static STALLED_LOG: Throttle = Throttle::new(Duration::from_secs(1));
 static BOUND_LOG: Throttle = Throttle::new(Duration::from_secs(1));
+static UNREACHABLE_LOG: Throttle = Throttle::new(Duration::from_secs(1));
+
+/// A connection's descriptor, for [`reach::Watch::check`] while its write half is borrowed.
+struct SocketFd(std::os::fd::RawFd);
+
+impl std::os::fd::AsRawFd for SocketFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0
+    }
+}
 
 /// What a socket is and what it lets in.
 #[derive(Debug, Clone, Copy)]
@@ -72,6 +83,12 @@ pub struct Options {
     pub limits: Limits,
     /// Connections open at once, at most (at least 1).
     pub max_connections: usize,
+    /// For peers that may never send (a SUB, a PULL): a connection whose writes have not gone
+    /// through for this long is cut only if its peer stopped reading; one that cannot be reached
+    /// keeps its connection, which carries on when the link heals (see [`super::reach`]). Such a
+    /// socket sends with [`Outbox::offer`], which drops what does not fit instead of cutting.
+    /// `None`: the byte bound alone decides ([`Outbox::push`]).
+    pub stall: Option<Duration>,
 }
 
 /// What the connections tell their socket, in order per connection (numbered by `serial`).
@@ -153,13 +170,33 @@ impl Outbox {
         limit: u64,
         put: impl FnOnce(&mut BytesMut),
     ) -> Result<(), usize> {
+        self.append(size, limit, put).inspect_err(|_| self.close())
+    }
+
+    /// Appends `encoded` as [`Outbox::push`] does, but drops it (`false`) instead of cutting the
+    /// connection when it does not fit, or when the connection has ended.
+    pub fn offer(&self, encoded: &[u8], limit: u64) -> bool {
+        !self.is_closed()
+            && self
+                .append(encoded.len(), limit, |buf| buf.extend_from_slice(encoded))
+                .is_ok()
+    }
+
+    /// Bytes waiting in the outbox, not yet taken by the writer.
+    pub fn waiting(&self) -> usize {
+        self.buf.lock().expect("outbox lock").len()
+    }
+
+    fn append(
+        &self,
+        size: usize,
+        limit: u64,
+        put: impl FnOnce(&mut BytesMut),
+    ) -> Result<(), usize> {
         let mut buf = self.buf.lock().expect("outbox lock");
         let was_empty = buf.is_empty();
         if !was_empty && (buf.len() + size) as u64 > limit {
-            let waiting = buf.len();
-            drop(buf);
-            self.close();
-            return Err(waiting);
+            return Err(buf.len());
         }
         buf.reserve(size);
         let before = buf.len();
@@ -457,7 +494,13 @@ impl Connection {
         if self.shared.tx.send(joined).await.is_err() {
             return;
         }
-        let writer = tokio::spawn(write_loop(peer.write, outbox.clone()));
+        let writer = tokio::spawn(write_loop(
+            peer.write,
+            outbox.clone(),
+            self.shared.options.stall,
+            self.shared.stats.clone(),
+            self.addr,
+        ));
         let mut reader = peer.reader;
         let ended = tokio::select! {
             ended = self.read_loop(&mut reader, &outbox) => ended,
@@ -548,9 +591,17 @@ impl Connection {
 }
 
 /// Writes whatever gathered in the outbox, in one call each time; ends the connection when the
-/// outbox is closed (a peer cut off gets nothing more).
-async fn write_loop(mut write: OwnedWriteHalf, outbox: Arc<Outbox>) {
+/// outbox is closed (a peer cut off gets nothing more), or, with `stall`, when the peer stopped
+/// reading (see [`Options::stall`]).
+async fn write_loop(
+    mut write: OwnedWriteHalf,
+    outbox: Arc<Outbox>,
+    stall: Option<Duration>,
+    stats: Arc<GuardStats>,
+    addr: SocketAddr,
+) {
     let mut spare = BytesMut::new();
+    let mut watch = reach::Watch::new(write.as_ref());
     loop {
         {
             let mut buf = outbox.buf.lock().expect("outbox lock");
@@ -564,9 +615,37 @@ async fn write_loop(mut write: OwnedWriteHalf, outbox: Arc<Outbox>) {
                 () = outbox.cut.cancelled() => break,
             }
         }
-        tokio::select! {
-            written = write.write_all(&spare) => if written.is_err() { break },
-            () = outbox.cut.cancelled() => break,
+        let socket = write.as_ref().as_raw_fd();
+        let written = write.write_all(&spare);
+        tokio::pin!(written);
+        let mut unreachable = false;
+        let done = loop {
+            let patience = tokio::time::sleep(stall.unwrap_or(Duration::MAX));
+            tokio::select! {
+                written = &mut written => break written.is_ok(),
+                () = outbox.cut.cancelled() => break false,
+                () = patience => match watch.check(&SocketFd(socket)) {
+                    reach::Reach::Taking => {}
+                    reach::Reach::Stopped => {
+                        stats.stalled.fetch_add(1, Relaxed);
+                        if let Some(held_back) = STALLED_LOG.check() {
+                            tracing::warn!(peer = %addr, held_back, "peer stopped reading: cut off");
+                        }
+                        break false;
+                    }
+                    reach::Reach::Unreachable => {
+                        if !std::mem::replace(&mut unreachable, true) {
+                            stats.unreachable.fetch_add(1, Relaxed);
+                            if let Some(held_back) = UNREACHABLE_LOG.check() {
+                                tracing::warn!(peer = %addr, held_back, "peer unreachable: keeping its connection for when the link heals");
+                            }
+                        }
+                    }
+                },
+            }
+        };
+        if !done {
+            break;
         }
         outbox.unwritten.fetch_sub(spare.len() as u64, Relaxed);
         spare.clear();

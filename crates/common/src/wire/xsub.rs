@@ -53,6 +53,7 @@ impl XSub {
             peers: PUBLISHERS,
             limits,
             max_connections,
+            stall: None,
         };
         let server = Server::serve(listener, options)?;
         Ok(Self {
