@@ -7,14 +7,18 @@
 //! - [`server`]: a bound socket's connections (the bound on them, reader and writer tasks, the
 //!   byte budgets, the limits), whatever the socket type;
 //! - one file per socket type on top: [`router`] (the broker's frontend and backend), [`xsub`]
-//!   (the proxy's side facing publishers). The proxy's XPUB (`pubsub::xpub`) still has its own
-//!   connection code.
+//!   (the proxy's side facing publishers), [`xpub`] (its side facing subscribers);
+//! - [`reach`]: whether a peer whose writes wait stopped reading or cannot be reached.
 //!
 //! [`crate::zmtp`] has the raw bytes tests and the fuzzer attack with.
 
+pub mod publish;
+pub mod pull;
+pub mod push;
 pub mod reach;
 pub mod router;
 pub mod server;
+pub mod xpub;
 pub mod xsub;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};

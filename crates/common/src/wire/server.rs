@@ -220,6 +220,19 @@ impl Outbox {
         self.push(size, limit, |buf| super::put_message(buf, frames))
     }
 
+    /// Appends a message of `frames` as [`Outbox::offer`] does (dropped if it does not fit).
+    pub fn offer_message<'a>(
+        &self,
+        frames: impl ExactSizeIterator<Item = &'a Bytes> + Clone,
+        limit: u64,
+    ) -> bool {
+        let size: usize = frames.clone().map(|f| f.len() + 9).sum();
+        !self.is_closed()
+            && self
+                .append(size, limit, |buf| super::put_message(buf, frames))
+                .is_ok()
+    }
+
     /// Appends bytes already encoded; see [`Outbox::push`].
     pub fn push_encoded(&self, encoded: &[u8], limit: u64) -> Result<(), usize> {
         self.push(encoded.len(), limit, |buf| buf.extend_from_slice(encoded))
@@ -521,6 +534,20 @@ impl Connection {
         let _ = writer.await;
     }
 
+    /// A publishing socket's peers subscribe with messages (ZMTP 3.0) or with SUBSCRIBE and
+    /// CANCEL commands (3.1): the command as the message it stands for.
+    fn subscription(&self, name: &[u8], prefix: &[u8]) -> Option<Bytes> {
+        if !matches!(self.shared.options.socket_type, "PUB" | "XPUB") {
+            return None;
+        }
+        let flag = match name {
+            b"SUBSCRIBE" => 1u8,
+            b"CANCEL" => 0u8,
+            _ => return None,
+        };
+        Some([&[flag][..], prefix].concat().into())
+    }
+
     /// Decodes every whole message in each read and hands them over in one batch.
     async fn read_loop(&self, reader: &mut Reader, outbox: &Outbox) -> std::io::Result<()> {
         let limits = &self.shared.options.limits;
@@ -532,7 +559,17 @@ impl Connection {
             while let Some(frame) = reader.try_frame()? {
                 if frame.is_command() {
                     let (name, body) = parse_command(&frame.body)?;
-                    if name == b"PING" {
+                    if let Some(change) = self.subscription(name, body) {
+                        // A ZMTP 3.1 subscriber's command, handed over as a 3.0 message.
+                        batch_bytes += change.len() + FRAME_OVERHEAD + MESSAGE_OVERHEAD;
+                        messages.push(ZmqMessage::from(change));
+                        continue;
+                    }
+                    if name == b"PING" && self.shared.options.stall.is_some() {
+                        // Whether a peer reads is the writer's to judge: a PONG that does not
+                        // fit is dropped, and a full outbox is no reason to cut.
+                        outbox.offer(&super::pong(body), limits.max_peer_bytes);
+                    } else if name == b"PING" {
                         // The PONGs a peer leaves unread count toward its byte bound.
                         let pong = super::pong(body);
                         if let Err(waiting) = outbox.push_encoded(&pong, limits.max_peer_bytes) {
