@@ -20,6 +20,7 @@ use zeromq::ZmqMessage;
 
 use crate::books::{Books, ReplyFate};
 use crate::config::BrokerConfig;
+use crate::pair::{Fsm, PeerEvent, PeerLink, State};
 use crate::protocol::{self, FromWorker, Request, HEARTBEAT};
 use crate::stats::BrokerStats;
 use common::wire::router::{Event, Router};
@@ -69,6 +70,38 @@ pub struct Broker {
     /// Counters of the two sockets' limits.
     socket_stats: [Arc<GuardStats>; 2],
     books: Books,
+    /// Whether clients' requests are taken: always without a pair; in a pair, while active.
+    serving: bool,
+    pair: Option<Pair>,
+}
+
+/// A pair's broker: its rules and its link to the other (see [`crate::pair`]).
+struct Pair {
+    fsm: Fsm,
+    link: PeerLink,
+    /// Stops the link's task when the broker stops.
+    stop: CancellationToken,
+    /// The peer was silent at the last heartbeat tick (for the log).
+    silent: bool,
+    /// The bound peer endpoint, for the ready line.
+    endpoint: Option<String>,
+}
+
+/// The next word from the peer; never, without a pair (the branch is disabled then).
+async fn next_peer_event(pair: &mut Option<Pair>) -> PeerEvent {
+    match pair {
+        Some(pair) => match pair.link.events.recv().await {
+            Some(event) => event,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl std::fmt::Debug for Broker {
@@ -102,13 +135,39 @@ impl Broker {
             backend = %backend.endpoint,
             "broker bound"
         );
+        let pair = match &config.pair {
+            None => None,
+            Some(pair_config) => {
+                let fsm = Fsm::new(pair_config.role, config.heartbeat.expiry(), Instant::now());
+                let stop = CancellationToken::new();
+                let link = crate::pair::spawn(
+                    pair_config,
+                    config.heartbeat,
+                    (fsm.state(), fsm.term()),
+                    stop.clone(),
+                )?;
+                tracing::info!(role = fsm.state().as_str(), peer_bind = ?link.endpoint, peer_connect = ?pair_config.connect, "pair: started, not serving yet");
+                Some(Pair {
+                    fsm,
+                    endpoint: link.endpoint.clone(),
+                    link,
+                    stop,
+                    silent: false,
+                })
+            }
+        };
+        let mut books = Books::new(
+            config.max_queued,
+            config.max_queued_bytes,
+            config.max_deliveries,
+            config.heartbeat,
+        );
+        let serving = pair.is_none();
+        books.stats.active = u64::from(serving);
         Ok(Self {
-            books: Books::new(
-                config.max_queued,
-                config.max_queued_bytes,
-                config.max_deliveries,
-                config.heartbeat,
-            ),
+            books,
+            serving,
+            pair,
             config,
             frontend_endpoint: frontend.endpoint.clone(),
             backend_endpoint: backend.endpoint.clone(),
@@ -116,6 +175,11 @@ impl Broker {
             frontend,
             backend,
         })
+    }
+
+    /// The bound peer endpoint of a pair's broker (port 0 resolved), if it binds one.
+    pub fn peer_endpoint(&self) -> Option<&str> {
+        self.pair.as_ref().and_then(|p| p.endpoint.as_deref())
     }
 
     /// Serves until `shutdown` fires, then drains briefly and returns the final stats.
@@ -159,6 +223,10 @@ impl Broker {
                     self.on_heartbeat();
                     0
                 }
+                event = next_peer_event(&mut self.pair), if self.pair.is_some() => {
+                    self.on_peer(event);
+                    0
+                }
                 _ = stats_tick.tick() => {
                     self.refresh_guard_stats();
                     self.log_stats("stats");
@@ -177,6 +245,9 @@ impl Broker {
                 since_yield = 0;
                 tokio::task::yield_now().await;
             }
+        }
+        if let Some(pair) = &self.pair {
+            pair.stop.cancel();
         }
         self.drain(&watchdog).await;
         self.refresh_guard_stats();
@@ -207,6 +278,11 @@ impl Broker {
             Event::Message(msg) => msg,
             Event::Gone(client) => return self.books.forget_client(&client, "gone"),
         };
+        // In a pair, a broker not active drops requests, unless this one makes it take over.
+        if !self.serving && !self.admit() {
+            self.books.stats.refused_inactive += 1;
+            return;
+        }
         let peer = msg.get(0).cloned().unwrap_or_default();
         match Request::parse(msg) {
             Ok(request) => {
@@ -274,7 +350,91 @@ impl Broker {
             .dispatch(|worker, request| backend.send_to(worker, request.frames()));
     }
 
+    /// A client's request came while not serving: the pair's rules say whether to take over.
+    #[cold]
+    fn admit(&mut self) -> bool {
+        let Some(pair) = &mut self.pair else {
+            return false;
+        };
+        let before = pair.fsm.state();
+        let admitted = pair.fsm.on_client_request(Instant::now());
+        self.after_pair_event(before, "a client came and the peer is silent");
+        admitted
+    }
+
+    fn on_peer(&mut self, event: PeerEvent) {
+        let Some(pair) = &mut self.pair else { return };
+        let before = pair.fsm.state();
+        let why = match event {
+            PeerEvent::Heard(state, term) => {
+                if pair.silent {
+                    pair.silent = false;
+                    tracing::info!(peer = state.as_str(), peer_term = term, "pair: peer heard again");
+                }
+                pair.fsm.on_peer(state, term, Instant::now());
+                match state {
+                    State::Active => "the peer is active",
+                    State::Passive => "the peer is passive",
+                    State::Primary | State::Backup => "the peer (re)started",
+                }
+            }
+            PeerEvent::Lost => {
+                tracing::warn!("pair: peer link closed: the peer is taken for silent");
+                pair.fsm.on_peer_lost();
+                "the peer's link closed"
+            }
+        };
+        self.after_pair_event(before, why);
+    }
+
+    /// Acts on a change of the pair's state: serving or not, the queue dropped on yielding,
+    /// the new state said to the peer and logged.
+    fn after_pair_event(&mut self, before: State, why: &str) {
+        let Some(pair) = &mut self.pair else { return };
+        let (state, term) = (pair.fsm.state(), pair.fsm.term());
+        let stats = &mut self.books.stats;
+        stats.term = term;
+        pair.link.ours.send_if_modified(|ours| {
+            let changed = *ours != (state, term);
+            *ours = (state, term);
+            changed
+        });
+        if state == before {
+            return;
+        }
+        self.serving = state == State::Active;
+        stats.active = u64::from(self.serving);
+        let peer = pair.fsm.peer().map(|(s, _)| s.as_str()).unwrap_or("unknown");
+        if self.serving {
+            stats.activations += 1;
+        }
+        tracing::warn!(
+            from = before.as_str(),
+            to = state.as_str(),
+            term,
+            peer,
+            why,
+            replies_out = stats.replies_out,
+            unix_ms = unix_ms(),
+            "pair: state changed"
+        );
+        if before == State::Active {
+            stats.yielded += 1;
+            // Its clients re-send to the active broker; what workers hold is answered if the
+            // client is still here.
+            let (held, dropped) = self.books.close();
+            tracing::warn!(held, dropped, "pair: yielded to the peer, queued requests dropped");
+        }
+    }
+
     fn on_heartbeat(&mut self) {
+        if let Some(pair) = &mut self.pair {
+            let silent = pair.fsm.peer_silent(Instant::now());
+            if silent && !pair.silent {
+                tracing::warn!(state = pair.fsm.state().as_str(), "pair: peer silent");
+            }
+            pair.silent = silent;
+        }
         self.books.purge_expired();
         let heartbeat = [Bytes::from_static(HEARTBEAT)];
         for id in self.books.worker_ids() {
@@ -341,6 +501,11 @@ impl Broker {
             guard_stalled = s.guard_stalled,
             evicted = s.evicted,
             turned_away = s.turned_away,
+            active = s.active,
+            term = s.term,
+            activations = s.activations,
+            yielded = s.yielded,
+            refused_inactive = s.refused_inactive,
             "{what}"
         );
     }

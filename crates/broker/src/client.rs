@@ -4,6 +4,10 @@
 //! sent again; if nothing at all came back in that time, or the connection closed, the link is
 //! taken for dead: a new socket, reconnect with backoff, and every outstanding request resent.
 //! Replies to requests already answered are counted as duplicates and dropped.
+//!
+//! Given the two brokers of a pair (docs/pairs.md), each lost link moves on to the next broker,
+//! and everything outstanding is re-sent there; a broker that is not active drops the requests,
+//! and the timeout moves the client on again.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -44,6 +48,12 @@ pub struct ClientSummary {
     /// Replies (first answers) per 100 ms since the start.
     #[serde(default)]
     pub timeline: common::timeline::Timeline,
+    /// Given several brokers (a pair): replies (first answers) per broker endpoint, and their
+    /// timelines. Empty with one broker.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_broker: BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub timeline_by_broker: BTreeMap<String, common::timeline::Timeline>,
 }
 
 struct Pending {
@@ -63,6 +73,8 @@ struct State {
     last_reply: Instant,
     /// Since when the current link has been silent: the last reply or the link's start.
     quiet_since: Instant,
+    /// With several brokers: the one the current link goes to.
+    broker: Option<String>,
 }
 
 enum LinkEnd {
@@ -142,6 +154,14 @@ impl State {
                     .push(now.duration_since(p.first_sent).as_micros() as u64);
                 let worker = reply.worker.unwrap_or_else(|| "unknown".into());
                 *self.summary.by_worker.entry(worker).or_default() += 1;
+                if let Some(broker) = &self.broker {
+                    if let Some(n) = self.summary.by_broker.get_mut(broker) {
+                        *n += 1;
+                    }
+                    if let Some(t) = self.summary.timeline_by_broker.get_mut(broker) {
+                        t.record_at(now);
+                    }
+                }
             }
             None if self.answered.contains(&reply.id) => self.summary.duplicates += 1,
             None => tracing::warn!(id = reply.id, "reply to a request never sent dropped"),
@@ -264,22 +284,30 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> ClientSum
         },
         last_reply: started,
         quiet_since: started,
+        broker: None,
         config,
     };
-    let endpoint = state.config.connect.clone();
+    let endpoints = state.config.connect.clone();
+    if endpoints.len() > 1 {
+        for e in &endpoints {
+            state.summary.by_broker.insert(e.clone(), 0);
+            let timeline = common::timeline::Timeline::start();
+            state.summary.timeline_by_broker.insert(e.clone(), timeline);
+        }
+    }
     let reconnect = state.config.reconnect;
+    // The broker to try next (several: a pair's).
+    let mut next = 0;
     while !state.done() && !stop.is_cancelled() {
-        let Some(connected) = link::connect(
-            &endpoint,
-            &reconnect,
-            &mut backoff,
-            &stop,
-            DealerSocket::with_options,
-        )
-        .await
+        let Some((connected, endpoint)) =
+            connect_any(&endpoints, &mut next, &reconnect, &mut backoff, &stop).await
         else {
             break;
         };
+        if endpoints.len() > 1 {
+            tracing::info!(broker = %endpoint, "linked to broker");
+            state.broker = Some(endpoint);
+        }
         let (mut socket, mut monitor) = (connected.socket, connected.monitor);
         match state.serve(&mut socket, &mut monitor, &stop).await {
             LinkEnd::Finished => break,
@@ -291,6 +319,8 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> ClientSum
                     "broker link lost, reconnecting"
                 );
                 drop(socket);
+                // A pair's other broker is tried next.
+                next += 1;
                 if !backoff.pause(&stop).await {
                     break;
                 }
@@ -299,4 +329,48 @@ pub async fn run(config: ClientConfig, shutdown: CancellationToken) -> ClientSum
     }
     deadline.abort();
     state.finish(started)
+}
+
+/// Connects to one of `endpoints`, starting at `next` (modulo their number) and moving on to
+/// the next after each failed attempt; `next` is left at the one that connected. With one
+/// endpoint this is [`link::connect`].
+async fn connect_any(
+    endpoints: &[String],
+    next: &mut usize,
+    policy: &link::Reconnect,
+    backoff: &mut Backoff,
+    stop: &CancellationToken,
+) -> Option<(link::Connected<DealerSocket>, String)> {
+    if let [endpoint] = endpoints {
+        let connected =
+            link::connect(endpoint, policy, backoff, stop, DealerSocket::with_options).await?;
+        return Some((connected, endpoint.clone()));
+    }
+    loop {
+        *next %= endpoints.len().max(1);
+        let endpoint = endpoints.get(*next)?;
+        let mut options = zeromq::SocketOptions::default();
+        options.connect_timeout(policy.connect_timeout);
+        let mut socket = DealerSocket::with_options(options);
+        let monitor = link::Monitor::new(socket.monitor());
+        let attempt = tokio::select! {
+            () = stop.cancelled() => return None,
+            r = socket.connect(endpoint) => r,
+        };
+        match attempt {
+            Ok(()) => {
+                backoff.reset();
+                let connected = link::Connected { socket, monitor };
+                return Some((connected, endpoint.clone()));
+            }
+            Err(e) => {
+                tracing::info!(broker = %endpoint, error = %e, "broker unreachable, trying the next");
+                *next += 1;
+            }
+        }
+        drop(socket);
+        if !backoff.pause(stop).await {
+            return None;
+        }
+    }
 }

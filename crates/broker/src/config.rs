@@ -36,6 +36,8 @@ pub struct BrokerConfig {
     /// A request is dropped (`poisoned`) once this many workers were lost while holding it,
     /// and its retries with it (see [`crate::books`]). At least 1.
     pub max_deliveries: u8,
+    /// One broker of a pair (docs/pairs.md); `None`: a broker alone, always serving.
+    pub pair: Option<crate::pair::PairConfig>,
 }
 
 impl Default for BrokerConfig {
@@ -52,6 +54,7 @@ impl Default for BrokerConfig {
             limits: Limits::default(),
             max_connections: common::endpoint::max_connections_for(1024, 2),
             max_deliveries: 5,
+            pair: None,
         }
     }
 }
@@ -91,7 +94,9 @@ impl BrokerConfig {
 /// An echo worker speaking RFC 6.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    pub connect: String,
+    /// The brokers' backends: one, or both of a pair (the worker serves each on a link of
+    /// its own, so that the backup already knows it when it takes over).
+    pub connect: Vec<String>,
     /// Added as the last frame of every reply so clients can count replies per worker.
     pub name: String,
     /// Simulated work per request.
@@ -107,7 +112,9 @@ pub struct WorkerConfig {
 /// A Lazy Pirate client.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    pub connect: String,
+    /// The brokers' frontends: one, or both of a pair (the first is tried first; each lost
+    /// link moves on to the next).
+    pub connect: Vec<String>,
     pub requests: u64,
     pub concurrency: usize,
     /// Payload bytes per request (at least the text `request <id>`).

@@ -12,6 +12,7 @@ pub mod books;
 pub mod broker;
 pub mod client;
 pub mod config;
+pub mod pair;
 pub mod protocol;
 pub mod queue;
 pub mod stats;

@@ -54,6 +54,19 @@ struct Args {
     /// line).
     #[arg(long)]
     json: bool,
+    /// Run as one broker of a pair (docs/pairs.md): `primary` or `backup`. The pair's
+    /// brokers tell each other their state every heartbeat interval over the peer link
+    /// (`--peer-bind` on one, `--peer-connect` to it on the other); a broker of a pair serves
+    /// clients only while active.
+    #[arg(long, env = "BROKER_PAIR", value_parser = clap::value_parser!(broker::pair::Role), requires = "peer")]
+    pair: Option<broker::pair::Role>,
+    /// Where this broker of a pair binds its peer link (port 0 picks a free port; the ready
+    /// line says `peer=`).
+    #[arg(long, env = "BROKER_PEER_BIND", group = "peer", requires = "pair", value_parser = common::endpoint::parse_tcp)]
+    peer_bind: Option<String>,
+    /// Where this broker of a pair connects its peer link (the other's `--peer-bind`).
+    #[arg(long, env = "BROKER_PEER_CONNECT", group = "peer", requires = "pair", value_parser = common::endpoint::parse_tcp)]
+    peer_connect: Option<String>,
     /// Seconds between stats log lines.
     #[arg(long, env = "BROKER_STATS_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     stats_secs: u64,
@@ -86,12 +99,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         limits: args.limits.limits(),
         max_connections,
         max_deliveries: args.max_deliveries,
+        pair: args.pair.map(|role| broker::pair::PairConfig {
+            role,
+            bind: args.peer_bind.clone(),
+            connect: args.peer_connect.clone(),
+        }),
     };
     let broker = Broker::bind(config).await?;
-    common::ready::announce(&[
-        ("frontend", &broker.frontend_endpoint),
-        ("backend", &broker.backend_endpoint),
-    ]);
+    let mut ready = vec![
+        ("frontend", broker.frontend_endpoint.as_str()),
+        ("backend", broker.backend_endpoint.as_str()),
+    ];
+    if let Some(peer) = broker.peer_endpoint() {
+        ready.push(("peer", peer));
+    }
+    common::ready::announce(&ready);
     let print = |stats: &broker::BrokerStats| {
         if args.json {
             match serde_json::to_string(stats) {

@@ -68,4 +68,21 @@ pub struct BrokerStats {
     /// broker, or a worker purged while alive.
     #[serde(default)]
     pub heartbeat_ready: u64,
+    /// Pair only (`--pair`): 1 while this broker serves clients, 0 while it does not (starting,
+    /// or passive). Always 1 without a pair.
+    #[serde(default)]
+    pub active: u64,
+    /// Pair only: the term of the last activation this broker knows of (docs/pairs.md).
+    #[serde(default)]
+    pub term: u64,
+    /// Pair only: times this broker became active.
+    #[serde(default)]
+    pub activations: u64,
+    /// Pair only: times it stopped serving because its peer was active at a higher term.
+    #[serde(default)]
+    pub yielded: u64,
+    /// Pair only: clients' requests dropped because this broker was not active (their
+    /// clients time out and go to the other broker).
+    #[serde(default)]
+    pub refused_inactive: u64,
 }

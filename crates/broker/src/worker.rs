@@ -33,20 +33,50 @@ enum LinkEnd {
 
 /// Serves until `shutdown` fires, then finishes the requests in hand (bounded by `drain`).
 /// `on_ready` runs each time the worker has (re)connected and announced its credits.
+///
+/// Given several brokers (a pair's), it serves each on a link of its own, with its READY
+/// credits and its own requests in hand: the backup of a pair knows the worker before it
+/// takes over, and only the active one sends it requests.
 pub async fn run(
     config: WorkerConfig,
     shutdown: CancellationToken,
-    mut on_ready: impl FnMut() + Send,
+    on_ready: impl FnMut() + Send,
+) -> WorkerStats {
+    let on_ready = std::sync::Mutex::new(on_ready);
+    let ready = || {
+        if let Ok(mut f) = on_ready.lock() {
+            f();
+        }
+    };
+    let links = config
+        .connect
+        .iter()
+        .map(|endpoint| run_link(&config, endpoint, &shutdown, &ready));
+    let all = futures::future::join_all(links).await;
+    let stats = all.iter().fold(WorkerStats::default(), |a, s| WorkerStats {
+        served: a.served + s.served,
+        reconnects: a.reconnects + s.reconnects,
+    });
+    tracing::info!(worker = %config.name, served = stats.served, reconnects = stats.reconnects, "worker stopped");
+    stats
+}
+
+/// One broker's link, until `shutdown`.
+async fn run_link(
+    config: &WorkerConfig,
+    endpoint: &str,
+    shutdown: &CancellationToken,
+    on_ready: &(dyn Fn() + Sync),
 ) -> WorkerStats {
     let mut stats = WorkerStats::default();
     let mut jobs: JoinSet<Vec<Bytes>> = JoinSet::new();
     let mut backoff = Backoff::new(config.reconnect.min, config.reconnect.max);
     loop {
         let Some(connected) = link::connect(
-            &config.connect,
+            endpoint,
             &config.reconnect,
             &mut backoff,
-            &shutdown,
+            shutdown,
             DealerSocket::with_options,
         )
         .await
@@ -56,49 +86,51 @@ pub async fn run(
         let mut socket = connected.socket;
         let mut monitor = connected.monitor;
         match serve(
-            &config,
+            config,
+            endpoint,
             &mut socket,
             &mut monitor,
             &mut jobs,
             &mut stats,
-            &shutdown,
-            &mut on_ready,
+            shutdown,
+            on_ready,
         )
         .await
         {
             LinkEnd::Shutdown => {
-                finish(&config, &mut socket, &mut jobs, &mut stats).await;
+                finish(config, &mut socket, &mut jobs, &mut stats).await;
                 break;
             }
             LinkEnd::Lost(why) => {
                 stats.reconnects += 1;
-                tracing::warn!(worker = %config.name, why, "broker lost, reconnecting");
+                tracing::warn!(worker = %config.name, broker = endpoint, why, "broker lost, reconnecting");
                 drop(socket);
-                if !backoff.pause(&shutdown).await {
+                if !backoff.pause(shutdown).await {
                     break;
                 }
             }
         }
     }
-    tracing::info!(worker = %config.name, served = stats.served, reconnects = stats.reconnects, "worker stopped");
     stats
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     config: &WorkerConfig,
+    endpoint: &str,
     socket: &mut DealerSocket,
     monitor: &mut link::Monitor,
     jobs: &mut JoinSet<Vec<Bytes>>,
     stats: &mut WorkerStats,
     shutdown: &CancellationToken,
-    on_ready: &mut (dyn FnMut() + Send),
+    on_ready: &(dyn Fn() + Sync),
 ) -> LinkEnd {
     for _ in 0..config.capacity {
         if !send(socket, ZmqMessage::from(Bytes::from_static(READY))) {
             return LinkEnd::Lost("cannot send READY");
         }
     }
-    tracing::info!(worker = %config.name, broker = %config.connect, capacity = config.capacity, "worker ready");
+    tracing::info!(worker = %config.name, broker = endpoint, capacity = config.capacity, "worker ready");
     on_ready();
     let mut liveness = Liveness::new(config.heartbeat);
     let mut tick = interval(config.heartbeat.interval);

@@ -13,9 +13,10 @@ use common::cli::ReconnectArgs;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// The broker's frontend endpoint.
-    #[arg(long, env = "CLIENT_CONNECT", default_value = DEFAULT_FRONTEND, value_parser = common::endpoint::parse_tcp)]
-    connect: String,
+    /// The broker's frontend endpoint; for a broker pair, both (`--connect P,B` or twice): the
+    /// first is tried first, and each lost link moves on to the next.
+    #[arg(long, env = "CLIENT_CONNECT", default_value = DEFAULT_FRONTEND, value_delimiter = ',', value_parser = common::endpoint::parse_tcp)]
+    connect: Vec<String>,
     /// Number of requests to send.
     #[arg(long, env = "CLIENT_REQUESTS", default_value_t = 10)]
     requests: u64,

@@ -12,9 +12,10 @@ use common::cli::{HeartbeatArgs, ReconnectArgs};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// The broker's backend endpoint.
-    #[arg(long, env = "WORKER_CONNECT", default_value = DEFAULT_BACKEND, value_parser = common::endpoint::parse_tcp)]
-    connect: String,
+    /// The broker's backend endpoint; for a broker pair, both (`--connect P,B` or twice): the
+    /// worker serves each on a link of its own.
+    #[arg(long, env = "WORKER_CONNECT", default_value = DEFAULT_BACKEND, value_delimiter = ',', value_parser = common::endpoint::parse_tcp)]
+    connect: Vec<String>,
     /// Name added to every reply (default: worker-<pid>).
     #[arg(long, env = "WORKER_ID")]
     id: Option<String>,
