@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use common::cli::{GuardArgs, HeartbeatArgs};
+use common::cli::{HeartbeatArgs, LimitArgs};
 use pipeline::filter::Chain;
 use pipeline::{MasterConfig, Transfer, WorkerConfig};
 
@@ -85,7 +85,7 @@ struct Args {
     #[command(flatten)]
     heartbeat: HeartbeatArgs,
     #[command(flatten)]
-    guard: GuardArgs,
+    limits: LimitArgs,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -134,8 +134,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .unwrap_or(usize::MAX)
             .max(args.local_workers as usize),
         progress: !args.no_progress && std::io::stderr().is_terminal(),
-        guard: args.guard.guard,
-        limits: args.guard.limits.limits(),
+        limits: args.limits.limits(),
     };
     let cancel = common::shutdown::on_signals();
     let locals = cancel.child_token();

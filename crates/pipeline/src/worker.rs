@@ -1,10 +1,11 @@
 //! The worker (zguide `taskwork2`): PULLs tasks from the master's PUSH, processes them on blocking
 //! threads, PUSHes reports to the master's PULL, and SUBscribes to the master's control PUB.
 //!
-//! Flow control: the worker holds at most `threads + prefetch` tasks. PUSH deals tasks round
-//! robin without knowing who is free, so a task that arrives while the worker is full is answered
-//! with `defer` and the master sends it again (to the next worker in the rotation). Every report
-//! carries `free`, from which the master computes how many tasks it may have in flight.
+//! Flow control: the worker holds at most `threads + prefetch` tasks. Every report carries
+//! `free`, and the master deals tasks to this worker's task connection (named by the PULL's ZMTP
+//! `Identity`, the worker's name) only while it has room; a task that arrives while the worker
+//! is full anyway (a stock master dealing round robin, or a backup copy of one held here) is
+//! answered with `defer` and the master sends it elsewhere.
 //!
 //! Reconnection: `zeromq` 0.7 PUSH/PULL never reconnect. The report PUSH is rebuilt on loss; the
 //! task PULL is connected again in place when its connection drops (dropping a `PullSocket`
@@ -33,6 +34,7 @@ use common::heartbeat::{Heartbeat, Liveness};
 use common::link::{self, Backoff, Monitor, Reconnect};
 use common::CancellationToken;
 use tokio::task::JoinSet;
+use zeromq::util::PeerIdentity;
 use zeromq::{PullSocket, PushSocket, Socket, SocketOptions, SocketRecv, SocketSend, SubSocket};
 
 use crate::files;
@@ -151,9 +153,17 @@ struct TaskLink {
 }
 
 impl TaskLink {
-    fn new(connect_timeout: Duration) -> Self {
+    /// A task PULL whose ZMTP `Identity` is the worker's name (`id`, when 1 to 255 bytes): the
+    /// master deals a connection tasks by the credit of the worker it belongs to, and so knows
+    /// it is ours from its first byte (master::ventilator).
+    fn new(connect_timeout: Duration, id: &str) -> Self {
         let mut options = SocketOptions::default();
         options.connect_timeout(connect_timeout);
+        if (1..=PeerIdentity::MAX_LENGTH).contains(&id.len()) {
+            if let Ok(identity) = PeerIdentity::try_from(id.as_bytes().to_vec()) {
+                options.peer_identity(identity);
+            }
+        }
         let mut pull = PullSocket::with_options(options);
         let monitor = Monitor::new(pull.monitor());
         Self { pull, monitor }
@@ -362,7 +372,7 @@ impl Worker {
         let Some(mut control) = self.connect_control(cancel).await? else {
             return Ok(WorkerExit::Cancelled);
         };
-        let mut tasks = TaskLink::new(self.cfg.reconnect.connect_timeout);
+        let mut tasks = TaskLink::new(self.cfg.reconnect.connect_timeout, &self.cfg.id);
         if !self.connect_tasks(&mut tasks, cancel).await {
             return Ok(WorkerExit::Cancelled);
         }
@@ -428,7 +438,7 @@ impl Worker {
                             Some(c) => c,
                             None => return Ok(WorkerExit::Cancelled),
                         };
-                        std::mem::replace(&mut tasks, TaskLink::new(self.cfg.reconnect.connect_timeout)).close();
+                        std::mem::replace(&mut tasks, TaskLink::new(self.cfg.reconnect.connect_timeout, &self.cfg.id)).close();
                         if !self.connect_tasks(&mut tasks, cancel).await {
                             return Ok(WorkerExit::Cancelled);
                         }

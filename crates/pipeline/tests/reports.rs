@@ -80,9 +80,12 @@ fn a_hoarding_worker_holds_no_more_than_its_slots_and_costs_the_batch_little() {
         // What the hoarder held when the batch ran out of work got a backup copy each: no
         // more than its two slots.
         assert!(count(&s, "backups") <= 2, "{s}");
+        // Dealt by credit (issue 19, case 3), it is sent no more than its two slots: nothing
+        // to refuse. (On round robin it was dealt more, each refused.)
         assert!(
-            count(&s, "refused") >= 1,
-            "PUSH dealt it more than its slots: {s}"
+            hoarder.seen().ids.len() <= 2,
+            "dealt {} distinct tasks, beyond its two slots: {s}",
+            hoarder.seen().ids.len()
         );
         assert!(
             took_ms <= alone_ms * 3 / 2,

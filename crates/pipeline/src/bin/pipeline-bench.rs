@@ -236,7 +236,6 @@ async fn pipeline_run(
         // The clock starts with the first task: let every worker be there by then.
         min_workers: workers,
         progress: false,
-        guard: common::guard::Mode::Auto,
         limits: common::guard::Limits {
             max_message_bytes: pipeline::master::DEFAULT_MAX_MESSAGE_BYTES,
             max_peer_bytes: pipeline::master::DEFAULT_MAX_PEER_BYTES,

@@ -77,6 +77,9 @@ enum Phase {
 struct Copy {
     /// The worker that accepted it; `None` while on its way (being read, sent, unacknowledged).
     worker: Option<String>,
+    /// While on its way: the worker it was dealt to (its task connection's), counted in that
+    /// worker's `inflight`; `None` for a probe of a connection not yet known to be anyone's.
+    to: Option<String>,
     /// When it was sent, or accepted.
     at: Instant,
     /// Handed to the socket (before that, being read): the acknowledgement window runs.
@@ -139,12 +142,20 @@ struct WorkerState {
     cap: u32,
     /// Copies it accepted and has not answered, by these books.
     held: u32,
+    /// Copies dealt to it and not yet acknowledged (being read, or on the wire).
+    inflight: u32,
+    /// When it was first heard from.
+    since: Instant,
     liveness: Liveness,
 }
 
 impl WorkerState {
+    /// Copies it may be dealt now: its last `free`, capped by its contract, less what is on
+    /// its way to it.
     fn room(&self) -> u32 {
-        self.free.min(self.cap.saturating_sub(self.held))
+        self.free
+            .min(self.cap.saturating_sub(self.held))
+            .saturating_sub(self.inflight)
     }
 }
 
@@ -184,6 +195,8 @@ pub(super) struct Books {
     distrusted: BTreeSet<String>,
     /// Copies on their way (read, sent, not acknowledged).
     unacked: u32,
+    /// Of those, probes: copies dealt to a connection not yet known to be anyone's.
+    probes: u32,
     /// Image bytes of the sent copies not yet acknowledged (inline).
     transit_bytes: u64,
     finished: usize,
@@ -228,6 +241,7 @@ impl Books {
             workers: HashMap::new(),
             distrusted: BTreeSet::new(),
             unacked: 0,
+            probes: 0,
             transit_bytes: 0,
             finished: 0,
             failures: Vec::new(),
@@ -289,7 +303,31 @@ impl Books {
             .filter(|(w, _)| !self.distrusted.contains(*w))
             .map(|(_, state)| state.room())
             .fold(0u32, u32::saturating_add);
-        room.saturating_sub(self.unacked)
+        room.saturating_sub(self.probes)
+    }
+
+    /// Copies `worker` may be dealt now (0 for a worker unknown or distrusted).
+    pub(super) fn room_of(&self, worker: &str) -> u32 {
+        match self.workers.get(worker) {
+            Some(state) if !self.distrusted.contains(worker) => state.room(),
+            _ => 0,
+        }
+    }
+
+    /// The room of the workers `linked` says have no task connection known to be theirs (stock
+    /// workers, whose PULL sets no identity), heard from at least `settled` ago, less the probes
+    /// on their way: how many connections not yet known to be anyone's may get a probe.
+    pub(super) fn unlinked_room(&self, linked: impl Fn(&str) -> bool, settled: Duration) -> u32 {
+        let now = Instant::now();
+        let room = self
+            .workers
+            .iter()
+            .filter(|(w, s)| {
+                !linked(w) && !self.distrusted.contains(*w) && now - s.since >= settled
+            })
+            .map(|(_, s)| s.room())
+            .fold(0u32, u32::saturating_add);
+        room.saturating_sub(self.probes)
     }
 
     /// Image bytes sent and not yet acknowledged.
@@ -297,11 +335,19 @@ impl Books {
         self.transit_bytes
     }
 
-    /// The next task to send, if credits allow one: a copy of it is on its way from now on (to
+    /// The next task to send, dealt to worker `to` (`None`: a probe, for a connection not yet
+    /// known to be anyone's), if credits allow one: a copy of it is on its way from now on (to
     /// be read, then [`sent`](Self::sent), or given back with [`unsent`](Self::unsent) or
     /// [`unreadable`](Self::unreadable)).
-    pub(super) fn next_to_send(&mut self) -> Option<usize> {
-        while self.sendable() > 0 {
+    pub(super) fn next_to_send(&mut self, to: Option<&str>) -> Option<usize> {
+        loop {
+            let room = match to {
+                Some(w) => self.room_of(w),
+                None => self.sendable(),
+            };
+            if room == 0 {
+                return None;
+            }
             let i = self.pending.pop_front()?;
             let e = &mut self.entries[i];
             e.queued = false;
@@ -312,15 +358,41 @@ impl Books {
             e.backup_wanted = false;
             e.copies.push(Copy {
                 worker: None,
+                to: to.map(str::to_string),
                 at: Instant::now(),
                 sent: false,
                 bytes: 0,
                 backup,
             });
             self.unacked += 1;
+            match to.and_then(|w| self.workers.get_mut(w)) {
+                Some(state) => state.inflight += 1,
+                None => self.probes += 1,
+            }
             return Some(i);
         }
-        None
+    }
+
+    /// The copy of `id` on its way was lost with its connection (closed, or a probe nobody
+    /// took): it goes first next time, at no cost. Returns whether there was one.
+    pub(super) fn take_back(&mut self, id: usize) -> bool {
+        let Some(k) = self.entries[id].unacked_copy() else {
+            return false;
+        };
+        self.drop_copy(id, k);
+        if self.requeue(id, true) {
+            self.resent += 1;
+        }
+        true
+    }
+
+    /// `worker` is gone (its report connection closed, nothing else of it open): what it held
+    /// is lost, at the cost of an attempt each, and sent again.
+    pub(super) fn lose_worker(&mut self, worker: &str, why: &str) {
+        if self.workers.remove(worker).is_some() {
+            tracing::warn!(%worker, why, "worker lost, re-sending its tasks");
+            self.release_worker(worker, Some(format!("{worker} lost ({why})")));
+        }
     }
 
     fn launched_copy(&self, id: usize) -> Option<usize> {
@@ -394,6 +466,8 @@ impl Books {
                 free: 0,
                 cap,
                 held: 0,
+                inflight: 0,
+                since: Instant::now(),
                 liveness: Liveness::new(expiry),
             }
         });
@@ -470,11 +544,20 @@ impl Books {
                 self.unacked -= 1;
                 self.transit_bytes -= c.bytes;
                 c.bytes = 0;
+                match c.to.take() {
+                    Some(to) => {
+                        if let Some(to) = self.workers.get_mut(&to) {
+                            to.inflight = to.inflight.saturating_sub(1);
+                        }
+                    }
+                    None => self.probes = self.probes.saturating_sub(1),
+                }
             }
             // A copy given up on (lost in transit, or its lease ran out) is accepted after all:
             // the worker has it.
             None if !e.settling => e.copies.push(Copy {
                 worker: Some(worker.to_string()),
+                to: None,
                 at: now,
                 sent: true,
                 bytes: 0,
@@ -588,6 +671,11 @@ impl Books {
             }
             None => {
                 self.unacked -= 1;
+                match c.to.as_deref().and_then(|to| self.workers.get_mut(to)) {
+                    Some(to) => to.inflight = to.inflight.saturating_sub(1),
+                    None if c.to.is_none() => self.probes = self.probes.saturating_sub(1),
+                    None => {}
+                }
                 if c.sent {
                     self.transit_bytes -= c.bytes;
                 }
@@ -673,20 +761,6 @@ impl Books {
                     if self.requeue(i, false) {
                         self.resent += 1;
                     }
-                }
-            }
-        }
-    }
-
-    /// Puts back every copy sent and not acknowledged: called when the task link was cut, so
-    /// they are lost in a hung worker's connection (or, rarely, on their way to a live worker,
-    /// which then does one twice: the first answer wins).
-    pub(super) fn requeue_unacked(&mut self) {
-        for i in 0..self.entries.len() {
-            while let Some(k) = self.entries[i].unacked_copy() {
-                self.drop_copy(i, k);
-                if self.requeue(i, false) {
-                    self.resent += 1;
                 }
             }
         }
@@ -873,7 +947,7 @@ mod tests {
 
     /// Sends the next task and returns its id.
     fn send(b: &mut Books) -> usize {
-        let id = b.next_to_send().expect("credit");
+        let id = b.next_to_send(None).expect("credit");
         b.sent(id, 0);
         id
     }
@@ -907,13 +981,13 @@ mod tests {
     async fn credits_bound_what_is_in_flight() {
         let mut b = books(&["a.png", "b.png", "c.txt"]);
         assert_eq!(b.finished(), 1, "the text file fails at once");
-        assert_eq!(b.next_to_send(), None, "no worker, no credit");
+        assert_eq!(b.next_to_send(None), None, "no worker, no credit");
         b.on_report(&report("w", 1, Event::Hello));
         assert_eq!(send(&mut b), 0);
-        assert_eq!(b.next_to_send(), None, "one credit, one task in flight");
+        assert_eq!(b.next_to_send(None), None, "one credit, one task in flight");
         b.on_report(&report("w", 0, accept(0)));
         b.on_report(&report("w", 1, Event::Heartbeat));
-        assert_eq!(b.next_to_send(), Some(1));
+        assert_eq!(b.next_to_send(None), Some(1));
     }
 
     #[tokio::test(start_paused = true)]
@@ -932,7 +1006,7 @@ mod tests {
         let id = send(&mut b);
         b.on_report(&report("liar", 100_000, accept(id as u64)));
         assert_eq!(b.tally().refused, 1);
-        assert_eq!(b.next_to_send(), Some(id), "sent again at once");
+        assert_eq!(b.next_to_send(None), Some(id), "sent again at once");
         // Neither can slots announced later raise the contract, nor hello beyond --max-slots.
         let mut big = report("liar", 100_000, Event::Heartbeat);
         big.slots = 1000;
@@ -1017,14 +1091,17 @@ mod tests {
         let expired = b.expire(Duration::from_secs(60), Duration::from_secs(60));
         assert_eq!(expired.lost, ["w"]);
         assert_eq!(b.workers(), 0);
-        b.requeue_unacked();
+        assert!(
+            b.take_back(1),
+            "the copy in transit, lost with its connection"
+        );
         assert_eq!(
             b.tally().resent,
             2,
             "the accepted task and the one in transit"
         );
         b.on_report(&report("v", 2, Event::Hello));
-        assert!(b.next_to_send().is_some());
+        assert!(b.next_to_send(None).is_some());
     }
 
     #[tokio::test(start_paused = true)]
@@ -1032,7 +1109,7 @@ mod tests {
         let mut b = one_task(true);
         b.on_report(&report("w", 1, Event::Hello));
         assert_eq!(b.tally().resent, 1);
-        assert_eq!(b.next_to_send(), Some(0));
+        assert_eq!(b.next_to_send(None), Some(0));
     }
 
     #[tokio::test(start_paused = true)]
@@ -1045,7 +1122,7 @@ mod tests {
             Expired::default()
         );
         assert_eq!(b.tally().resent, 1);
-        assert_eq!(b.next_to_send(), Some(0));
+        assert_eq!(b.next_to_send(None), Some(0));
     }
 
     #[tokio::test(start_paused = true)]
@@ -1069,7 +1146,7 @@ mod tests {
             "{}",
             t.failures[0].reason
         );
-        assert_eq!(b.next_to_send(), None, "never sent again");
+        assert_eq!(b.next_to_send(None), None, "never sent again");
     }
 
     #[tokio::test(start_paused = true)]

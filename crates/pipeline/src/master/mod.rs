@@ -1,17 +1,18 @@
 //! The master: ventilator and sink in one process (zguide `taskvent` + `tasksink` + the
 //! `taskwork2` kill switch), each a module of its own around the batch's books:
 //!
-//! - [`ventilator`]: the bound PUSH that deals tasks, and the task messages;
-//! - [`sink`]: the bound PULL that collects worker reports, and inline outputs;
+//! - [`ventilator`]: the bound PUSH that deals tasks by credit, per connection, and the task
+//!   messages;
+//! - [`sink`]: the bound PULL that collects worker reports, and notices workers gone;
 //! - [`controller`]: the bound PUB for heartbeats and `stop`;
 //! - [`books`]: every task's state, the workers' credits and liveness (no I/O);
 //! - [`io`]: the disk work (inline reads and writes, path-mode output checks), off the loop.
 //!
-//! This file runs one batch: it checks the inputs, binds the three sockets (with keepalive and
-//! `TCP_USER_TIMEOUT`), and turns one loop that moves reports into the books and tasks out of
-//! them, and never waits on the disk. A worker the books lose (silent for its liveness window)
-//! gets its tasks re-sent, and the ventilator cuts the task links so that PUSH stops dealing to
-//! it; so does a task that no worker acknowledged within that window.
+//! This file runs one batch: it checks the inputs, binds the three sockets (our own ZMTP code,
+//! `common::wire`, with its limits on every endpoint), and turns one loop that moves reports
+//! into the books and tasks out of them, and never waits on the disk. A worker the books lose
+//! (its report connections closed, or silent for its liveness window) gets its tasks re-sent;
+//! a task connection that closes gives back the tasks on their way on it.
 
 mod books;
 mod controller;
@@ -21,20 +22,17 @@ mod ventilator;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use common::guard::{GuardStats, Limits, Mode};
+use common::guard::Limits;
 use common::heartbeat::Heartbeat;
-use common::send::Sent;
 use common::watchdog::Watchdog;
+use common::wire::push::Unsent;
 use common::CancellationToken;
-use futures::FutureExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use tokio::time::Instant;
-use zeromq::{Socket, ZmqError};
 
 use crate::files;
 use crate::filter::Chain;
@@ -42,8 +40,8 @@ use crate::protocol::{Control, Event, Report, WirePath};
 use books::{Answer, Books, Rules, Settled};
 use controller::Controller;
 use io::{Io, Outcome};
-use sink::Sink;
-use ventilator::{TaskSource, Ventilator};
+use sink::{Heard, Sink};
+use ventilator::{Target, TaskSource, Ventilator, PROBE_GRACE};
 
 /// Reports handled in a row when they are already waiting, before the next `select!` turn.
 const DRAIN: usize = 64;
@@ -55,10 +53,6 @@ const WATCHDOG: Duration = Duration::from_secs(30);
 /// An output is taken for this batch's when modified no earlier than this before the batch
 /// started: file times come from a coarse clock (and, on a network filesystem, the server's).
 const OUTPUT_CLOCK_SLACK: Duration = Duration::from_secs(2);
-
-/// After the task links are cut, the old PUSH keeps the tasks queued on it for its handshake
-/// grace (100 ms, `ventilator`): inline, their bytes count as held until then.
-const RETIRED_FOR: Duration = Duration::from_millis(200);
 
 /// How image bytes reach workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -107,9 +101,8 @@ pub struct MasterConfig {
     pub min_workers: usize,
     /// Draw a progress bar on stderr.
     pub progress: bool,
-    /// Which of the three endpoints get a guard, and what it lets through (see
-    /// `common::guard`): reports carry inline outputs, so the message limit must exceed them.
-    pub guard: Mode,
+    /// What a peer may send to each of the three sockets, and make the master hold: reports
+    /// carry inline outputs, so the message limit must exceed `max_image_bytes`.
     pub limits: Limits,
 }
 
@@ -149,87 +142,14 @@ pub enum MasterError {
     },
     #[error(transparent)]
     Endpoint(#[from] common::endpoint::EndpointError),
-    #[error("cannot bind {endpoint}")]
-    Bind {
-        endpoint: String,
-        #[source]
-        source: ZmqError,
-    },
-    #[error("--max-message-bytes {limit} is not above --max-image-bytes {image}: inline outputs come back through the guard")]
-    GuardTooSmall { limit: u64, image: u64 },
+    #[error("--max-message-bytes {limit} is not above --max-image-bytes {image}: inline outputs could not come back")]
+    LimitTooSmall { limit: u64, image: u64 },
     #[error("cannot listen on {endpoint}")]
     Listen {
         endpoint: String,
         #[source]
         source: std::io::Error,
     },
-}
-
-impl From<common::guard::BindError> for MasterError {
-    fn from(e: common::guard::BindError) -> Self {
-        match e {
-            common::guard::BindError::Endpoint(e) => Self::Endpoint(e),
-            common::guard::BindError::Socket { endpoint, source } => {
-                Self::Bind { endpoint, source }
-            }
-        }
-    }
-}
-
-impl MasterError {
-    fn bind(endpoint: &str) -> impl FnOnce(ZmqError) -> Self {
-        let endpoint = endpoint.to_string();
-        move |source| Self::Bind { endpoint, source }
-    }
-}
-
-/// A socket bound on a listener with TCP keepalive and `TCP_USER_TIMEOUT` (`keepalive` idle,
-/// four of them before a connection with unacknowledged data is aborted): a worker lost behind a
-/// partition releases its connection in seconds, not after the ~15 minutes of retransmissions.
-/// With `guard`, the guard owns that listener and the socket listens on a loopback port of its
-/// own.
-struct Bound<S> {
-    socket: S,
-    endpoint: String,
-    guard: Option<Arc<GuardStats>>,
-}
-
-impl<S: Socket> Bound<S> {
-    async fn bind(
-        endpoint: &str,
-        keepalive: Duration,
-        guard: Option<Limits>,
-    ) -> Result<Self, MasterError> {
-        let mut socket = S::new();
-        let (bound, guard) = common::guard::bind(&mut socket, endpoint, keepalive, guard).await?;
-        Ok(Self {
-            socket,
-            endpoint: bound,
-            guard,
-        })
-    }
-
-    /// A new socket accepting on `listener` (bound for `endpoint`).
-    async fn on(listener: std::net::TcpListener, endpoint: &str) -> Result<Self, MasterError> {
-        let mut socket = S::new();
-        let bound = socket
-            .bind_listener(listener)
-            .await
-            .map_err(MasterError::bind(endpoint))?;
-        Ok(Self {
-            socket,
-            endpoint: bound.to_string(),
-            guard: None,
-        })
-    }
-}
-
-impl<S> std::fmt::Debug for Bound<S> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Bound")
-            .field("endpoint", &self.endpoint)
-            .finish_non_exhaustive()
-    }
 }
 
 /// The bound endpoints, as printed on the `ready` line.
@@ -303,8 +223,8 @@ pub struct Summary {
     /// Workers whose `done` did not hold up (path: no output on disk; inline: no image): given
     /// nothing more in this batch.
     pub distrusted: Vec<String>,
-    /// Connections the guards cut off for oversized or malformed input, and for letting more
-    /// than `--max-peer-bytes` pile up unread.
+    /// Connections the three sockets cut off for oversized or malformed input, and for not
+    /// reading (the names are the guard relay's, kept for the tools that read them).
     pub guard_refused: u64,
     pub guard_stalled: u64,
     pub workers: usize,
@@ -411,28 +331,27 @@ async fn run_on(
     let rels = listing.files;
     // Keepalive probes are whole seconds.
     let keepalive = config.heartbeat.interval.max(Duration::from_secs(1));
-    let guard = |endpoint: &str| -> Result<Option<Limits>, MasterError> {
-        Ok(common::guard::wanted(config.guard, endpoint)?.then_some(config.limits))
-    };
-    let results_guard = guard(&config.results_bind)?;
-    if let Some(limits) = results_guard {
-        if config.transfer == Transfer::Inline && limits.max_message_bytes <= config.max_image_bytes
-        {
-            return Err(MasterError::GuardTooSmall {
-                limit: limits.max_message_bytes,
-                image: config.max_image_bytes,
-            });
-        }
+    if config.transfer == Transfer::Inline
+        && config.limits.max_message_bytes <= config.max_image_bytes
+    {
+        return Err(MasterError::LimitTooSmall {
+            limit: config.limits.max_message_bytes,
+            image: config.max_image_bytes,
+        });
     }
-    let ventilator =
-        Ventilator::bind(&config.tasks_bind, keepalive, guard(&config.tasks_bind)?).await?;
-    let sink = Sink::bind(&config.results_bind, keepalive, results_guard).await?;
-    let controller = Controller::bind(
-        &config.control_bind,
+    let max_connections =
+        common::endpoint::max_connections_for(common::endpoint::raise_open_files_limit(), 3);
+    // A worker that stopped reading its tasks or control messages for this long is cut; one
+    // that cannot be reached keeps its connections (common::wire::server).
+    let stall = config.heartbeat.expiry().max(Duration::from_secs(1));
+    let ventilator = Ventilator::bind(&config.tasks_bind, config.limits, max_connections, stall)?;
+    let sink = Sink::bind(
+        &config.results_bind,
         keepalive,
-        guard(&config.control_bind)?,
-    )
-    .await?;
+        config.limits,
+        max_connections,
+    )?;
+    let controller = Controller::bind(&config.control_bind, config.limits, max_connections, stall)?;
     files::check_writable(&config.output).map_err(|source| MasterError::Output {
         path: config.output.clone(),
         source,
@@ -454,9 +373,6 @@ async fn run_on(
         tasks = %endpoints.tasks,
         results = %endpoints.results,
         control = %endpoints.control,
-        guarded_tasks = ventilator.guard().is_some(),
-        guarded_results = sink.guard().is_some(),
-        guarded_control = controller.guard().is_some(),
         images = rels.len(),
         "master ready"
     );
@@ -482,7 +398,7 @@ async fn run_on(
         controller,
         io: Io::new(since),
         staged: HashMap::new(),
-        retired: None,
+        planned: HashMap::new(),
         started: false,
         progress: progress_bar(config.progress),
         timeline: common::timeline::Timeline::start(),
@@ -529,10 +445,10 @@ fn progress_bar(visible: bool) -> ProgressBar {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Went {
     Queued,
-    /// Not taken by that worker; it goes to the next one now.
+    /// Its connection is gone: the task goes elsewhere now.
     Again,
-    /// No task link at all: nothing more can go until the next event.
-    NoLink,
+    /// Its connection cannot take more now: nothing more goes until the next event.
+    Full,
 }
 
 /// One batch in progress: the books between the ventilator, the sink and the controller.
@@ -544,11 +460,11 @@ struct Master<'a> {
     sink: Sink,
     controller: Controller,
     io: Io,
-    /// Inline inputs read and not sent yet (no task link at that moment): sent from here next
-    /// time rather than read again.
+    /// Inline inputs read and not sent yet (their connection could not take them): sent from
+    /// here next time rather than read again.
     staged: HashMap<usize, Bytes>,
-    /// Inline bytes of the tasks queued on a PUSH just cut, held until it is dropped.
-    retired: Option<(Instant, u64)>,
+    /// Inline inputs being read, and where each goes once read.
+    planned: HashMap<usize, Target>,
     /// `min_workers` was reached once.
     started: bool,
     progress: ProgressBar,
@@ -570,16 +486,18 @@ impl Master<'_> {
             watchdog.pet();
             tokio::select! {
                 () = cancel.cancelled() => return false,
-                (report, image) = self.sink.recv() => {
-                    self.on_report(report, image);
-                    // Reports already waiting are taken now, not one per turn of this
-                    // `select!` with a pump after each (measured with tiny tasks: +10% at one
-                    // in flight, the same at 32; docs/performance.md).
+                heard = self.sink.recv() => {
+                    self.on_heard(heard);
+                    // What is already waiting is taken now, not one batch per turn of this
+                    // `select!` with a pump after each.
                     for _ in 1..DRAIN {
-                        let Some((report, image)) = self.sink.recv().now_or_never() else {
-                            break;
-                        };
-                        self.on_report(report, image);
+                        let Some(heard) = self.sink.try_recv() else { break };
+                        self.on_heard(heard);
+                    }
+                }
+                event = self.ventilator.recv() => {
+                    for id in self.ventilator.on_event(event) {
+                        self.books.take_back(id);
                     }
                 }
                 outcome = self.io.next(), if self.io.is_busy() => self.on_io(outcome),
@@ -591,11 +509,14 @@ impl Master<'_> {
                             heartbeat_ms: self.cfg.heartbeat.interval.as_millis() as u64,
                         });
                     }
+                    for id in self.ventilator.expired_probes() {
+                        self.books.take_back(id);
+                    }
                     let expired = self
                         .books
                         .expire(self.cfg.heartbeat.expiry(), self.cfg.task_timeout);
-                    if !expired.lost.is_empty() || expired.unacked > 0 {
-                        self.cut_task_links(&expired).await;
+                    if expired.unacked > 0 {
+                        tracing::info!(unacked = expired.unacked, "tasks no worker acknowledged in time: sent again");
                     }
                     self.books.request_backups();
                     let books = &self.books;
@@ -604,16 +525,34 @@ impl Master<'_> {
             }
             self.pump();
             self.progress.set_position(self.books.finished() as u64);
-            // zmq.rs's sockets are outside tokio's cooperative budget: without this, reports
-            // that keep coming would never let the library's own tasks on this thread run.
-            tokio::task::consume_budget().await;
         }
         true
+    }
+
+    /// Books what the sink heard: reports, or a worker whose report connections all closed
+    /// (its process is gone, or it is reconnecting: what it held goes elsewhere now).
+    fn on_heard(&mut self, heard: Heard) {
+        match heard {
+            Heard::Reports(reports) => {
+                for (report, image) in reports {
+                    self.on_report(report, image);
+                }
+            }
+            Heard::Gone(worker) => self.books.lose_worker(&worker, "its connection closed"),
+            Heard::Nothing => {}
+        }
     }
 
     /// Books a report; a `done` from a worker that held the task goes to [`io`] (output
     /// checked or written) and is settled when that comes back.
     fn on_report(&mut self, report: Report, image: Option<Bytes>) {
+        if let Event::Accept { batch, id } | Event::Defer { batch, id } = &report.event {
+            if *batch == self.source.batch {
+                if let Ok(id) = usize::try_from(*id) {
+                    self.ventilator.acknowledged(id, &report.worker);
+                }
+            }
+        }
         let Some(Answer::Done { id, worker }) = self.books.on_report(&report) else {
             return;
         };
@@ -642,14 +581,19 @@ impl Master<'_> {
     fn on_io(&mut self, outcome: Outcome) {
         match outcome {
             Outcome::Read { id, result } => {
+                let target = self.planned.remove(&id);
                 if !self.books.is_launched(id) {
                     return; // answered meanwhile by a worker that held it before
                 }
-                match result {
-                    Ok(bytes) => {
-                        self.send_inline(id, bytes);
+                match (result, target) {
+                    (Ok(bytes), Some(target)) => {
+                        self.send_inline(id, bytes, &target);
                     }
-                    Err(reason) => self.books.unreadable(id, reason),
+                    (Ok(bytes), None) => {
+                        self.staged.insert(id, bytes);
+                        self.books.unsent(id);
+                    }
+                    (Err(reason), _) => self.books.unreadable(id, reason),
                 }
             }
             Outcome::Written { id, worker, result } => {
@@ -668,69 +612,79 @@ impl Master<'_> {
     /// Whether inline bytes (in transit, being read, waiting to be written) leave room for one
     /// more input at its limit.
     fn inline_room(&self) -> bool {
-        let retired = match self.retired {
-            Some((until, bytes)) if Instant::now() < until => bytes,
-            _ => 0,
-        };
         let staged: u64 = self.staged.values().map(|b| b.len() as u64).sum();
-        let held = self.books.transit_bytes() + self.io.held_bytes() + staged + retired;
+        let held = self.books.transit_bytes() + self.io.held_bytes() + staged;
         held == 0 || held.saturating_add(self.cfg.max_image_bytes) <= self.cfg.max_inline_bytes
     }
 
-    /// Sends inline task `id` with its image; kept staged when it cannot go now.
-    fn send_inline(&mut self, id: usize, bytes: Bytes) -> bool {
+    /// Sends inline task `id` with its image to `target`; kept staged when it cannot go now.
+    fn send_inline(&mut self, id: usize, bytes: Bytes, target: &Target) -> Went {
         let msg = self
             .source
             .message(id, self.books.rel(id), Some(bytes.clone()));
         let len = bytes.len() as u64;
-        let went = self.send(id, msg, len);
+        let went = self.send(id, target, &msg, len);
         if went != Went::Queued {
             self.staged.insert(id, bytes);
         }
-        went != Went::NoLink
+        went
     }
 
-    /// Hands task `id` to the PUSH.
-    fn send(&mut self, id: usize, msg: zeromq::ZmqMessage, bytes: u64) -> Went {
-        match self.ventilator.send(msg) {
-            Sent::Queued => {
+    /// Hands task `id` to `target`'s connection.
+    fn send(&mut self, id: usize, target: &Target, msg: &zeromq::ZmqMessage, bytes: u64) -> Went {
+        match self.ventilator.send(id, target, msg) {
+            Ok(()) => {
                 self.books.sent(id, bytes);
                 Went::Queued
             }
-            Sent::Stalled => {
-                // That worker's queue is full: the message was dropped and the worker left
-                // the rotation; the task goes to the next one.
-                tracing::warn!("a worker stopped reading its tasks");
+            Err(Unsent::Gone) => {
                 self.books.unsent(id);
                 Went::Again
             }
-            Sent::Failed(e) => {
-                // No task link yet (the `hello` came first): retry on the next event.
-                tracing::debug!(error = %e, "cannot send task yet");
+            Err(Unsent::Full | Unsent::Cut) => {
+                // Its outbox holds its byte bound: that worker is not reading, or cannot be
+                // reached. The task goes first next time.
+                tracing::debug!(serial = target.serial, "a task connection is full");
                 self.books.unsent(id);
-                Went::NoLink
+                Went::Full
             }
         }
     }
 
-    /// A worker went silent, or a task vanished without an acknowledgement: a task connection
-    /// is open that nobody reads (a hung worker, or one a worker left behind a partition), and
-    /// PUSH would go on dealing it every n-th task. Cut every task link; live workers reconnect
-    /// at once.
-    async fn cut_task_links(&mut self, why: &books::Expired) {
-        match self.ventilator.cut().await {
-            Ok(()) => {
-                tracing::info!(lost = ?why.lost, unacked = why.unacked, "task links cut, live workers reconnect");
-                let queued = self.books.transit_bytes();
-                self.retired = Some((Instant::now() + RETIRED_FOR, queued));
-                self.books.requeue_unacked();
+    /// Where the next task goes: the task connection of the worker with the most room, or a
+    /// probe of a connection not yet known to be anyone's while a worker without a known one
+    /// has room (see `ventilator`).
+    fn target(&self) -> Option<Target> {
+        let mut best: Option<(u32, &str, u64)> = None;
+        for (worker, serial) in self.ventilator.linked() {
+            let room = self.books.room_of(worker);
+            if room > 0 && best.is_none_or(|(most, _, _)| room > most) {
+                best = Some((room, worker, serial));
             }
-            Err(e) => tracing::error!(error = %e, "cannot renew the task socket"),
         }
+        if let Some((_, worker, serial)) = best {
+            return Some(Target {
+                serial,
+                worker: Some(worker.to_string()),
+            });
+        }
+        let ventilator = &self.ventilator;
+        if self
+            .books
+            .unlinked_room(|w| ventilator.is_linked(w), PROBE_GRACE)
+            == 0
+        {
+            return None;
+        }
+        ventilator.probe_target().map(|serial| Target {
+            serial,
+            worker: None,
+        })
     }
 
-    /// Sends pending tasks while workers have announced room for them (inline: while the
-    /// bytes held leave room too; the input is read off the loop and sent when read).
+    /// Sends pending tasks while workers with a task connection have announced room for them
+    /// (inline: while the bytes held leave room too; the input is read off the loop and sent
+    /// when read).
     fn pump(&mut self) {
         if !self.started {
             if self.books.workers() < self.cfg.min_workers.max(1) {
@@ -739,27 +693,31 @@ impl Master<'_> {
             self.started = true;
             tracing::info!(workers = self.books.workers(), "dispatching");
         }
+        let inline = self.cfg.transfer == Transfer::Inline;
         loop {
-            let inline = self.cfg.transfer == Transfer::Inline;
             if inline && !self.inline_room() {
                 return;
             }
-            let Some(i) = self.books.next_to_send() else {
+            let Some(target) = self.target() else {
                 return;
             };
-            if inline {
+            let Some(i) = self.books.next_to_send(target.worker.as_deref()) else {
+                return;
+            };
+            let went = if inline {
                 if let Some(bytes) = self.staged.remove(&i) {
-                    if !self.send_inline(i, bytes) {
-                        return;
-                    }
+                    self.send_inline(i, bytes, &target)
                 } else {
                     let path = self.source.input.join(self.books.rel(i));
                     self.io.read(i, path, self.cfg.max_image_bytes);
+                    self.planned.insert(i, target);
+                    Went::Queued
                 }
-                continue;
-            }
-            let msg = self.source.message(i, self.books.rel(i), None);
-            if self.send(i, msg, 0) == Went::NoLink {
+            } else {
+                let msg = self.source.message(i, self.books.rel(i), None);
+                self.send(i, &target, &msg, 0)
+            };
+            if went == Went::Full {
                 return;
             }
         }
@@ -782,27 +740,39 @@ impl Master<'_> {
                 () = cancel.cancelled() => return,
                 () = tokio::time::sleep_until(deadline) => return,
                 _ = tick.tick() => self.controller.publish(&Control::Stop),
-                (report, _) = self.sink.recv() => {
-                    if report.event == Event::Bye {
-                        known.remove(&report.worker);
-                        byes += 1;
-                    } else {
-                        known.insert(report.worker);
+                heard = self.sink.recv() => match heard {
+                    Heard::Reports(reports) => {
+                        for (report, _) in reports {
+                            if report.event == Event::Bye {
+                                known.remove(&report.worker);
+                                byes += 1;
+                            } else {
+                                known.insert(report.worker);
+                            }
+                        }
                     }
+                    Heard::Gone(worker) => {
+                        known.remove(&worker);
+                    }
+                    Heard::Nothing => {}
+                },
+                event = self.ventilator.recv() => {
+                    self.ventilator.on_event(event);
                 }
             }
         }
+        self.controller.flush(Duration::from_millis(200)).await;
     }
 
     fn summary(&self, started: Instant, interrupted: bool) -> Summary {
         let t = self.books.tally();
         let secs = t.elapsed.as_secs_f64();
-        let guards = [
-            self.ventilator.guard(),
-            self.sink.guard(),
-            self.controller.guard(),
+        let sockets = [
+            self.ventilator.stats(),
+            self.sink.stats(),
+            self.controller.stats(),
         ];
-        let (guard_refused, guard_stalled) = common::guard::totals(guards.into_iter().flatten());
+        let (guard_refused, guard_stalled) = common::guard::totals(sockets);
         Summary {
             batch: self.source.batch.clone(),
             total: self.books.total(),

@@ -1,34 +1,51 @@
-//! The ventilator (zguide `taskvent`): the master's bound PUSH, which deals tasks round robin
-//! to the workers' PULLs, and the task messages it carries.
+//! The ventilator (zguide `taskvent`): the master's bound PUSH (`common::wire::push`, our own
+//! ZMTP code, a PUSH on the wire for any PULL), its task connections and whose they are, and the
+//! task messages it carries.
 //!
-//! PUSH cannot leave one peer out: it deals to every connection in turn, and a connected but hung
-//! worker (SIGSTOP, a stuck host) takes its share into a connection nobody reads. zmq.rs can
-//! neither close one peer nor tell which connection is whose, and its per-peer queues (100,000
-//! messages) never fill under the credit flow, so a non-waiting send never sees such a peer as
-//! stalled either. So when the books lose a worker, or a task goes unacknowledged for the liveness
-//! window (it went into a connection nobody reads), the ventilator [rebinds](Ventilator::cut):
-//! a new PUSH on the same listening socket, the old one closed with every connection it had.
-//! Live workers notice the closed link and reconnect within their backoff; the hung one cannot,
-//! and gets nothing more until it runs again and reconnects. With a guard in front, the listening
-//! socket is the guard's loopback one: the guard's relays close with the connections they carry.
+//! A stock PUSH deals round robin to every connection, so a connected worker that never reads
+//! (hung, or a stray stock PULL) takes its share of tasks into a connection nobody reads. Here
+//! the master deals by credit, per connection: a task goes only to the task connection of a
+//! worker with room in the books (its last `free`, capped by its contract, less what is on its
+//! way to it). Whose a connection is:
+//!
+//! - **named**: our workers set the ZMTP `Identity` of their task PULL to their name (the
+//!   `worker` of their reports), so the connection is theirs from its first byte. A newer
+//!   connection with the same name replaces the older one, which is closed (the worker
+//!   reconnected; the old one is half-open or gone).
+//! - **learned**: a stock PULL sets no identity. Such a connection gets a **probe** (one task)
+//!   only while some worker heard from for [`PROBE_GRACE`] has room and no connection known to
+//!   be its own; the worker that accepts the probe owns the connection from then on, and it is
+//!   dealt by that worker's credit. A probe nobody accepts within [`PROBE_WINDOW`] is taken back
+//!   (sent elsewhere at no cost) and the connection gets no other probe for [`MUTED_FOR`]: a
+//!   stray PULL that never reads costs the batch at most one probe window now and then, and
+//!   when every worker's connection is known (our workers) it gets nothing at all.
+//!
+//! Nothing is ever rebound: a connection closes only when its peer goes, or stops reading
+//! (`common::wire::server`'s stall rule: a peer that cannot be reached keeps its connection, so
+//! a stock PULL behind a partition gets tasks again as soon as the link heals).
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::guard::{GuardStats, Limits};
-use common::send::{try_send, Sent};
-use zeromq::{PushSocket, Socket, ZmqMessage};
+use common::wire::push::{self, Push, Unsent};
+use std::collections::HashMap;
+use tokio::time::Instant;
+use zeromq::ZmqMessage;
 
-use super::{Bound, MasterError};
+use super::MasterError;
 use crate::protocol::{Task, WirePath};
 
-/// How long a closed PUSH keeps its connections before it is dropped: a worker whose handshake
-/// the old socket accepted just before it stopped listening gets closed with the others, instead
-/// of staying attached to a socket that sends nothing.
-const HANDSHAKE_GRACE: Duration = Duration::from_millis(100);
+/// A worker heard from this long without a connection known to be its own may have its
+/// connection probed: our workers' named connection usually joins within milliseconds of their
+/// `hello`, and must not lose its first tasks to a stray's probe meanwhile.
+pub(super) const PROBE_GRACE: Duration = Duration::from_millis(300);
+/// A probe not accepted within this long is taken back.
+pub(super) const PROBE_WINDOW: Duration = Duration::from_secs(1);
+/// A connection whose probe was not accepted gets no other one for this long.
+pub(super) const MUTED_FOR: Duration = Duration::from_secs(10);
 
 /// What the ventilator needs to build a task.
 #[derive(Debug, Clone)]
@@ -59,85 +76,235 @@ impl TaskSource {
     }
 }
 
-/// The bound task PUSH.
+/// One task connection.
+#[derive(Debug)]
+struct Link {
+    /// The worker it belongs to: named by its identity, or learned from an accepted probe.
+    worker: Option<String>,
+    /// The task of its probe on its way, and since when.
+    probe: Option<(usize, Instant)>,
+    /// No probe before this.
+    muted_until: Option<Instant>,
+}
+
+/// Where a task goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Target {
+    pub serial: u64,
+    /// The worker whose credit it takes; `None` for a probe.
+    pub worker: Option<String>,
+}
+
+/// The bound task PUSH and its connections.
 #[derive(Debug)]
 pub(super) struct Ventilator {
-    bound: Bound<PushSocket>,
-    /// The listening socket, kept so that a rebind never gives up the port.
-    listener: TcpListener,
+    push: Push,
+    links: HashMap<u64, Link>,
+    /// The task connection of each worker that has one (the newest).
+    of_worker: HashMap<String, u64>,
+    /// The connection each task's copy on its way was last sent on.
+    via: HashMap<usize, u64>,
 }
 
 impl Ventilator {
-    /// Binds the task PUSH on `endpoint` with keepalive and `TCP_USER_TIMEOUT` (`keepalive`),
-    /// behind a guard when `guard` is given.
-    pub(super) async fn bind(
+    /// Binds the task PUSH on `endpoint`. Its peers never send, so the listener has no user
+    /// timeout, and a connection whose writes do not go through for `stall` is cut only if its
+    /// peer stopped reading (`common::wire::server`).
+    pub(super) fn bind(
         endpoint: &str,
-        keepalive: Duration,
-        guard: Option<Limits>,
+        limits: Limits,
+        max_connections: usize,
+        stall: Duration,
     ) -> Result<Self, MasterError> {
-        let public = common::endpoint::bind_keepalive(endpoint, keepalive)?;
-        let (listener, front) = match guard {
-            Some(limits) => {
-                let front = common::guard::front(public, endpoint, limits)?;
-                (front.inner, Some((front.endpoint, front.stats)))
-            }
-            None => (public, None),
-        };
-        let mut bound = Bound::on(clone_of(&listener, endpoint)?, endpoint).await?;
-        if let Some((public, stats)) = front {
-            bound.endpoint = public;
-            bound.guard = Some(stats);
-        }
-        Ok(Self { bound, listener })
+        let listener = common::endpoint::bind_patient(endpoint)?;
+        let push =
+            Push::serve(listener, limits, max_connections, Some(stall)).map_err(|source| {
+                MasterError::Listen {
+                    endpoint: endpoint.to_string(),
+                    source,
+                }
+            })?;
+        Ok(Self {
+            push,
+            links: HashMap::new(),
+            of_worker: HashMap::new(),
+            via: HashMap::new(),
+        })
     }
 
     pub(super) fn endpoint(&self) -> &str {
-        &self.bound.endpoint
+        &self.push.endpoint
     }
 
-    pub(super) fn guard(&self) -> Option<&Arc<GuardStats>> {
-        self.bound.guard.as_ref()
+    pub(super) fn stats(&self) -> &Arc<GuardStats> {
+        self.push.stats()
     }
 
-    /// Hands a task to the next worker in the rotation without ever waiting on it.
-    pub(super) fn send(&mut self, msg: ZmqMessage) -> Sent {
-        try_send(&mut self.bound.socket, msg)
+    /// The next connection event. Cancel-safe.
+    pub(super) async fn recv(&mut self) -> push::Event {
+        self.push.recv().await
     }
 
-    /// Cuts every task connection by moving to a new PUSH on the same listening socket: the way
-    /// to stop dealing to a worker that is connected but does not read. Tasks queued on the old
-    /// socket are lost with it; the caller puts them back.
-    pub(super) async fn cut(&mut self) -> Result<(), MasterError> {
-        let endpoint = self.bound.endpoint.clone();
-        let clone = clone_of(&self.listener, &endpoint)?;
-        // Stop the old accept loop first, so that the listening socket has one owner.
-        let _ = self.bound.socket.unbind_all().await;
-        let fresh = match Bound::on(clone, &endpoint).await {
-            Ok(fresh) => fresh,
-            Err(e) => {
-                // Keep the old socket listening again rather than lose the task endpoint.
-                if let Ok(again) = self.listener.try_clone() {
-                    let _ = self.bound.socket.bind_listener(again).await;
+    /// Books a connection event; returns the tasks whose copies on their way were lost with a
+    /// connection that left.
+    pub(super) fn on_event(&mut self, event: push::Event) -> Vec<usize> {
+        match event {
+            push::Event::Joined {
+                serial,
+                addr,
+                identity,
+            } => {
+                let worker = identity.and_then(|id| String::from_utf8(id.to_vec()).ok());
+                tracing::debug!(serial, %addr, worker = ?worker, "task connection");
+                if let Some(name) = &worker {
+                    if let Some(old) = self.of_worker.insert(name.clone(), serial) {
+                        // The worker reconnected: its old connection is half-open or gone.
+                        self.push.close(old);
+                    }
                 }
-                return Err(e);
+                self.links.insert(
+                    serial,
+                    Link {
+                        worker,
+                        probe: None,
+                        muted_until: None,
+                    },
+                );
+                Vec::new()
             }
-        };
-        let mut fresh = fresh;
-        fresh.endpoint = endpoint;
-        fresh.guard = self.bound.guard.clone();
-        let old = std::mem::replace(&mut self.bound, fresh);
-        tokio::spawn(async move {
-            tokio::time::sleep(HANDSHAKE_GRACE).await;
-            drop(old);
-        });
-        Ok(())
+            push::Event::Left { serial } => self.left(serial),
+        }
     }
-}
 
-/// A second handle on the listening socket, for zmq.rs to own.
-fn clone_of(listener: &TcpListener, endpoint: &str) -> Result<TcpListener, MasterError> {
-    listener.try_clone().map_err(|source| MasterError::Listen {
-        endpoint: endpoint.to_string(),
-        source,
-    })
+    fn left(&mut self, serial: u64) -> Vec<usize> {
+        if let Some(link) = self.links.remove(&serial) {
+            if let Some(name) = link.worker {
+                if self.of_worker.get(&name) == Some(&serial) {
+                    self.of_worker.remove(&name);
+                }
+            }
+        }
+        let lost: Vec<usize> = self
+            .via
+            .iter()
+            .filter(|(_, s)| **s == serial)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &lost {
+            self.via.remove(id);
+        }
+        lost
+    }
+
+    /// Whether `worker` has a task connection known to be its own.
+    pub(super) fn is_linked(&self, worker: &str) -> bool {
+        self.of_worker.contains_key(worker)
+    }
+
+    /// The workers with a task connection, and theirs.
+    pub(super) fn linked(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.of_worker.iter().map(|(w, s)| (w.as_str(), *s))
+    }
+
+    /// A connection not known to be anyone's that may get a probe now.
+    pub(super) fn probe_target(&self) -> Option<u64> {
+        let now = Instant::now();
+        self.links
+            .iter()
+            .filter(|(_, l)| {
+                l.worker.is_none()
+                    && l.probe.is_none()
+                    && l.muted_until.is_none_or(|until| now >= until)
+            })
+            .map(|(serial, _)| *serial)
+            .min()
+    }
+
+    /// Sends task `id` on `target`'s connection; never waits. On failure the task was not sent.
+    pub(super) fn send(
+        &mut self,
+        id: usize,
+        target: &Target,
+        msg: &ZmqMessage,
+    ) -> Result<(), Unsent> {
+        match self.push.send(target.serial, msg) {
+            Ok(()) => {
+                self.via.insert(id, target.serial);
+                if target.worker.is_none() {
+                    if let Some(link) = self.links.get_mut(&target.serial) {
+                        link.probe = Some((id, Instant::now()));
+                    }
+                }
+                Ok(())
+            }
+            Err(Unsent::Gone) => {
+                // Its `Left` follows; until then it is no one's.
+                if let Some(name) = self
+                    .links
+                    .get(&target.serial)
+                    .and_then(|l| l.worker.clone())
+                {
+                    if self.of_worker.get(&name) == Some(&target.serial) {
+                        self.of_worker.remove(&name);
+                    }
+                }
+                if let Some(link) = self.links.get_mut(&target.serial) {
+                    link.worker = None;
+                    link.muted_until = Some(Instant::now() + MUTED_FOR);
+                }
+                Err(Unsent::Gone)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `worker` acknowledged task `id` (accepted or deferred it): the connection it came by is
+    /// that worker's from now on (a probe's connection learned, or one that changed hands).
+    pub(super) fn acknowledged(&mut self, id: usize, worker: &str) {
+        let Some(serial) = self.via.remove(&id) else {
+            return;
+        };
+        let Some(link) = self.links.get_mut(&serial) else {
+            return;
+        };
+        if link.probe.is_some_and(|(probe, _)| probe == id) {
+            link.probe = None;
+        }
+        if link.worker.as_deref() == Some(worker) {
+            return;
+        }
+        tracing::info!(serial, %worker, "task connection learned from an acknowledgement");
+        if let Some(old) = link.worker.replace(worker.to_string()) {
+            if self.of_worker.get(&old) == Some(&serial) {
+                self.of_worker.remove(&old);
+            }
+        }
+        self.of_worker.insert(worker.to_string(), serial);
+    }
+
+    /// Probes not accepted within [`PROBE_WINDOW`]: their connections are muted for a while,
+    /// their tasks returned to be taken back.
+    pub(super) fn expired_probes(&mut self) -> Vec<usize> {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        for (serial, link) in &mut self.links {
+            if let Some((id, at)) = link.probe {
+                if now - at >= PROBE_WINDOW {
+                    link.probe = None;
+                    link.muted_until = Some(now + MUTED_FOR);
+                    if self.via.get(&id) == Some(serial) {
+                        self.via.remove(&id);
+                    }
+                    expired.push(id);
+                }
+            }
+        }
+        if !expired.is_empty() {
+            tracing::info!(
+                probes = expired.len(),
+                "task connections that took no probe: muted"
+            );
+        }
+        expired
+    }
 }
