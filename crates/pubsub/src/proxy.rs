@@ -134,6 +134,18 @@ struct Intake {
     messages_in: AtomicU64,
     dropped: AtomicU64,
     publishers_seen: AtomicU64,
+    /// Publisher connections superseded by a newer one, and the messages discarded from them
+    /// (see [`XSub::superseded`]).
+    handovers: AtomicU64,
+    superseded: AtomicU64,
+}
+
+impl Intake {
+    fn note(&self, xsub: &XSub) {
+        self.publishers_seen.store(xsub.joined(), Relaxed);
+        self.handovers.store(xsub.handovers(), Relaxed);
+        self.superseded.store(xsub.superseded(), Relaxed);
+    }
 }
 
 impl Proxy {
@@ -278,7 +290,7 @@ async fn run_intake(
                         next = xsub.try_recv();
                     }
                 }
-                counters.publishers_seen.store(xsub.joined(), Relaxed);
+                counters.note(&xsub);
             }
             // Coalesced per prefix by the fanout.
             () = upstream.ready() => {
@@ -291,7 +303,7 @@ async fn run_intake(
             _ = heartbeat.tick() => {
                 // Publishers of ours listen for it to notice a dead link; libzmq PUBs ignore it.
                 xsub.broadcast(&protocol::heartbeat(instance));
-                counters.publishers_seen.store(xsub.joined(), Relaxed);
+                counters.note(&xsub);
             }
         }
     }
@@ -550,6 +562,8 @@ impl Fanout {
         s.peer_errors += self.peer_counters.peer_errors.load(Relaxed);
         s.stalled_cut = self.peer_counters.stalled_cut.load(Relaxed);
         s.publishers_seen = self.intake.publishers_seen.load(Relaxed);
+        s.handovers = self.intake.handovers.load(Relaxed);
+        s.superseded = self.intake.superseded.load(Relaxed);
         s.upstream_pending = self.upstream.len() as u64;
         s.topics_held = self.subscriptions.len() as u64;
         s.topics = self.subscriptions.snapshot(TOPICS_SHOWN);
@@ -577,6 +591,8 @@ fn log_stats(what: &'static str, s: &ProxyStats) {
         bad_xpub = s.bad_xpub,
         peer_errors = s.peer_errors,
         publishers_seen = s.publishers_seen,
+        handovers = s.handovers,
+        superseded = s.superseded,
         subscribers_seen = s.subscribers_seen,
         "{what}"
     );

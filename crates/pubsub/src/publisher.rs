@@ -6,6 +6,12 @@
 //! (silence means a partition or a proxy restarted behind one). On either it drops both,
 //! reconnects with backoff (`common::link`) and goes on. Updates keep being numbered while
 //! there is no link, so subscribers count exactly what the outage cost them.
+//!
+//! The PUB sets `"<id> <instance>"` as its ZMTP identity, the same on every connection of this
+//! run: when it connects again while the proxy still holds its older connection (a proxy that
+//! hung, a link half-open), the proxy cuts the older one and discards what is left of it, so
+//! nothing older than what it forwarded follows (see `common::wire::xsub`). The listening XPUB
+//! sets none: it sends nothing.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -18,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio::time::{interval, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
+use zeromq::util::PeerIdentity;
 use zeromq::{PubSocket, Socket, SocketRecv, XPubSocket};
 
 use crate::config::PublisherConfig;
@@ -50,9 +57,18 @@ struct Link {
 /// Most updates made in one turn of the loop (rate 0 or a late timer).
 const BURST: u64 = 1000;
 
+/// The data socket's ZMTP identity: `"<id> <instance>"` (the id cut to fit the 255 bytes
+/// allowed).
+fn identity(id: &str, instance: u64) -> PeerIdentity {
+    let id = id.get(..200).unwrap_or(id);
+    PeerIdentity::try_from(format!("{id} {instance:x}").into_bytes())
+        .expect("1 to 255 bytes, not starting with 0")
+}
+
 /// Connects both sockets, after `delay`; `None` when stopped first.
 async fn connect(
     config: PublisherConfig,
+    identity: PeerIdentity,
     delay: Duration,
     stop: CancellationToken,
 ) -> Option<Link> {
@@ -70,7 +86,10 @@ async fn connect(
         &policy,
         &mut backoff,
         &stop,
-        PubSocket::with_options,
+        |mut options| {
+            options.peer_identity(identity.clone());
+            PubSocket::with_options(options)
+        },
     )
     .await?;
     let listen = link::connect(
@@ -179,8 +198,10 @@ pub async fn run(
         rng: rand::thread_rng(),
         config,
     };
+    let identity = identity(&p.config.id, instance);
     let mut connecting: Option<JoinHandle<Option<Link>>> = Some(tokio::spawn(connect(
         p.config.clone(),
+        identity.clone(),
         Duration::ZERO,
         shutdown.clone(),
     )));
@@ -245,6 +266,7 @@ pub async fn run(
             link = None;
             connecting = Some(tokio::spawn(connect(
                 p.config.clone(),
+                identity.clone(),
                 p.config.reconnect.min,
                 shutdown.clone(),
             )));

@@ -48,6 +48,13 @@ pub struct ProxyStats {
     /// Connections accepted from publishers and from subscribers.
     pub publishers_seen: u64,
     pub subscribers_seen: u64,
+    /// Publisher connections cut because a newer one of the same publisher (same identity,
+    /// same address) joined, and the messages that still came from them, discarded: a
+    /// publisher never goes back in time through the proxy.
+    #[serde(default)]
+    pub handovers: u64,
+    #[serde(default)]
+    pub superseded: u64,
     /// Connections the guards cut off: oversized or malformed input (garbage, a greeting cut
     /// short), and peers that let more than `--max-peer-bytes` pile up unread.
     pub guard_refused: u64,

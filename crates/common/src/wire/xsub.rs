@@ -14,17 +14,47 @@
 //! publisher sends handed over as it came; each subscription change (`0x01` or `0x00`, then the
 //! prefix) sent to every publisher, and the subscriptions in force sent to each publisher that
 //! connects later.
+//!
+//! One thing more: **a publisher's newer connection supersedes its older one**, much as a
+//! libzmq ROUTER does with `ZMQ_ROUTER_HANDOVER`. A publisher that sets an `Identity` in its
+//! READY (ours set their id and instance) may connect again while its older connection is still
+//! open with a tail not yet read (the proxy was hung, or the old link half-open). The first
+//! messages of the newer connection cut the older one, and whatever still comes from the older
+//! after them is discarded (counted, [`XSub::superseded`]); until then the older one's tail
+//! flows. Connections are handled in the order of their events, so everything taken from the
+//! older came before anything from the newer: a publisher's updates never go back in time
+//! through the XSUB, and what it wrote into the older connection and was not read in time is a
+//! gap the subscribers prove from the sequence numbers. Without an identity (a stock PUB by
+//! default) nothing changes.
+//!
+//! Whose connection is whose is keyed by identity and IP address: a stranger on another host
+//! cannot cut a publisher by claiming its identity. One on the same host (or behind the same
+//! NAT) can, by sending under it; the publisher then reconnects and cuts it in turn. That is
+//! accepted: any peer that may connect to the XSUB can as well publish under a publisher's
+//! name, instance and numbers, and mislead every subscriber, so the XSUB's endpoint is for
+//! trusted publishers only (docs/across-hosts.md) whatever we do here; the handovers are
+//! counted and logged (throttled) with the address, so such a fight shows.
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::guard::{GuardStats, Limits};
+use crate::logging::Throttle;
 use crate::wire::server::{self, Batch, Options, Outbox, Server};
 use bytes::{Bytes, BytesMut};
 use zeromq::ZmqMessage;
 
 /// The socket types that may connect: publishers.
 const PUBLISHERS: &[&[u8]] = &[b"PUB", b"XPUB"];
+
+/// A handover can be caused at will (by a peer on the publisher's host): at most one line a
+/// second.
+static HANDOVER_LOG: Throttle = Throttle::new(Duration::from_secs(1));
+
+/// Who a publisher connection says it is: its address and the `Identity` of its READY.
+type Owner = (IpAddr, Bytes);
 
 /// A bound XSUB.
 #[derive(Debug)]
@@ -36,6 +66,16 @@ pub struct XSub {
     subscribed: HashSet<Bytes>,
     limits: Limits,
     joined: u64,
+    /// Who each open connection that set an identity says it is.
+    owned: HashMap<u64, Owner>,
+    /// Per publisher that set an identity, the connection whose messages are handed over: the
+    /// one accepted last of those that have sent anything.
+    speaking: HashMap<Owner, u64>,
+    /// Connections cut because a newer one of the same publisher sent, until they are gone:
+    /// what still comes from them is discarded.
+    superseded_by: HashSet<u64>,
+    handovers: u64,
+    superseded: u64,
     /// The endpoint publishers connect to (port 0 resolved).
     pub endpoint: String,
 }
@@ -63,6 +103,11 @@ impl XSub {
             subscribed: HashSet::new(),
             limits,
             joined: 0,
+            owned: HashMap::new(),
+            speaking: HashMap::new(),
+            superseded_by: HashSet::new(),
+            handovers: 0,
+            superseded: 0,
         })
     }
 
@@ -74,6 +119,17 @@ impl XSub {
     /// Publishers that have connected since the start.
     pub fn joined(&self) -> u64 {
         self.joined
+    }
+
+    /// Publisher connections cut because a newer one of the same publisher (same identity,
+    /// same address) sent.
+    pub fn handovers(&self) -> u64 {
+        self.handovers
+    }
+
+    /// Messages that came from those connections after they were cut, discarded.
+    pub fn superseded(&self) -> u64 {
+        self.superseded
     }
 
     /// Publishers connected now.
@@ -105,9 +161,20 @@ impl XSub {
     fn take(&mut self, event: server::Event) -> Option<Batch> {
         match event {
             server::Event::Messages { serial, batch } => {
-                self.publishers.contains_key(&serial).then_some(batch)
+                if self.publishers.contains_key(&serial) && self.speaks(serial) {
+                    return Some(batch);
+                }
+                if self.superseded_by.contains(&serial) {
+                    self.superseded += batch.into_iter().len() as u64;
+                }
+                None
             }
-            server::Event::Joined { serial, outbox, .. } => {
+            server::Event::Joined {
+                serial,
+                addr,
+                identity,
+                outbox,
+            } => {
                 self.joined += 1;
                 tracing::debug!(serial, "publisher connected");
                 let mut all = BytesMut::new();
@@ -120,6 +187,9 @@ impl XSub {
                     self.server.stalled(&format!("publisher {serial}"), waiting);
                     return None;
                 }
+                if let Some(identity) = identity {
+                    self.owned.insert(serial, (addr.ip(), identity));
+                }
                 self.publishers.insert(serial, outbox);
                 None
             }
@@ -127,8 +197,64 @@ impl XSub {
                 if self.publishers.remove(&serial).is_some() {
                     tracing::debug!(serial, "publisher gone");
                 }
+                self.superseded_by.remove(&serial);
+                if let Some(owner) = self.owned.remove(&serial) {
+                    if self.speaking.get(&owner) == Some(&serial) {
+                        self.speaking.remove(&owner);
+                    }
+                }
                 None
             }
+        }
+    }
+
+    /// Whether what connection `serial` sent may be handed over: yes if it set no identity, or
+    /// if no connection of its publisher accepted later has sent anything. The first messages
+    /// of a publisher's newer connection cut its older one (everything taken from the older
+    /// came before them; until then the older one's tail still flows), and what the older one
+    /// sends after that is discarded.
+    fn speaks(&mut self, serial: u64) -> bool {
+        let Some(owner) = self.owned.get(&serial) else {
+            return true;
+        };
+        match self.speaking.get(owner).copied() {
+            Some(current) if current == serial => true,
+            Some(newer) if newer > serial => {
+                self.supersede(serial, newer);
+                false
+            }
+            older => {
+                let owner = owner.clone();
+                if let Some(older) = older {
+                    self.supersede(older, serial);
+                }
+                self.speaking.insert(owner, serial);
+                true
+            }
+        }
+    }
+
+    /// Cuts connection `older`: a newer one of the same publisher has sent.
+    fn supersede(&mut self, older: u64, newer: u64) {
+        self.handovers += 1;
+        self.superseded_by.insert(older);
+        if let Some(outbox) = self.publishers.remove(&older) {
+            outbox.close();
+        }
+        let owner = self.owned.remove(&older);
+        if let Some(held_back) = HANDOVER_LOG.check() {
+            let (peer, identity) = owner.map_or_else(Default::default, |(ip, id)| {
+                (ip.to_string(), crate::frames::show(&id))
+            });
+            tracing::info!(
+                %identity,
+                %peer,
+                older,
+                newer,
+                handovers = self.handovers,
+                held_back,
+                "a publisher connected again: its older connection cut, the rest of it discarded"
+            );
         }
     }
 
@@ -250,6 +376,104 @@ mod tests {
             assert_eq!(msg.get(1).map(|f| f.as_ref()), Some(&b"21"[..]));
         }
         assert_eq!(xsub.joined(), 1);
+    }
+
+    /// A raw publisher from `from` (a loopback address), past its handshake (the XSUB's READY
+    /// read), with `identity` in its READY.
+    fn raw_publisher(endpoint: &str, from: &str, identity: &[u8]) -> std::net::TcpStream {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        let local: std::net::SocketAddr = format!("{from}:0").parse().expect("address");
+        socket.bind(&local.into()).expect("bind");
+        let remote: std::net::SocketAddr = endpoint.parse().expect("endpoint");
+        socket.connect(&remote.into()).expect("connect");
+        let mut peer = std::net::TcpStream::from(socket);
+        peer.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        peer.write_all(&[zmtp::greeting(), zmtp::ready_as("PUB", Some(identity))].concat())
+            .expect("write");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while !got.windows(4).any(|w| w == b"XSUB") {
+            let n = peer.read(&mut buf).expect("read");
+            assert!(n > 0, "closed");
+            got.extend_from_slice(&buf[..n]);
+        }
+        peer
+    }
+
+    /// Lets the connections' tasks run without taking their events.
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    /// A publisher connects again with the same identity from the same address: the older
+    /// connection's messages still come through until the newer one sends; then the older one
+    /// is cut, what came from it after that is discarded (counted), and the newer one's updates
+    /// come through. From another address the same identity cuts nobody.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_newer_connection_of_a_publisher_supersedes_its_older_one() {
+        let mut xsub = xsub();
+        let endpoint = xsub.endpoint.trim_start_matches("tcp://").to_string();
+        let connect = |from: &'static str| {
+            let endpoint = endpoint.clone();
+            tokio::task::spawn_blocking(move || raw_publisher(&endpoint, from, b"p1 1234abcd"))
+        };
+        let first = |msgs: Vec<ZmqMessage>| msgs[0].get(0).map(|f| f.to_vec());
+        let mut older = connect("127.0.0.1").await.expect("older");
+        older
+            .write_all(&zmtp::frame(0, b"10001 a1"))
+            .expect("write");
+        assert_eq!(first(next(&mut xsub).await), Some(b"10001 a1".to_vec()));
+        // The newer one has joined but sent nothing: the older one's tail still flows.
+        let mut newer = connect("127.0.0.1").await.expect("newer");
+        settle().await;
+        older
+            .write_all(&zmtp::frame(0, b"10001 a2"))
+            .expect("write");
+        assert_eq!(first(next(&mut xsub).await), Some(b"10001 a2".to_vec()));
+        // The newer one sends; what the older one sends after reaches the XSUB after that.
+        newer
+            .write_all(&zmtp::frame(0, b"10001 b1"))
+            .expect("write");
+        settle().await;
+        older
+            .write_all(&zmtp::frame(0, b"10001 a3"))
+            .expect("write");
+        settle().await;
+        assert_eq!(first(next(&mut xsub).await), Some(b"10001 b1".to_vec()));
+        assert!(xsub.try_recv().is_none(), "nothing from the older one");
+        assert_eq!((xsub.handovers(), xsub.superseded()), (1, 1));
+        // The older connection is closed.
+        let mut buf = [0u8; 64];
+        let closed = tokio::task::spawn_blocking(move || loop {
+            match older.read(&mut buf) {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => {}
+            }
+        });
+        assert!(closed.await.expect("read"));
+        // The same identity from another address is someone else: both stay.
+        let mut stranger = connect("127.0.0.2").await.expect("stranger");
+        stranger
+            .write_all(&zmtp::frame(0, b"10001 s1"))
+            .expect("write");
+        newer
+            .write_all(&zmtp::frame(0, b"10001 b2"))
+            .expect("write");
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            got.extend(
+                next(&mut xsub)
+                    .await
+                    .into_iter()
+                    .filter_map(|m| m.get(0).map(|f| f.to_vec())),
+            );
+        }
+        got.sort();
+        assert_eq!(got, [b"10001 b2".to_vec(), b"10001 s1".to_vec()]);
+        assert_eq!(xsub.handovers(), 1);
+        assert_eq!(xsub.publishers(), 2);
     }
 
     /// A raw publisher: PING gets PONG; a frame header over the limit ends its connection
