@@ -14,6 +14,10 @@ pub const DEFAULT_XSUB: &str = "tcp://127.0.0.1:5555";
 /// Subscribers connect here (the proxy's XPUB).
 pub const DEFAULT_XPUB: &str = "tcp://127.0.0.1:5556";
 
+/// Bytes waiting for one subscriber, at most, by default: about 1,000 updates of 1 KiB (libzmq's
+/// high-water mark), more of smaller ones.
+pub const DEFAULT_SUBSCRIBER_BYTES: u64 = 1 << 20;
+
 /// The XSUB/XPUB proxy.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -21,15 +25,15 @@ pub struct ProxyConfig {
     pub xpub: String,
     /// Heartbeats to subscribers and publishers go out every `heartbeat.interval`.
     pub heartbeat: Heartbeat,
-    /// Updates read from publishers and not yet sent to subscribers, at most (beyond: dropped
-    /// and counted, like libzmq's high-water mark).
-    pub queue: usize,
+    /// Bytes waiting for one subscriber, at most (beyond, it misses updates, counted, like a
+    /// libzmq XPUB at its high-water mark).
+    pub subscriber_bytes: u64,
     /// Distinct subscription prefixes held at most.
     pub max_topics: usize,
     /// Prefixes one subscriber connection holds at most.
     pub max_prefixes_per_connection: usize,
-    /// TCP_USER_TIMEOUT on subscriber connections: one that keeps a zero window (stopped
-    /// reading) or leaves data unacknowledged this long is cut by the kernel.
+    /// A subscriber whose writes have waited this long is cut if it stopped reading (its kernel
+    /// acknowledges with a zero window); one that cannot be reached is kept.
     pub stall_timeout: Duration,
     /// Re-send the last update of each topic to a new subscription (last value cache).
     pub last_value_cache: bool,
@@ -48,7 +52,7 @@ impl Default for ProxyConfig {
             xsub: DEFAULT_XSUB.into(),
             xpub: DEFAULT_XPUB.into(),
             heartbeat: Heartbeat::default(),
-            queue: 100_000,
+            subscriber_bytes: DEFAULT_SUBSCRIBER_BYTES,
             max_topics: 100_000,
             max_prefixes_per_connection: 10_000,
             stall_timeout: Duration::from_millis(2000),

@@ -17,7 +17,6 @@ pub mod stats;
 pub mod subscriber;
 pub mod subscriptions;
 pub mod tracker;
-pub mod xpub;
 
 pub use config::{ProxyConfig, PublisherConfig, SubscriberConfig};
 pub use proxy::{Proxy, ProxyError};

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use common::cli::{HeartbeatArgs, LimitArgs};
-use pubsub::config::{DEFAULT_XPUB, DEFAULT_XSUB};
+use pubsub::config::{DEFAULT_SUBSCRIBER_BYTES, DEFAULT_XPUB, DEFAULT_XSUB};
 use pubsub::{Proxy, ProxyConfig, ProxyStats};
 
 /// See `common::alloc`: each message read from a publisher is an allocation of its own.
@@ -33,10 +33,10 @@ struct Args {
     /// hard limit at start) less 64, shared by the two sockets.
     #[arg(long, env = "PROXY_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
     max_connections: Option<u64>,
-    /// Updates read from publishers and not yet handed to the fanout beyond this many are
-    /// dropped (counted). Each subscriber also has its own queue of 10,000.
-    #[arg(long, env = "PROXY_QUEUE", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
-    queue: u64,
+    /// Bytes waiting for one subscriber, at most (its high-water mark); beyond, it misses
+    /// updates (counted `slow_dropped`) and the others never wait for it.
+    #[arg(long, env = "PROXY_SUBSCRIBER_BYTES", default_value_t = DEFAULT_SUBSCRIBER_BYTES, value_parser = clap::value_parser!(u64).range(1024..))]
+    subscriber_bytes: u64,
     /// Distinct subscription prefixes held at most; beyond, new ones are refused.
     #[arg(long, env = "PROXY_MAX_TOPICS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     max_topics: u64,
@@ -44,8 +44,9 @@ struct Args {
     /// (counted, and logged once a second at most).
     #[arg(long, env = "PROXY_MAX_PREFIXES_PER_CONNECTION", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     max_prefixes_per_connection: u64,
-    /// Milliseconds a subscriber may take no data (stopped reading) or leave data
-    /// unacknowledged before it is cut; the other subscribers never wait for it.
+    /// Milliseconds a subscriber may take no data before it is cut, if it stopped reading (its
+    /// kernel still acknowledges); one that cannot be reached keeps its connection for when the
+    /// link heals. The other subscribers never wait for it.
     #[arg(long, env = "PROXY_STALL_TIMEOUT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..))]
     stall_timeout_ms: u64,
     /// Do not re-send the last update of each topic to new subscriptions.
@@ -81,7 +82,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         xsub: args.xsub,
         xpub: args.xpub,
         heartbeat: args.heartbeat.heartbeat(),
-        queue: args.queue as usize,
+        subscriber_bytes: args.subscriber_bytes,
         max_topics: args.max_topics as usize,
         max_prefixes_per_connection: args.max_prefixes_per_connection as usize,
         stall_timeout: Duration::from_millis(args.stall_timeout_ms),

@@ -10,15 +10,18 @@ pub const TOPICS_SHOWN: usize = 1000;
 pub struct ProxyStats {
     /// Messages read from publishers.
     pub messages_in: u64,
-    /// Messages handed to the XPUB (each reaches every matching subscriber).
+    /// Messages handed to the XPUB (each reaches every matching subscriber with room for it).
     pub messages_out: u64,
-    /// Messages dropped because the queue toward subscribers was full.
-    pub dropped: u64,
-    /// Updates a subscriber missed because its own queue was full (once per subscriber).
+    /// Updates a subscriber missed because its outbox was full (once per subscriber).
     #[serde(default)]
     pub slow_dropped: u64,
-    /// Subscriber connections cut because they stopped reading for the stall timeout.
+    /// Subscriber connections cut because they stopped reading for the stall timeout (their
+    /// kernel still acknowledging).
     pub stalled_cut: u64,
+    /// Subscribers found unreachable while writes to them waited, whose connections were kept
+    /// for when the link heals (once per episode).
+    #[serde(default)]
+    pub unreachable: u64,
     /// Last values re-sent for new subscriptions.
     pub cached_sent: u64,
     pub heartbeats: u64,
@@ -31,10 +34,8 @@ pub struct ProxyStats {
     #[serde(default)]
     pub released: u64,
     /// Subscription changes forwarded to publishers (first connection to hold a prefix, or
-    /// last to let it go), and those of them not yet handed to the XSUB.
+    /// last to let it go).
     pub forwarded: u64,
-    #[serde(default)]
-    pub upstream_pending: u64,
     /// Subscriptions to new prefixes refused because the table was full (`--max-topics`).
     pub refused: u64,
     /// Subscriptions refused because the connection held `--max-prefixes-per-connection`.

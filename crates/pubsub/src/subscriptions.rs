@@ -18,18 +18,13 @@
 //! it, and an update's topic is looked up once for each distinct prefix length held that is no
 //! longer than the topic (zips and `~hb`: two lookups, whatever the number of prefixes; at most
 //! one per byte of the topic).
-//!
-//! [`Pending`] carries the changes to the task that owns the XSUB, coalesced per prefix: never
-//! dropped, and never more of them waiting than there are prefixes.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::collections::HashMap;
 
 use bytes::Bytes;
 use foldhash::HashMapExt;
-use tokio::sync::Notify;
 
-use crate::protocol::{Subscription, HEARTBEAT_TOPIC};
+use crate::protocol::HEARTBEAT_TOPIC;
 
 /// A connection's place in [`Subscriptions`], from [`Subscriptions::join`] until
 /// [`Subscriptions::leave`]; then it may be given to another connection.
@@ -244,6 +239,11 @@ impl<T> Subscriptions<T> {
     }
 
     /// The first `limit` prefixes asked for upstream, in order, with their counts, for stats.
+    /// Every connection's payload.
+    pub fn peers(&self) -> impl Iterator<Item = &T> {
+        self.conns.iter().flatten().map(|c| &c.peer)
+    }
+
     pub fn snapshot(&self, limit: usize) -> Vec<(String, u64)> {
         let mut all: Vec<(&Bytes, usize)> = self
             .by_prefix
@@ -275,100 +275,6 @@ fn remove_length(lengths: &mut Vec<(usize, usize)>, len: usize) {
         if lengths[i].1 == 0 {
             lengths.remove(i);
         }
-    }
-}
-
-/// Subscription changes on their way upstream, coalesced per prefix: the fanout pushes each
-/// change it counts, the task that owns the XSUB takes them. A subscribe and an unsubscribe of
-/// the same prefix not yet taken cancel out; nothing is ever dropped, and at most one change
-/// per prefix waits (the fanout never waits on the intake, and the intake never falls behind
-/// by more than the table's size).
-#[derive(Debug, Default)]
-pub struct Pending {
-    /// Per prefix, the net change to send (+1 subscribe, -1 unsubscribe), in first-pushed
-    /// order.
-    changes: Mutex<(HashMap<Bytes, i8>, VecDeque<Bytes>)>,
-    ready: Notify,
-}
-
-impl Pending {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Counts one change to forward.
-    pub fn push(&self, prefix: Bytes, subscribe: bool) {
-        let mut guard = self.changes.lock().unwrap_or_else(|e| e.into_inner());
-        let (net, order) = &mut *guard;
-        let delta = if subscribe { 1 } else { -1 };
-        match net.get_mut(&prefix) {
-            Some(n) => *n += delta,
-            None => {
-                net.insert(prefix.clone(), delta);
-                order.push_back(prefix);
-            }
-        }
-        drop(guard);
-        self.ready.notify_one();
-    }
-
-    /// Waits until changes may be waiting (cancel-safe).
-    pub async fn ready(&self) {
-        self.ready.notified().await;
-    }
-
-    /// Up to `max` changes to send, oldest first; if more wait, [`Pending::ready`] fires again.
-    pub fn take(&self, max: usize) -> Vec<Subscription> {
-        let mut guard = self.changes.lock().unwrap_or_else(|e| e.into_inner());
-        let (net, order) = &mut *guard;
-        let mut out = Vec::new();
-        while out.len() < max {
-            let Some(prefix) = order.pop_front() else {
-                break;
-            };
-            match net.remove(&prefix) {
-                Some(1) => out.push(Subscription::Subscribe(prefix)),
-                Some(-1) => out.push(Subscription::Unsubscribe(prefix)),
-                // Cancelled out while waiting.
-                _ => {}
-            }
-        }
-        let more = !order.is_empty();
-        drop(guard);
-        if more {
-            self.ready.notify_one();
-        }
-        out
-    }
-
-    /// Changes taken but not sent after all (never attempted): back at the front, coalesced
-    /// with any pushed since.
-    pub fn put_back(&self, changes: Vec<Subscription>) {
-        let mut guard = self.changes.lock().unwrap_or_else(|e| e.into_inner());
-        let (net, order) = &mut *guard;
-        for change in changes.into_iter().rev() {
-            let (prefix, delta) = match change {
-                Subscription::Subscribe(p) => (p, 1),
-                Subscription::Unsubscribe(p) => (p, -1),
-            };
-            match net.get_mut(&prefix) {
-                Some(n) => *n += delta,
-                None => {
-                    net.insert(prefix.clone(), delta);
-                    order.push_front(prefix);
-                }
-            }
-        }
-    }
-
-    /// Changes waiting.
-    pub fn len(&self) -> usize {
-        let guard = self.changes.lock().unwrap_or_else(|e| e.into_inner());
-        guard.0.values().filter(|&&n| n != 0).count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -542,73 +448,5 @@ mod tests {
             ]
         );
         assert_eq!(s.snapshot(100).len(), 50);
-    }
-
-    #[test]
-    fn pending_changes_coalesce_and_are_never_lost() {
-        let p = Pending::new();
-        for i in 0..5000 {
-            p.push(Bytes::from(format!("p{i}")), true);
-        }
-        p.push(Bytes::from("p7"), false); // subscribed and withdrawn before it went: nothing
-        p.push(Bytes::from("q"), false);
-        p.push(Bytes::from("q"), true); // withdrawn and subscribed again: nothing
-        p.push(Bytes::from("r"), false);
-        assert_eq!(p.len(), 5000);
-        let mut all = Vec::new();
-        loop {
-            let batch = p.take(1024);
-            if batch.is_empty() {
-                break;
-            }
-            assert!(batch.len() <= 1024);
-            all.extend(batch);
-        }
-        assert_eq!(all.len(), 5000);
-        assert_eq!(all[0], Subscription::Subscribe(Bytes::from("p0")));
-        assert!(!all.contains(&Subscription::Subscribe(Bytes::from("p7"))));
-        assert_eq!(
-            all.last(),
-            Some(&Subscription::Unsubscribe(Bytes::from("r")))
-        );
-        assert!(p.is_empty());
-    }
-
-    #[test]
-    fn changes_put_back_go_first_and_coalesce() {
-        let p = Pending::new();
-        for prefix in ["a", "b", "c"] {
-            p.push(Bytes::from(prefix), true);
-        }
-        let taken = p.take(10);
-        p.push(Bytes::from("c"), false); // withdrawn before it went: nothing to send
-        p.push(Bytes::from("d"), true);
-        p.put_back(taken[1..].to_vec());
-        assert_eq!(
-            p.take(10),
-            vec![
-                Subscription::Subscribe(Bytes::from("b")),
-                Subscription::Subscribe(Bytes::from("d")),
-            ]
-        );
-    }
-
-    #[tokio::test]
-    async fn pending_wakes_the_taker() {
-        let p = std::sync::Arc::new(Pending::new());
-        let taker = {
-            let p = p.clone();
-            tokio::spawn(async move {
-                p.ready().await;
-                p.take(10)
-            })
-        };
-        tokio::task::yield_now().await;
-        p.push(Bytes::from("10001"), true);
-        let got = tokio::time::timeout(std::time::Duration::from_secs(5), taker)
-            .await
-            .expect("woken")
-            .expect("joined");
-        assert_eq!(got, vec![Subscription::Subscribe(Bytes::from("10001"))]);
     }
 }

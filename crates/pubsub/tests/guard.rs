@@ -131,15 +131,13 @@ async fn bad_peers_are_cut_off_on_both_proxy_sockets_and_updates_still_flow() {
             .filter(|l| l.contains(what) && l.contains("peer=127.0.0.1:"))
             .count() as u64
     };
+    // Both sockets' refusals are logged with the peer's address, once a second at most (a
+    // peer can cause them at will); the counts above have every one.
     assert!(
         named("connection refused") >= 1,
-        "the XSUB's refusals logged with the peer's address"
+        "the refusals logged with the peer's address"
     );
-    let xpub_named = named("subscriber handshake failed") + named("subscriber connection failed");
-    assert!(
-        xpub_named >= refused_by_xpub,
-        "each XPUB cut logged with the peer's address: {xpub_named} of {refused_by_xpub}"
-    );
+    assert_eq!(last.peer_errors, refused_by_xpub, "{last:?}");
     assert!(
         named("bad message from a subscriber") >= 1,
         "bad subscriptions named"

@@ -15,60 +15,15 @@
 //!
 //! Without pyzmq these tests show as `ignored` (see `build.rs`).
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use lab::process::Proc;
 use pubsub::{PublisherSummary, SubscriberSummary};
-use serde::Deserialize;
 use zeromq::{Socket, SocketRecv, SocketSend, XSubSocket, ZmqMessage};
 
 mod support;
 use support::*;
-
-/// A script of this crate's `tests/py`.
-fn py(logs: &Path, name: &str, script: &str, args: &[&str]) -> Proc {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/py")
-        .join(script);
-    let mut all = vec![path.display().to_string()];
-    all.extend(strings(args));
-    Proc::spawn(name, Path::new("python3"), &all, logs).expect("python3 starts")
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as u64
-}
-
-/// What `stock_subs.py` prints.
-#[derive(Debug, Deserialize)]
-struct StockSubs {
-    start_unix_ms: u64,
-    bucket_ms: u64,
-    zips: std::collections::BTreeMap<String, StockSub>,
-}
-
-#[derive(Debug, Deserialize)]
-struct StockSub {
-    received: u64,
-    wrong: u64,
-    first_ms: Option<u64>,
-    counts: Vec<u64>,
-}
-
-impl StockSubs {
-    /// Updates of `zip` received between the two unix times (whole buckets).
-    fn between(&self, zip: &str, from_ms: u64, to_ms: u64) -> u64 {
-        let bucket = |t: u64| (t.saturating_sub(self.start_unix_ms) / self.bucket_ms) as usize;
-        let counts = &self.zips[zip].counts;
-        let (a, b) = (bucket(from_ms), bucket(to_ms).min(counts.len()));
-        counts.get(a..b).map_or(0, |c| c.iter().sum())
-    }
-}
 
 /// The proxy's last stats line as JSON (only the last one is parsed: with many prefixes held
 /// every line is large).

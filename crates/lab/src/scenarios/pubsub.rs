@@ -640,7 +640,7 @@ async fn stalled_subscriber(lab: &Lab) -> Result<Verdict> {
     v.figure("sent", sent[0].sent)
         .figure("stopped_ms", stopped_for.as_millis() as u64)
         .figure("healthy_longest_silence_ms", h.longest_silence_ms)
-        .figure("proxy_dropped", last.dropped)
+        .figure("proxy_slow_dropped", last.slow_dropped)
         .figure("proxy_peer_errors", last.peer_errors)
         .figure("proxy_stalled_cut", last.stalled_cut)
         .figure("stalled_received", st.received)

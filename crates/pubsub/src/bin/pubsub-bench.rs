@@ -80,7 +80,7 @@ struct ProxyChild {
 }
 
 impl ProxyChild {
-    /// Stops the proxy; ours prints its final counters (messages in, dropped at its queue).
+    /// Stops the proxy; ours prints its final counters (messages in, dropped at subscribers' outboxes).
     async fn stop(mut self) -> Option<pubsub::ProxyStats> {
         if let Some(pid) = self.child.id() {
             let pid = nix::unistd::Pid::from_raw(pid as i32);
@@ -161,9 +161,7 @@ struct Row {
     loss: f64,
     /// Share of the updates sent that our proxy read (`None` for the others).
     proxy_in: Option<f64>,
-    /// Share of the updates our proxy read that it dropped at its queue.
-    proxy_dropped: Option<f64>,
-    /// Share of the updates due to subscribers that our proxy dropped at their own queues.
+    /// Share of the updates due to subscribers that our proxy dropped at their outboxes.
     slow_dropped: Option<f64>,
 }
 
@@ -299,9 +297,6 @@ async fn run_case(
         proxy_in: stats
             .as_ref()
             .map(|s| s.messages_in as f64 / sent.max(1) as f64),
-        proxy_dropped: stats
-            .as_ref()
-            .map(|s| s.dropped as f64 / s.messages_in.max(1) as f64),
         slow_dropped: stats
             .as_ref()
             .map(|s| s.slow_dropped as f64 / expected.max(1) as f64),
@@ -389,8 +384,8 @@ async fn run(args: Args) -> Result<()> {
             ", publishers flooding".to_string()
         }
     );
-    println!("| case | size | via | sent/s | delivered/s | loss | read by our proxy | dropped at its intake queue | at subscribers' queues |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| case | size | via | sent/s | delivered/s | loss | read by our proxy | dropped at subscribers' outboxes |");
+    println!("|---|---|---|---|---|---|---|---|");
     for (key, rows) in table {
         let col = |f: fn(&Row) -> Option<f64>| {
             let v: Vec<f64> = rows.iter().filter_map(f).collect();
@@ -401,12 +396,11 @@ async fn run(args: Args) -> Result<()> {
             }
         };
         println!(
-            "{key} {:.0} | {:.0} | {} | {} | {} | {} |",
+            "{key} {:.0} | {:.0} | {} | {} | {} |",
             median(rows.iter().map(|r| r.sent).collect()),
             median(rows.iter().map(|r| r.delivered).collect()),
             percent(median(rows.iter().map(|r| r.loss).collect())),
             col(|r| r.proxy_in),
-            col(|r| r.proxy_dropped),
             col(|r| r.slow_dropped),
         );
     }

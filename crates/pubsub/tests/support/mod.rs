@@ -5,10 +5,11 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lab::process::Proc;
 use lab::Signal;
+use serde::Deserialize;
 use tokio::sync::{Mutex, MutexGuard};
 
 pub const PROXY: &str = env!("CARGO_BIN_EXE_proxy");
@@ -192,4 +193,47 @@ pub fn python(logs: &Path, name: &str, script_name: &str, args: &[&str]) -> Proc
     let mut all = vec![script(script_name)];
     all.extend(strings(args));
     Proc::spawn(name, Path::new("python3"), &all, logs).expect("python3 starts")
+}
+
+/// A script of this crate's `tests/py`.
+pub fn py(logs: &Path, name: &str, script: &str, args: &[&str]) -> Proc {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/py")
+        .join(script);
+    let mut all = vec![path.display().to_string()];
+    all.extend(strings(args));
+    Proc::spawn(name, Path::new("python3"), &all, logs).expect("python3 starts")
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64
+}
+
+/// What `stock_subs.py` prints.
+#[derive(Debug, Deserialize)]
+pub struct StockSubs {
+    pub start_unix_ms: u64,
+    pub bucket_ms: u64,
+    pub zips: std::collections::BTreeMap<String, StockSub>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StockSub {
+    pub received: u64,
+    pub wrong: u64,
+    pub first_ms: Option<u64>,
+    pub counts: Vec<u64>,
+}
+
+impl StockSubs {
+    /// Updates of `zip` received between the two unix times (whole buckets).
+    pub fn between(&self, zip: &str, from_ms: u64, to_ms: u64) -> u64 {
+        let bucket = |t: u64| (t.saturating_sub(self.start_unix_ms) / self.bucket_ms) as usize;
+        let counts = &self.zips[zip].counts;
+        let (a, b) = (bucket(from_ms), bucket(to_ms).min(counts.len()));
+        counts.get(a..b).map_or(0, |c| c.iter().sum())
+    }
 }
