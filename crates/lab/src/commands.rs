@@ -32,11 +32,10 @@ pub struct FuzzArgs {
     /// Targets, comma-separated (default: all): broker, proxy, pipeline.
     #[arg(long, value_delimiter = ',')]
     pub target: Vec<String>,
-    /// The pipeline master's guard mode (`never` shows what the fuzzer does to an unguarded
-    /// zmq.rs socket). The broker and the proxy have none: their sockets check the limits
-    /// always.
-    #[arg(long, default_value = "always", value_parser = ["always", "auto", "never"])]
-    pub guard: String,
+    /// Start each target with its default limits instead of the fuzzer's 64 KiB message limit
+    /// (every socket checks its limits always, loopback included).
+    #[arg(long)]
+    pub default_limits: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -88,7 +87,7 @@ pub async fn run(command: Command, log_dir: PathBuf, no_build: bool, json: bool)
             let config = FuzzConfig {
                 connections: args.connections,
                 seed: args.seed,
-                guard: args.guard,
+                default_limits: args.default_limits,
                 ..FuzzConfig::default()
             };
             let mut verdicts = Vec::new();

@@ -3,9 +3,9 @@
 //! a real round trip and their memory must be back near where it started. Seeded, so that a
 //! failure can be replayed with the same `--seed`.
 //!
-//! Each target starts its process with its limits on (the broker's ROUTERs and the proxy's
-//! XSUB and XPUB are our own ZMTP code and always check them; the pipeline master puts the
-//! guard relay in front of its zmq.rs sockets, `--guard` as [`FuzzConfig::guard`] says), names the endpoints to attack (with the socket type
+//! Each target starts its process (every bound socket of every role is our own ZMTP code,
+//! `common::wire`, which checks its limits always, loopback included), with a 64 KiB message
+//! limit or its defaults ([`FuzzConfig::default_limits`]), names the endpoints to attack (with the socket type
 //! a legitimate peer there would announce), and proves service before and after with the real
 //! client binaries. Adding a target is one entry in [`targets`].
 
@@ -31,10 +31,10 @@ pub struct FuzzConfig {
     pub seed: u64,
     /// Connections open at once.
     pub at_once: usize,
-    /// The guard mode the pipeline master is started with (`always`; `never` shows what the
-    /// fuzzer does to an unguarded zmq.rs socket). The broker and the proxy have no such
-    /// switch: their sockets check the limits always.
-    pub guard: String,
+    /// Start every target with its default limits (`--max-message-bytes` of 1 MiB for the
+    /// broker and the proxy, 64 MiB for the pipeline master), not the fuzzer's 64 KiB: what a
+    /// role started with no flag at all withstands on loopback.
+    pub default_limits: bool,
 }
 
 impl Default for FuzzConfig {
@@ -43,7 +43,7 @@ impl Default for FuzzConfig {
             connections: 3000,
             seed: 0x5eed_2026,
             at_once: 32,
-            guard: "always".into(),
+            default_limits: false,
         }
     }
 }
@@ -61,7 +61,7 @@ pub struct FuzzTarget {
     pub run: for<'a> fn(&'a Lab, &'a FuzzConfig) -> Run<'a>,
 }
 
-/// Every target. The pipeline master takes `--guard`; all three take
+/// Every target. All three take
 /// `--max-message-bytes` and `--max-frames`: a new target with these flags goes here.
 pub fn targets() -> Vec<FuzzTarget> {
     vec![
@@ -203,18 +203,29 @@ pub async fn run(target: &FuzzTarget, lab: &Lab, config: &FuzzConfig) -> Verdict
 /// The message limit every target is started with.
 const LIMIT_FLAGS: [&str; 2] = ["--max-message-bytes", "65536"];
 
-/// The flags of a process whose zmq.rs sockets the guard relay fronts: `--guard` and the limit.
-fn guard_flags(config: &FuzzConfig) -> Vec<String> {
-    let mut flags = strings(&["--guard", &config.guard]);
-    flags.extend(strings(&LIMIT_FLAGS));
-    flags
+/// The limit flags a target is started with: the fuzzer's, or none ([`FuzzConfig::default_limits`]).
+fn limit_flags(config: &FuzzConfig) -> Vec<String> {
+    if config.default_limits {
+        Vec::new()
+    } else {
+        strings(&LIMIT_FLAGS)
+    }
+}
+
+/// How the verdict names the limits the target ran with.
+fn limits_name(config: &FuzzConfig) -> &'static str {
+    if config.default_limits {
+        "its defaults"
+    } else {
+        "64 KiB messages"
+    }
 }
 
 fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
-/// The course every target runs (`guard` is the mode recorded in the verdict): service proven
+/// The course every target runs (`guard` names the limits, recorded in the verdict as `limits`): service proven
 /// before (`serves("before")`, skipped unless `before_too`), RSS read, the attack, the process alive, service proven again, RSS back near where
 /// it started. Leaves `target` running.
 async fn course<F, Fut>(
@@ -230,7 +241,7 @@ where
     F: Fn(&'static str) -> Fut,
     Fut: std::future::Future<Output = Result<bool>>,
 {
-    v.figure("seed", config.seed).figure("guard", guard);
+    v.figure("seed", config.seed).figure("limits", guard);
     if before_too {
         let ok = serves("before").await?;
         v.expect(ok, format!("{} serves before the fuzzing", target.name));
@@ -295,7 +306,7 @@ async fn broker(lab: &Lab, config: &FuzzConfig) -> Result<Verdict> {
         "1",
         "--json",
     ]);
-    args.extend(strings(&LIMIT_FLAGS));
+    args.extend(limit_flags(config));
     let mut broker = Proc::spawn("broker", &lab.bins.path("broker"), &args, &logs)?;
     let ready = broker.ready(Duration::from_secs(20)).await?;
     let frontend = ready.get("frontend").cloned().context("no frontend")?;
@@ -317,8 +328,7 @@ async fn broker(lab: &Lab, config: &FuzzConfig) -> Result<Verdict> {
         },
     ];
     let serves = |run: &'static str| round_trip(lab, &logs, &frontend, run);
-    // Its ROUTERs are its own and check the limits whatever `config.guard` says.
-    let guard = "built in";
+    let guard = limits_name(config);
     if course(&mut v, &mut broker, &surfaces, config, guard, serves, true).await? {
         stop(&mut v, &mut broker).await?;
         let refused = v.figures.get("guard_refused").and_then(|r| r.as_u64());
@@ -345,7 +355,7 @@ pub async fn proxy(lab: &Lab, config: &FuzzConfig) -> Result<Verdict> {
         "--stats-secs",
         "1",
     ]);
-    args.extend(strings(&LIMIT_FLAGS));
+    args.extend(limit_flags(config));
     let mut proxy = Proc::spawn("proxy", &lab.bins.path("proxy"), &args, &logs)?;
     let ready = proxy.ready(Duration::from_secs(20)).await?;
     let xsub = ready.get("xsub").cloned().context("no xsub")?;
@@ -362,8 +372,7 @@ pub async fn proxy(lab: &Lab, config: &FuzzConfig) -> Result<Verdict> {
         },
     ];
     let serves = |run: &'static str| updates_flow(lab, &logs, &xsub, &xpub, run);
-    // Its XSUB and XPUB are its own and check the limits whatever `config.guard` says.
-    let guard = "built in";
+    let guard = limits_name(config);
     if course(&mut v, &mut proxy, &surfaces, config, guard, serves, true).await? {
         stop(&mut v, &mut proxy).await?;
     }
@@ -396,7 +405,7 @@ pub async fn pipeline(lab: &Lab, config: &FuzzConfig) -> Result<Verdict> {
         "--no-progress",
         "--json",
     ]);
-    args.extend(guard_flags(config));
+    args.extend(limit_flags(config));
     let mut master = Proc::spawn("master", &lab.bins.path("pipeline"), &args, &logs)?;
     let ready = master.ready(Duration::from_secs(20)).await?;
     let connect = ready.get("connect").cloned().context("no connect")?;
@@ -416,7 +425,7 @@ pub async fn pipeline(lab: &Lab, config: &FuzzConfig) -> Result<Verdict> {
     let mut v = Verdict::new(name, "wire");
     // One batch per master: service is proven after the fuzzing only, by the batch itself.
     let serves = |_: &'static str| async { Ok(true) };
-    let guard = config.guard.as_str();
+    let guard = limits_name(config);
     if course(&mut v, &mut master, &surfaces, config, guard, serves, false).await? {
         let worker_args = strings(&["--connect", &connect, "--id", "w1"]);
         let _worker = Proc::spawn(
