@@ -309,6 +309,7 @@ async fn worker_crash(lab: &Lab) -> Result<Verdict> {
     let mut victim = batch.worker("victim", &["--delay-ms", "200", "--prefetch", "2"])?;
     first_output(&batch.output, Duration::from_secs(60)).await?;
     victim.kill().await?;
+    let killed = unix_ms();
     let _w2 = batch.worker("w2", &[])?;
     let (code, summary) = batch.finish_within(Duration::from_secs(60)).await?;
     let mut v = Verdict::new("pipeline-worker-crash", "processes");
@@ -318,7 +319,45 @@ async fn worker_crash(lab: &Lab) -> Result<Verdict> {
         u(&summary, "resent") >= 1,
         "the victim's images were sent again",
     );
+    // The victim's connections closed with it: the master re-sends its tasks at once (issue
+    // 19, case 3; a liveness window, 3.3 s, when only missing heartbeats told it).
+    match serde_json::from_value::<common::timeline::Timeline>(summary["timeline"].clone()) {
+        Ok(timeline) => match first_delivery_after(&timeline, killed) {
+            Some(ms) => {
+                v.figure("recovery_ms", ms);
+                v.expect(
+                    ms <= RECOVERY_MS,
+                    format!("images done again within {RECOVERY_MS} ms of the kill, took {ms} ms"),
+                );
+            }
+            None => {
+                v.expect(false, "no image done after the kill");
+            }
+        },
+        Err(e) => {
+            v.expect(false, format!("the summary has no timeline: {e}"));
+        }
+    }
     Ok(v)
+}
+
+/// How soon after a worker is killed the batch must flow again (the second worker's start-up
+/// included).
+const RECOVERY_MS: u64 = 500;
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// From `at` (ms since the epoch) to the start of the first bucket after the one holding `at`
+/// with a delivery in it (a delivery in the kill's own bucket may be the victim's).
+fn first_delivery_after(timeline: &common::timeline::Timeline, at: u64) -> Option<u64> {
+    let bucket = timeline.bucket_ms.max(1);
+    let first = at.checked_sub(timeline.start_unix_ms)? / bucket + 1;
+    let k = (first as usize..timeline.counts.len()).find(|&k| timeline.counts[k] > 0)?;
+    Some((timeline.start_unix_ms + k as u64 * bucket).saturating_sub(at))
 }
 
 /// Waits until some output file is on disk.
