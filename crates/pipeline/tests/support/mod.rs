@@ -117,6 +117,27 @@ impl Proc {
         }
     }
 
+    /// Waits until the process prints `line` on stdout.
+    pub fn wait_line(&mut self, line: &str) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(got) => {
+                    self.stdout.push(got.clone());
+                    if got == line {
+                        return;
+                    }
+                }
+                Err(_) => panic!(
+                    "{} never printed {line:?}; stderr:\n{}",
+                    self.name,
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
     /// Whether the process has exited (without waiting).
     pub fn exited(&mut self) -> bool {
         self.child.try_wait().expect("try_wait").is_some()
