@@ -369,7 +369,11 @@ impl Broker {
             PeerEvent::Heard(state, term) => {
                 if pair.silent {
                     pair.silent = false;
-                    tracing::info!(peer = state.as_str(), peer_term = term, "pair: peer heard again");
+                    tracing::info!(
+                        peer = state.as_str(),
+                        peer_term = term,
+                        "pair: peer heard again"
+                    );
                 }
                 pair.fsm.on_peer(state, term, Instant::now());
                 match state {
@@ -404,7 +408,11 @@ impl Broker {
         }
         self.serving = state == State::Active;
         stats.active = u64::from(self.serving);
-        let peer = pair.fsm.peer().map(|(s, _)| s.as_str()).unwrap_or("unknown");
+        let peer = pair
+            .fsm
+            .peer()
+            .map(|(s, _)| s.as_str())
+            .unwrap_or("unknown");
         if self.serving {
             stats.activations += 1;
         }
@@ -423,7 +431,11 @@ impl Broker {
             // Its clients re-send to the active broker; what workers hold is answered if the
             // client is still here.
             let (held, dropped) = self.books.close();
-            tracing::warn!(held, dropped, "pair: yielded to the peer, queued requests dropped");
+            tracing::warn!(
+                held,
+                dropped,
+                "pair: yielded to the peer, queued requests dropped"
+            );
         }
     }
 

@@ -504,7 +504,10 @@ mod tests {
         let t = now + Duration::from_millis(500);
         assert!(!b.on_client_request(t), "primary alive: the backup refuses");
         b.on_peer_lost();
-        assert!(b.on_client_request(t), "primary's link closed: the backup serves");
+        assert!(
+            b.on_client_request(t),
+            "primary's link closed: the backup serves"
+        );
         assert_eq!((b.state(), b.term()), (State::Active, 2));
     }
 
