@@ -291,3 +291,33 @@ async fn brokers_cut_off_from_each_other_but_not_from_clients_only_the_primary_s
         pair.backup.log_tail()
     );
 }
+
+/// The primary hung (SIGSTOP), its connections open: the clients' timeout moves them to the
+/// backup, which takes over once the primary has been silent for the expiry; the primary,
+/// resumed, hears the backup active at a higher term and yields without serving again.
+#[tokio::test(flavor = "multi_thread")]
+async fn primary_hung_then_resumed_the_backup_keeps_the_service() {
+    let _guard = integration::heavy().await;
+    let mut pair = Pair::start("primary-hung", false).await;
+    let _w1 = pair.worker("w1");
+    let _w2 = pair.worker("w2");
+    wait(&pair.backup, "2 workers", |c| c.get("workers") >= 2).await;
+    let mut client = pair.client(1000);
+    wait(&pair.primary, "20 replies", |c| c.get("replies_out") >= 20).await;
+    pair.primary.signal(lab::Signal::SIGSTOP).expect("sigstop");
+    wait(&pair.backup, "backup active", |c| c.get("active") == 1).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    pair.primary.signal(lab::Signal::SIGCONT).expect("sigcont");
+    let yielded = wait(&pair.primary, "primary yielded", |c| c.get("yielded") == 1).await;
+    let summary = finish(&mut client).await;
+    assert_eq!(
+        (summary.answered, summary.lost, summary.duplicates),
+        (1000, 0, 0)
+    );
+    let backup = stop(&mut pair.backup).await;
+    let primary = stop(&mut pair.primary).await;
+    assert_eq!((backup.get("activations"), backup.get("active")), (1, 1));
+    assert_eq!((primary.get("activations"), primary.get("active")), (1, 0));
+    // Nothing forwarded by the primary after it yielded.
+    assert_eq!(primary.get("replies_out"), yielded.get("replies_out"));
+}
