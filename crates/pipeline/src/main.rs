@@ -94,11 +94,17 @@ enum TransferArg {
     Inline,
 }
 
+/// See `common::alloc`: each report read is an allocation of its own, and a batch of tiny
+/// tasks is allocations above all.
+#[global_allocator]
+static ALLOCATOR: common::alloc::MiMalloc = common::alloc::MiMalloc;
+
 // One thread, like every role on zmq.rs: the library takes its peer-map locks both
 // asynchronously (held across awaits) and with blocking calls, and on a multi-threaded
 // runtime the two can deadlock every worker thread (docs/architecture.md, "One thread").
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    common::alloc::tune();
     let args: Args = common::cli::parse_with_guard_defaults(
         pipeline::master::DEFAULT_MAX_MESSAGE_BYTES,
         pipeline::master::DEFAULT_MAX_PEER_BYTES,

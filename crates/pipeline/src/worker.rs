@@ -530,6 +530,12 @@ impl Worker {
                     abort: abort.clone(),
                 },
             );
+            if dry && delay.is_zero() && !stall {
+                // Nothing to do: no thread to hand it to (a blocking thread's hand-off and
+                // wake-up cost more than the rest of a tiny task's trip).
+                self.jobs.spawn(async move { (n, task, Some(Ok(None))) });
+                continue;
+            }
             self.jobs.spawn_blocking(move || {
                 let stop = || abort.load(Ordering::Relaxed);
                 pause(delay, &stop);

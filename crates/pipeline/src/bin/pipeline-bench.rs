@@ -48,10 +48,15 @@ struct Args {
     dir: Option<PathBuf>,
 }
 
+/// See `common::alloc`: the master runs in this process, as in `pipeline`.
+#[global_allocator]
+static ALLOCATOR: common::alloc::MiMalloc = common::alloc::MiMalloc;
+
 // One thread, as the `pipeline` binary runs its master (the in-process baseline uses threads of
 // its own).
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    common::alloc::tune();
     let args = Args::parse();
     common::logging::init("pipeline=warn,common=warn");
     common::cli::exit_code(run(args).await.map(|()| ExitCode::SUCCESS))

@@ -53,11 +53,16 @@ struct Args {
     reconnect: ReconnectArgs,
 }
 
+/// See `common::alloc`: a tiny task is allocations above all (JSON in and out).
+#[global_allocator]
+static ALLOCATOR: common::alloc::MiMalloc = common::alloc::MiMalloc;
+
 // One thread, like every role on zmq.rs: the library takes its peer-map locks both
 // asynchronously (held across awaits) and with blocking calls, and on a multi-threaded
 // runtime the two can deadlock every worker thread (docs/architecture.md, "One thread").
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    common::alloc::tune();
     let args = Args::parse();
     common::logging::init("pipeline=info,common=info");
     if !(2..=3).contains(&args.connect.len()) {
