@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::frames;
-use common::guard::{GuardStats, Limits};
+use common::wire::limits::{GuardStats, Limits};
 use common::logging::Throttle;
 use common::watchdog::Watchdog;
 use common::wire::server::{Event, Outbox};
@@ -146,7 +146,7 @@ impl Proxy {
             ),
             slots: HashMap::new(),
             targets: Vec::new(),
-            cache: HashMap::new(),
+            cache: foldhash::HashMap::default(),
             cached_topics: BTreeSet::new(),
             stats: ProxyStats::default(),
             config,
@@ -189,10 +189,11 @@ struct Running {
     slots: HashMap<u64, Slot>,
     /// Scratch: the connections an update goes to.
     targets: Vec<Slot>,
-    /// Last update per topic (first frame), at most `max_topics`; and the same topics in order,
-    /// to find those a new prefix matches without a scan. Each update read is an allocation of
-    /// its own, so keeping one pins nothing else.
-    cache: HashMap<Bytes, ZmqMessage>,
+    /// Last update per topic (first frame, when more follow), at most `max_topics`; and the same
+    /// topics in order, to find those a new prefix matches without a scan. Each update read is
+    /// an allocation of its own, so keeping one pins nothing else. Looked up for every update:
+    /// foldhash rather than SipHash.
+    cache: foldhash::HashMap<Bytes, ZmqMessage>,
     cached_topics: BTreeSet<Bytes>,
     stats: ProxyStats,
     instance: u64,
@@ -267,7 +268,10 @@ impl Running {
         let topic = msg.get(0).cloned().unwrap_or_default();
         self.stats.messages_out += 1;
         self.send(&topic, &msg);
-        if self.config.last_value_cache {
+        // Only an update whose topic is a frame of its own has a last value to keep: a
+        // single-frame message (a stock publisher's usual form) is its own topic, and each one
+        // would be a new entry.
+        if self.config.last_value_cache && msg.len() > 1 {
             if let Some(last) = self.cache.get_mut(&topic[..]) {
                 *last = msg;
             } else if self.cache.len() < self.config.max_topics {
