@@ -95,7 +95,7 @@ async fn request_at_the_limits(test: &str, body: [&str; 2]) {
 )]
 async fn a_request_of_the_frontends_largest_size_is_answered_and_cuts_no_worker() {
     // The body is the whole message the frontend counts (the empty delimiter adds nothing).
-    let size = common::guard::Limits::default()
+    let size = common::wire::limits::Limits::default()
         .max_message_bytes
         .to_string();
     request_at_the_limits("limit-bytes", ["bytes", &size]).await;
@@ -108,7 +108,7 @@ async fn a_request_of_the_frontends_largest_size_is_answered_and_cuts_no_worker(
 )]
 async fn a_request_of_the_frontends_most_frames_is_answered_and_cuts_no_worker() {
     // 1,023 body frames and the delimiter: the frontend's 1,024.
-    let count = (common::guard::Limits::default().max_frames - 1).to_string();
+    let count = (common::wire::limits::Limits::default().max_frames - 1).to_string();
     request_at_the_limits("limit-frames", ["frames", &count]).await;
 }
 

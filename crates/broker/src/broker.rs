@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::frames;
-use common::guard::{GuardStats, Limits};
+use common::wire::limits::{GuardStats, Limits};
 use common::send::Sent;
 use common::watchdog::Watchdog;
 use tokio::time::{interval, Instant, MissedTickBehavior};
@@ -479,7 +479,7 @@ impl Broker {
 
     fn refresh_guard_stats(&mut self) {
         let stats = &mut self.books.stats;
-        (stats.guard_refused, stats.guard_stalled) = common::guard::totals(&self.socket_stats);
+        (stats.guard_refused, stats.guard_stalled) = common::wire::limits::totals(&self.socket_stats);
         stats.evicted = self.socket_stats.iter().map(|s| s.evicted()).sum();
         stats.turned_away = self.socket_stats.iter().map(|s| s.turned_away()).sum();
     }

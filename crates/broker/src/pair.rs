@@ -262,7 +262,7 @@ pub struct PeerLink {
 }
 
 /// Limits of the peer ROUTER: a state line is a few dozen bytes.
-const PEER_LIMITS: common::guard::Limits = common::guard::Limits {
+const PEER_LIMITS: common::wire::limits::Limits = common::wire::limits::Limits {
     max_message_bytes: 1024,
     max_frames: 4,
     max_peer_bytes: 64 << 10,

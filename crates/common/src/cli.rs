@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::guard::{Limits, Mode};
+use crate::wire::limits::Limits;
 use crate::heartbeat::Heartbeat;
 use crate::link::Reconnect;
 
@@ -50,17 +50,6 @@ impl ReconnectArgs {
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
         }
     }
-}
-
-/// Flags of a server's guard (message-size limit in front of its bound zmq.rs sockets).
-#[derive(Debug, Clone, Args)]
-pub struct GuardArgs {
-    /// Which bound endpoints get a guard that cuts off peers sending oversized frames or
-    /// messages (auto: all but loopback endpoints).
-    #[arg(long, env = "GUARD", value_enum, default_value_t = Mode::Auto)]
-    pub guard: Mode,
-    #[command(flatten)]
-    pub limits: LimitArgs,
 }
 
 /// What one peer may send to a server, and make it hold.

@@ -2,7 +2,6 @@
 //!
 //! - [`endpoint`]: endpoint validation and bound listeners with TCP keepalive and user timeout.
 //! - [`send`]: sends that never wait on a stalled peer.
-//! - [`guard`]: binding a server socket, with a message-size limit in front of it.
 //! - [`link`]: the reconnection machinery (`zeromq` 0.7 only reconnects SUB/XSUB sockets).
 //! - [`heartbeat`]: liveness bookkeeping for application-level heartbeats.
 //! - [`ready`]: the one `ready k=v ...` line a server prints on stdout, and its parser.
@@ -16,7 +15,6 @@ pub mod alloc;
 pub mod cli;
 pub mod endpoint;
 pub mod frames;
-pub mod guard;
 pub mod heartbeat;
 pub mod link;
 pub mod logging;

@@ -8,10 +8,13 @@
 //!   byte budgets, the limits), whatever the socket type;
 //! - one file per socket type on top: [`router`] (the broker's frontend and backend), [`xsub`]
 //!   (the proxy's side facing publishers), [`xpub`] (its side facing subscribers);
+//! - [`limits`]: what a peer may send and make a socket hold, and the counters of what each
+//!   socket refused;
 //! - [`reach`]: whether a peer whose writes wait stopped reading or cannot be reached.
 //!
 //! [`crate::zmtp`] has the raw bytes tests and the fuzzer attack with.
 
+pub mod limits;
 pub mod publish;
 pub mod pull;
 pub mod push;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use common::guard::Limits;
+use common::wire::limits::Limits;
 use common::heartbeat::Heartbeat;
 use common::link::Reconnect;
 

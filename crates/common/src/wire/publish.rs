@@ -21,7 +21,7 @@ use foldhash::{HashMap, HashMapExt};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use zeromq::ZmqMessage;
 
-use crate::guard::{GuardStats, Limits};
+use crate::wire::limits::{GuardStats, Limits};
 use crate::wire::server::{self, Options, Outbox, Server};
 
 /// The socket types a PUB talks to.

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::guard::{GuardStats, Limits};
+use crate::wire::limits::{GuardStats, Limits};
 use crate::wire::server::{self, Batch, Options, Server};
 
 /// The socket types a PULL talks to.

@@ -28,7 +28,7 @@ use bytes::{Bytes, BytesMut};
 use foldhash::{HashMap, HashMapExt};
 use zeromq::ZmqMessage;
 
-use crate::guard::{GuardStats, Limits};
+use crate::wire::limits::{GuardStats, Limits};
 use crate::wire::server::{self, Options, Outbox, Server};
 
 /// The socket types a PUSH talks to.

@@ -28,7 +28,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::guard::{GuardStats, Limits};
+use crate::wire::limits::{GuardStats, Limits};
 use crate::logging::Throttle;
 use crate::send::Sent;
 use crate::wire::server::{self, Options, Outbox, Server};

@@ -40,7 +40,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use zeromq::ZmqMessage;
 
 use super::{parse_command, protocol_error, reach, Reader, FRAME_OVERHEAD, MESSAGE_OVERHEAD};
-use crate::guard::{GuardStats, Limits};
+use crate::wire::limits::{GuardStats, Limits};
 use crate::logging::Throttle;
 
 /// How long a new connection has to complete its greeting and READY.

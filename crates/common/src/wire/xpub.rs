@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::guard::{GuardStats, Limits};
+use crate::wire::limits::{GuardStats, Limits};
 use crate::wire::server::{Event, Options, Outbox, Server};
 
 /// The socket types that may connect: subscribers.

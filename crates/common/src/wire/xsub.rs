@@ -40,7 +40,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::guard::{GuardStats, Limits};
+use crate::wire::limits::{GuardStats, Limits};
 use crate::logging::Throttle;
 use crate::wire::server::{self, Batch, Options, Outbox, Server};
 use bytes::{Bytes, BytesMut};

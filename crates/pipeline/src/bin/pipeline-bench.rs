@@ -241,7 +241,7 @@ async fn pipeline_run(
         // The clock starts with the first task: let every worker be there by then.
         min_workers: workers,
         progress: false,
-        limits: common::guard::Limits {
+        limits: common::wire::limits::Limits {
             max_message_bytes: pipeline::master::DEFAULT_MAX_MESSAGE_BYTES,
             max_peer_bytes: pipeline::master::DEFAULT_MAX_PEER_BYTES,
             ..Default::default()

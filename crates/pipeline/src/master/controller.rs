@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::guard::{GuardStats, Limits};
+use common::wire::limits::{GuardStats, Limits};
 use common::wire::publish::Pub;
 
 use super::MasterError;

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use common::guard::Limits;
+use common::wire::limits::Limits;
 use common::heartbeat::Heartbeat;
 use common::watchdog::Watchdog;
 use common::wire::push::Unsent;
@@ -772,7 +772,7 @@ impl Master<'_> {
             self.sink.stats(),
             self.controller.stats(),
         ];
-        let (guard_refused, guard_stalled) = common::guard::totals(sockets);
+        let (guard_refused, guard_stalled) = common::wire::limits::totals(sockets);
         Summary {
             batch: self.source.batch.clone(),
             total: self.books.total(),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::guard::{GuardStats, Limits};
+use common::wire::limits::{GuardStats, Limits};
 use common::wire::pull::{self, Pull};
 use std::collections::HashMap;
 

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::guard::{GuardStats, Limits};
+use common::wire::limits::{GuardStats, Limits};
 use common::wire::push::{self, Push, Unsent};
 use std::collections::HashMap;
 use tokio::time::Instant;
