@@ -1,9 +1,9 @@
 //! Bad input at the sockets: the nine bytes that abort a bare zmq.rs process, oversized
 //! messages and empty-frame floods. The broker's ROUTERs are its own and check the limits
 //! themselves, always, loopback too: every attack is cut off and counted, and everything else
-//! passes. That the attack is real against a zmq.rs socket with no guard relay in front is
-//! shown at the proxy's XSUB (`crates/pubsub/tests/guard.rs`) and the pipeline master's
-//! sockets (`crates/pipeline/tests/guard.rs`).
+//! passes. Every other bound socket is our own too and refuses the same input: the proxy's
+//! (`crates/pubsub/tests/guard.rs`) and the pipeline master's (`crates/pipeline/tests/sockets.rs`,
+//! where the nine bytes used to abort a master on zmq.rs's sockets with its default flags).
 
 use std::time::Duration;
 

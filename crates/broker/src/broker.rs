@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::frames;
-use common::wire::limits::{GuardStats, Limits};
 use common::send::Sent;
 use common::watchdog::Watchdog;
+use common::wire::limits::{GuardStats, Limits};
 use tokio::time::{interval, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use zeromq::ZmqMessage;
@@ -479,7 +479,8 @@ impl Broker {
 
     fn refresh_guard_stats(&mut self) {
         let stats = &mut self.books.stats;
-        (stats.guard_refused, stats.guard_stalled) = common::wire::limits::totals(&self.socket_stats);
+        (stats.guard_refused, stats.guard_stalled) =
+            common::wire::limits::totals(&self.socket_stats);
         stats.evicted = self.socket_stats.iter().map(|s| s.evicted()).sum();
         stats.turned_away = self.socket_stats.iter().map(|s| s.turned_away()).sum();
     }

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use common::wire::limits::Limits;
 use common::heartbeat::Heartbeat;
 use common::link::Reconnect;
+use common::wire::limits::Limits;
 
 pub const DEFAULT_FRONTEND: &str = "tcp://127.0.0.1:5559";
 pub const DEFAULT_BACKEND: &str = "tcp://127.0.0.1:5560";

@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::wire::limits::Limits;
 use crate::heartbeat::Heartbeat;
 use crate::link::Reconnect;
+use crate::wire::limits::Limits;
 
 /// Heartbeat timing flags.
 #[derive(Debug, Clone, Args)]

@@ -142,8 +142,8 @@ pub enum Event {
     Heartbeat,
     /// The task was received and will be processed here.
     Accept { batch: String, id: u64 },
-    /// The task arrived while the worker was full (PUSH round robin does not know who has free
-    /// slots): send it again, elsewhere.
+    /// The task arrived while the worker was full (its reports crossed the task on the wire, or
+    /// a stock master deals round robin): send it again, elsewhere.
     Defer { batch: String, id: u64 },
     /// Output written (or, inline, carried in frame 1).
     Done { batch: String, id: u64 },

@@ -114,7 +114,7 @@ fn a_task_of_an_old_batch_never_overwrites_the_new_batch() {
 
 /// Issue 6, item 8: after a master restart the worker reconnects once; its timer for the
 /// master's heartbeats starts afresh, so it does not tear its links down again, and it never
-/// holds two task connections (each would earn it a round-robin turn).
+/// holds two task connections (the master would close the older one of its name anyway).
 #[test]
 fn a_worker_holds_one_task_connection_after_a_master_restart() {
     let dir = Scratch::new("restart-links");
@@ -227,9 +227,9 @@ fn task_timeout_resends_a_stuck_task() {
 /// Issue 7: a worker whose links to the master go silent without any socket event (a partition)
 /// notices that the master's heartbeats stopped and connects again. The master's own window is
 /// ten times longer (40 x 250 ms), so it never gives the worker up: the batch finishes only if
-/// the master also stops dealing into the worker's old task connection (a task unacknowledged
-/// for its window cuts the task links) and re-sends what the worker had accepted when it says
-/// hello again (the done reports sent on the old link are lost).
+/// the master also stops dealing into the worker's old task connection (the new one, named
+/// like it, replaces it) and re-sends what the worker had accepted when it says hello again
+/// (the done reports sent on the old link are lost).
 #[test]
 fn a_worker_reconnects_when_the_master_heartbeats_stop() {
     const IMAGES: usize = 30;

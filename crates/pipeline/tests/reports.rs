@@ -131,7 +131,7 @@ fn inline_memory_stays_bounded_whatever_free_a_peer_claims() {
     }
     .start(&connect);
     // Three liveness windows of the test timing (4 x 250 ms): the master has long given up on
-    // the tasks it sent, cut the task links and put them back.
+    // the tasks it sent (a probe, unaccepted, taken back within a second).
     let until = std::time::Instant::now() + Duration::from_secs(3);
     let mut peak = 0;
     while std::time::Instant::now() < until {

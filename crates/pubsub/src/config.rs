@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use common::wire::limits::Limits;
 use common::heartbeat::Heartbeat;
 use common::link::Reconnect;
+use common::wire::limits::Limits;
 
 use crate::protocol::Zip;
 

@@ -24,9 +24,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::frames;
-use common::wire::limits::{GuardStats, Limits};
 use common::logging::Throttle;
 use common::watchdog::Watchdog;
+use common::wire::limits::{GuardStats, Limits};
 use common::wire::server::{Event, Outbox};
 use common::wire::xpub::XPub;
 use common::wire::xsub::XSub;

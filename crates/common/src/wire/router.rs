@@ -28,9 +28,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::wire::limits::{GuardStats, Limits};
 use crate::logging::Throttle;
 use crate::send::Sent;
+use crate::wire::limits::{GuardStats, Limits};
 use crate::wire::server::{self, Options, Outbox, Server};
 use bytes::Bytes;
 use foldhash::{HashMap, HashMapExt};

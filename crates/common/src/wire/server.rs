@@ -40,8 +40,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use zeromq::ZmqMessage;
 
 use super::{parse_command, protocol_error, reach, Reader, FRAME_OVERHEAD, MESSAGE_OVERHEAD};
-use crate::wire::limits::{GuardStats, Limits};
 use crate::logging::Throttle;
+use crate::wire::limits::{GuardStats, Limits};
 
 /// How long a new connection has to complete its greeting and READY.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);

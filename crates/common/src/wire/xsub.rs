@@ -40,8 +40,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::wire::limits::{GuardStats, Limits};
 use crate::logging::Throttle;
+use crate::wire::limits::{GuardStats, Limits};
 use crate::wire::server::{self, Batch, Options, Outbox, Server};
 use bytes::{Bytes, BytesMut};
 use zeromq::ZmqMessage;

@@ -2,11 +2,14 @@
 //! counts of the summary. Pure bookkeeping, no sockets and no files: the ventilator asks it what
 //! to send, the sink tells it what came back, and it is unit-tested on its own.
 //!
-//! Credit flow: no more tasks in flight than the workers have room for, where a worker's room is
-//! the `free` of its last report **capped by its contract**: it may hold no more than the `slots`
-//! it announced when it said hello (`threads + prefetch`, itself capped by `--max-slots`), counted
-//! in these books, whatever `free` it claims. An `accept` beyond that, or of a task the worker
-//! already holds, is refused: the task goes to another worker as after a `defer`.
+//! Credit flow: a task is dealt to one worker ([`Books::next_to_send`] with its name; the
+//! ventilator puts it on that worker's task connection) only while that worker has room: the
+//! `free` of its last report **capped by its contract** (it may hold no more than the `slots` it
+//! announced when it said hello, `threads + prefetch`, itself capped by `--max-slots`), less what
+//! it holds by these books, less the copies on their way to it. A probe (for a task connection
+//! not yet known to be anyone's) takes the room of the workers without a known connection. An
+//! `accept` beyond the contract, or of a task the worker already holds, is refused: the task goes
+//! to another worker as after a `defer`.
 //!
 //! A task is open until its first answer, then done or failed. While open it has copies: each on
 //! its way (read, sent, not acknowledged) or accepted by a worker. Only a worker that accepted a
@@ -1001,7 +1004,8 @@ mod tests {
             b.on_report(&report("liar", 100_000, accept(id as u64)));
         }
         assert_eq!(b.sendable(), 0, "it holds its two");
-        // A third task dealt to it anyway (PUSH's round robin) is refused, and goes elsewhere.
+        // A third task it accepts anyway (dealt to it by a stale credit) is refused, and goes
+        // elsewhere.
         b.on_report(&report("honest", 1, Event::Hello));
         let id = send(&mut b);
         b.on_report(&report("liar", 100_000, accept(id as u64)));

@@ -25,9 +25,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use common::wire::limits::Limits;
 use common::heartbeat::Heartbeat;
 use common::watchdog::Watchdog;
+use common::wire::limits::Limits;
 use common::wire::push::Unsent;
 use common::CancellationToken;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -211,7 +211,7 @@ pub struct Summary {
     pub wall_ms: u64,
     /// Tasks sent again after a worker loss, a lost acknowledgement or a timeout.
     pub resent: u64,
-    /// Tasks a full worker handed back (PUSH round robin hit a busy worker).
+    /// Tasks a full worker handed back (its reports crossed the task on the wire).
     pub deferred: u64,
     /// `accept`s refused: beyond the worker's slots, or of a task it already held (the task
     /// went to another worker).
