@@ -171,7 +171,7 @@ pubsub-bench:
 test:
     cargo test --workspace
 
-# Wire fuzzer: random and mutated ZMTP connections at a guarded live process (lab fuzz --help)
+# Wire fuzzer: random and mutated ZMTP connections at a live process (lab fuzz --help)
 fuzz *args:
     cargo run --release -p lab -- fuzz {{args}}
 
