@@ -63,7 +63,8 @@ async fn primary_partitioned_through_relays_then_healed_one_server_at_a_time() {
 
 // The other two cases of docs/pairs.md, without the lab's scenarios.
 
-/// A pair on loopback: the primary, its peer endpoint (through a relay when asked), the backup.
+/// A pair on loopback: the backup binding the peer link, the primary connected to it (through
+/// a relay when asked).
 struct Pair {
     primary: Proc,
     backup: Proc,
@@ -71,7 +72,7 @@ struct Pair {
     frontends: [String; 2],
     backends: [String; 2],
     peer_relay: Option<Relay>,
-    /// The primary's peer endpoint (not the relay's).
+    /// The backup's peer endpoint (not the relay's), where the primary connects.
     peer: String,
     test: &'static str,
 }
@@ -102,25 +103,21 @@ async fn start_broker(
     (proc, ready)
 }
 
-async fn backup(test: &str, peer: &str) -> (Proc, std::collections::BTreeMap<String, String>) {
+/// A backup binding the peer link at `peer_bind` (the primary connects to it).
+async fn backup(test: &str, peer_bind: &str) -> (Proc, std::collections::BTreeMap<String, String>) {
     start_broker(
         test,
         "backup",
-        &["--pair", "backup", "--peer-connect", peer],
+        &["--pair", "backup", "--peer-bind", peer_bind],
     )
     .await
 }
 
 impl Pair {
     async fn start(test: &'static str, relay_peer: bool) -> Self {
-        let (primary, p) = start_broker(
-            test,
-            "primary",
-            &["--pair", "primary", "--peer-bind", "tcp://127.0.0.1:0"],
-        )
-        .await;
-        let primary_peer = p["peer"].clone();
-        let mut peer = primary_peer.clone();
+        let (backup, b) = backup(test, "tcp://127.0.0.1:0").await;
+        let backup_peer = b["peer"].clone();
+        let mut peer = backup_peer.clone();
         let mut peer_relay = None;
         if relay_peer {
             let relay = Relay::start(common::endpoint::resolve(&peer).expect("peer address"))
@@ -130,14 +127,19 @@ impl Pair {
             peer = relay.endpoint();
             peer_relay = Some(relay);
         }
-        let (backup, b) = backup(test, &peer).await;
+        let (primary, p) = start_broker(
+            test,
+            "primary",
+            &["--pair", "primary", "--peer-connect", &peer],
+        )
+        .await;
         let pair = Self {
             primary,
             backup,
             frontends: [p["frontend"].clone(), b["frontend"].clone()],
             backends: [p["backend"].clone(), b["backend"].clone()],
             peer_relay,
-            peer: primary_peer,
+            peer: backup_peer,
             test,
         };
         wait(&pair.primary, "primary active", |c| c.get("active") == 1).await;

@@ -546,7 +546,8 @@ enum PairNet {
     Local,
     /// The primary alone on a test host.
     Netns(TestHost),
-    /// Everyone reaches the primary through relays: frontend, backend, peer.
+    /// Everyone reaches the primary through relays: the peer link (in front of the backup),
+    /// the primary's frontend and backend.
     Relay([Relay; 3]),
 }
 
@@ -588,62 +589,16 @@ fn ready_field(ready: &std::collections::BTreeMap<String, String>, key: &str) ->
 }
 
 impl PairTopology {
-    /// Starts the primary (on a test host with `PairNet::Netns`), then the backup, and waits
+    /// Starts the backup, then the primary (on a test host with `PairNet::Netns`), and waits
     /// until the primary is active and the backup passive.
     async fn start(lab: &Lab, scenario: &str, net: PairNet, relay: bool) -> Result<Self> {
         let logs = lab.logs_for(scenario);
-        let host = match &net {
-            PairNet::Netns(test_host) => test_host.ip.clone(),
-            _ => "127.0.0.1".into(),
-        };
-        let any = format!("tcp://{host}:0");
-        let args = strings(&[
-            "--pair",
-            "primary",
-            "--frontend",
-            &any,
-            "--backend",
-            &any,
-            "--peer-bind",
-            &any,
-            "--stats-secs",
-            "1",
-        ]);
         let program = lab.bins.path("broker");
-        let mut primary = match &net {
-            PairNet::Netns(test_host) => {
-                Proc::spawn_with("primary", test_host.command(&program).args(&args), &logs)?
-            }
-            _ => Proc::spawn("primary", &program, &args, &logs)?,
-        };
-        let ready = primary.ready(READY_WITHIN).await?;
-        let (frontend, backend, peer) = (
-            ready_field(&ready, "frontend")?,
-            ready_field(&ready, "backend")?,
-            ready_field(&ready, "peer")?,
-        );
-        // In relay mode everyone reaches the primary through a relay of its own (`relay` asks
-        // for them; a `PairNet::Relay` given here is replaced).
-        let (net, frontend, backend, peer) = if relay {
-            let mut relays = Vec::new();
-            for (endpoint, label) in [
-                (&frontend, "primary frontend"),
-                (&backend, "primary backend"),
-                (&peer, "primary peer"),
-            ] {
-                relays.push(
-                    Relay::start(common::endpoint::resolve(endpoint)?)
-                        .await?
-                        .labelled(label),
-                );
-            }
-            let [f, b, p]: [Relay; 3] = relays
-                .try_into()
-                .map_err(|_| anyhow::anyhow!("three relays"))?;
-            let (fe, be, pe) = (f.endpoint(), b.endpoint(), p.endpoint());
-            (PairNet::Relay([f, b, p]), fe, be, pe)
-        } else {
-            (net, frontend, backend, peer)
+        // The backup binds the peer link and the primary connects to it: the backup hears of
+        // a killed primary from its own ROUTER, whose connection's end it sees at once.
+        let (host, backup_host) = match &net {
+            PairNet::Netns(test_host) => (test_host.ip.clone(), test_host.host_ip.clone()),
+            _ => ("127.0.0.1".into(), "127.0.0.1".into()),
         };
         let local = "tcp://127.0.0.1:0";
         let args = strings(&[
@@ -653,8 +608,8 @@ impl PairTopology {
             local,
             "--backend",
             local,
-            "--peer-connect",
-            &peer,
+            "--peer-bind",
+            &format!("tcp://{backup_host}:0"),
             "--stats-secs",
             "1",
         ]);
@@ -664,6 +619,59 @@ impl PairTopology {
             proc: backup,
             frontend: ready_field(&ready, "frontend")?,
             backend: ready_field(&ready, "backend")?,
+        };
+        let mut peer = ready_field(&ready, "peer")?;
+        // In relay mode the primary reaches the backup, and everyone the primary, through a
+        // relay of their own (`relay` asks for them).
+        let mut relays = Vec::new();
+        if relay {
+            let r = Relay::start(common::endpoint::resolve(&peer)?)
+                .await?
+                .labelled("peer link");
+            peer = r.endpoint();
+            relays.push(r);
+        }
+        let any = format!("tcp://{host}:0");
+        let args = strings(&[
+            "--pair",
+            "primary",
+            "--frontend",
+            &any,
+            "--backend",
+            &any,
+            "--peer-connect",
+            &peer,
+            "--stats-secs",
+            "1",
+        ]);
+        let mut primary = match &net {
+            PairNet::Netns(test_host) => {
+                Proc::spawn_with("primary", test_host.command(&program).args(&args), &logs)?
+            }
+            _ => Proc::spawn("primary", &program, &args, &logs)?,
+        };
+        let ready = primary.ready(READY_WITHIN).await?;
+        let (mut frontend, mut backend) = (
+            ready_field(&ready, "frontend")?,
+            ready_field(&ready, "backend")?,
+        );
+        let net = if relay {
+            for (endpoint, label) in [
+                (&mut frontend, "primary frontend"),
+                (&mut backend, "primary backend"),
+            ] {
+                let r = Relay::start(common::endpoint::resolve(endpoint)?)
+                    .await?
+                    .labelled(label);
+                *endpoint = r.endpoint();
+                relays.push(r);
+            }
+            let relays: [Relay; 3] = relays
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("three relays"))?;
+            PairNet::Relay(relays)
+        } else {
+            net
         };
         let topo = Self {
             net,
@@ -918,6 +926,7 @@ async fn broker_failover_partition(lab: &Lab) -> Result<Verdict> {
     let started = Instant::now();
     tokio::time::sleep(cut).await;
     topo.net.set_partitioned(false).await?;
+    let healed_unix_ms = unix_ms_now();
     let outage = started.elapsed();
     // Healed: the primary hears the backup active at a higher term and yields.
     let yielded =
@@ -953,6 +962,12 @@ async fn broker_failover_partition(lab: &Lab) -> Result<Verdict> {
     let backup_stats = stop_for_stats(&mut topo.backup.proc).await?;
     let primary_stats = stop_for_stats(&mut topo.primary.proc).await?;
     let takeover = judge_backup(&mut v, &topo.backup.proc, &backup_stats);
+    let primary_yield = transitions(&topo.primary.proc)
+        .into_iter()
+        .find(|(to, at, _)| to == "passive" && *at >= healed_unix_ms);
+    if let Some((_, at, _)) = primary_yield {
+        v.figure("yield_after_heal_ms", at - healed_unix_ms);
+    }
     // Never both serving: the primary forwarded no reply from its first stats line after the
     // cut to its end, and the backup none before its takeover, at least an expiry after the cut.
     let lines = broker_stats::all(&topo.primary.proc);
