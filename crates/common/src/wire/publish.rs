@@ -65,6 +65,7 @@ impl Pub {
             limits,
             max_connections,
             stall: Some(stall),
+            inbound_batches: server::INBOUND_BATCHES,
         };
         let server = Server::serve(listener, options)?;
         let endpoint = server.endpoint.clone();

@@ -57,6 +57,7 @@ impl Pull {
             limits,
             max_connections,
             stall: None,
+            inbound_batches: server::INBOUND_BATCHES,
         };
         let server = Server::serve(listener, options)?;
         Ok(Self {

@@ -89,6 +89,7 @@ impl Push {
             limits,
             max_connections,
             stall,
+            inbound_batches: server::INBOUND_BATCHES,
         };
         let server = Server::serve(listener, options)?;
         Ok(Self {

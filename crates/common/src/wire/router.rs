@@ -103,6 +103,7 @@ impl Router {
             limits,
             max_connections,
             stall: None,
+            inbound_batches: server::INBOUND_BATCHES,
         };
         let server = Server::serve(listener, options)?;
         Ok(Self {

@@ -5,7 +5,8 @@
 //! end, in order per connection, and takes what to send through each connection's [`Outbox`].
 //!
 //! - A reader task decodes every whole message that one read brought and hands them over in one
-//!   batch, over one bounded channel per socket ([`INBOUND_BATCHES`]): when the caller is busy
+//!   batch, over one bounded channel per socket (`Options::inbound_batches`, usually
+//!   [`INBOUND_BATCHES`]): when the caller is busy
 //!   the readers wait, and the kernel pushes back on the peers. The batches on their way hold
 //!   permits of a byte budget per socket ([`INBOUND_BYTES`]), so what the readers have taken in
 //!   and the caller has not is bounded in bytes, not only in batches.
@@ -89,6 +90,9 @@ pub struct Options {
     /// socket sends with [`Outbox::offer`], which drops what does not fit instead of cutting.
     /// `None`: the byte bound alone decides ([`Outbox::push`]).
     pub stall: Option<Duration>,
+    /// Batches waiting for the caller, at most ([`INBOUND_BATCHES`] for a socket with many
+    /// peers; fewer where a few peers send a flood of small messages, each an allocation).
+    pub inbound_batches: usize,
 }
 
 /// What the connections tell their socket, in order per connection (numbered by `serial`).
@@ -272,7 +276,7 @@ impl Server {
         listener.set_nonblocking(true)?;
         let local = listener.local_addr()?;
         let listener = TcpListener::from_std(listener)?;
-        let (tx, events) = mpsc::channel(INBOUND_BATCHES);
+        let (tx, events) = mpsc::channel(options.inbound_batches.max(1));
         let stop = CancellationToken::new();
         let accepting = stop.child_token();
         let stats = Arc::new(GuardStats::default());

@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::wire::limits::{GuardStats, Limits};
-use crate::wire::server::{Event, Options, Outbox, Server};
+use crate::wire::server::{self, Event, Options, Outbox, Server};
 
 /// The socket types that may connect: subscribers.
 const SUBSCRIBERS: &[&[u8]] = &[b"SUB", b"XSUB"];
@@ -49,6 +49,7 @@ impl XPub {
             limits,
             max_connections,
             stall: Some(stall),
+            inbound_batches: server::INBOUND_BATCHES,
         };
         let server = Server::serve(listener, options)?;
         Ok(Self {
