@@ -86,8 +86,8 @@ mod tests {
     #[test]
     fn a_peer_that_does_not_read_is_stopped_not_unreachable() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let mut ours = std::net::TcpStream::connect(listener.local_addr().expect("addr"))
-            .expect("connect");
+        let mut ours =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (_theirs, _) = listener.accept().expect("accept");
         ours.set_nonblocking(true).expect("nonblocking");
         let mut watch = Watch::new(&ours);
