@@ -11,7 +11,7 @@
 //!
 //! What stays as in a stock PUSH: on the wire it is a PUSH, for any PULL peer (libzmq, pyzmq,
 //! zmq.rs); PING is answered with PONG. A PULL sends no messages: one that does is cut off
-//! (counted `refused`). Every limit of [`super::server`] holds on every endpoint, loopback
+//! (counted `refused`, logged with its address). Every limit of [`super::server`] holds on every endpoint, loopback
 //! included (a frame header claiming a terabyte ends that connection, never the process).
 //!
 //! A PULL never sends, so it cannot learn of a cut made while it was unreachable: with
@@ -63,7 +63,7 @@ pub enum Unsent {
 #[derive(Debug)]
 pub struct Push {
     server: Server,
-    links: HashMap<u64, Arc<Outbox>>,
+    links: HashMap<u64, (Arc<Outbox>, SocketAddr)>,
     ready: VecDeque<Event>,
     limits: Limits,
     /// Unreachable peers keep their connections: sends that do not fit are refused.
@@ -143,7 +143,7 @@ impl Push {
                 identity,
                 outbox,
             } => {
-                self.links.insert(serial, outbox);
+                self.links.insert(serial, (outbox, addr));
                 self.ready.push_back(Event::Joined {
                     serial,
                     addr,
@@ -152,9 +152,9 @@ impl Push {
             }
             server::Event::Messages { serial, .. } => {
                 // A PULL has nothing to say: whoever speaks here is not one.
-                if let Some(outbox) = self.links.get(&serial) {
+                if let Some((outbox, addr)) = self.links.get(&serial) {
                     outbox.close();
-                    self.server.stalled(&"", 0);
+                    self.server.refused(addr, &"a message from a PULL");
                 }
             }
             server::Event::Left { serial } => {
@@ -167,7 +167,7 @@ impl Push {
 
     /// Queues `msg` for connection `serial`; never waits.
     pub fn send(&mut self, serial: u64, msg: &ZmqMessage) -> Result<(), Unsent> {
-        let Some(outbox) = self.links.get(&serial) else {
+        let Some((outbox, _)) = self.links.get(&serial) else {
             return Err(Unsent::Gone);
         };
         if outbox.is_closed() {
@@ -201,12 +201,12 @@ impl Push {
 
     /// Whether connection `serial` is open.
     pub fn is_open(&self, serial: u64) -> bool {
-        self.links.get(&serial).is_some_and(|o| !o.is_closed())
+        self.links.get(&serial).is_some_and(|(o, _)| !o.is_closed())
     }
 
     /// Ends connection `serial` (its `Left` follows).
     pub fn close(&mut self, serial: u64) {
-        if let Some(outbox) = self.links.get(&serial) {
+        if let Some((outbox, _)) = self.links.get(&serial) {
             outbox.close();
         }
     }
@@ -215,7 +215,7 @@ impl Push {
     /// is written to the kernel.
     pub async fn flush(&mut self, linger: Duration) {
         self.server.stop_accepting();
-        server::flush(self.links.values(), linger).await;
+        server::flush(self.links.values().map(|(o, _)| o), linger).await;
     }
 }
 
@@ -295,7 +295,7 @@ mod tests {
     }
 
     /// Nine bytes claiming a 1 TiB frame, on loopback: that connection is refused, the socket
-    /// serves on; a PULL that speaks is cut off.
+    /// serves on; a PULL that speaks is refused too.
     #[tokio::test(flavor = "current_thread")]
     async fn nine_bytes_end_a_connection_not_the_socket() {
         let mut push = push();
@@ -310,12 +310,27 @@ mod tests {
             while push.try_recv().is_some() {}
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // A "PULL" that speaks is no PULL: refused too.
+        let endpoint = push.endpoint.clone();
+        let chatty = [zmtp::greeting(), zmtp::ready("PULL"), zmtp::frame(0, b"hi")].concat();
+        // Not awaited: it reads until the connection closes, which takes this loop's turns.
+        let chatty = tokio::task::spawn_blocking(move || zmtp::send_raw(&endpoint, &chatty));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while push.stats().refused() < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the chatty PULL not refused"
+            );
+            while push.try_recv().is_some() {}
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(chatty.await.expect("sent"), "cannot reach the PUSH");
         let mut pull = PullSocket::new();
         pull.connect(&push.endpoint).await.expect("connect");
-        // The attacker's connection joined first (its READY was good): the PULL's comes later.
+        // The attackers' connections joined first (their READYs were good): the PULL's is third.
         let serial = loop {
             match next(&mut push).await {
-                Event::Joined { serial, .. } if serial > 1 => break serial,
+                Event::Joined { serial, .. } if serial > 2 => break serial,
                 _ => {}
             }
         };
