@@ -22,11 +22,13 @@ fn require_pyzmq() {
     );
 }
 
-/// A pyzmq worker: PULL tasks from the master, PUSH reports; copies each input to its output.
+/// A pyzmq worker: PULL tasks from the master, PUSH reports, SUB control; copies each input to
+/// its output, then waits for the master's `stop` (a heartbeat must have come before).
 const PY_WORKER: &str = r#"
 import json, shutil, sys, zmq
-tasks_ep, results_ep, total = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tasks_ep, results_ep, control_ep, total = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 ctx = zmq.Context()
+sub = ctx.socket(zmq.SUB); sub.setsockopt(zmq.SUBSCRIBE, b'{"type":"'); sub.connect(control_ep)
 pull = ctx.socket(zmq.PULL); pull.connect(tasks_ep)
 push = ctx.socket(zmq.PUSH); push.connect(results_ep)
 def report(kind, **kw):
@@ -40,6 +42,12 @@ for _ in range(total):
     report("accept", batch=task["batch"], id=task["id"])
     shutil.copyfile(task["input"], task["output"])
     report("done", batch=task["batch"], id=task["id"])
+heard = set()
+while "stop" not in heard:
+    if not sub.poll(60000):
+        sys.exit(f"no stop within 60 s, heard {heard}")
+    heard.add(json.loads(sub.recv())["type"])
+assert "heartbeat" in heard, heard
 report("bye")
 push.close(linger=5000)
 print("served", total)
@@ -53,9 +61,13 @@ fn pyzmq_pull_reads_the_master_tasks() {
     let (input, output) = (dir.path("in"), dir.path("out"));
     let expected = samples(&input, 5, 24);
     std::fs::create_dir_all(output.join("nested")).unwrap();
-    let (mut m, connect) = master(&input, &output, &["--filter", "grayscale"]);
+    let (mut m, connect) = master(
+        &input,
+        &output,
+        &["--filter", "grayscale", "--stop-workers"],
+    );
     let eps: Vec<&str> = connect.split(',').collect();
-    let mut py = Proc::spawn("python3", &["-c", PY_WORKER, eps[0], eps[1], "5"]);
+    let mut py = Proc::spawn("python3", &["-c", PY_WORKER, eps[0], eps[1], eps[2], "5"]);
     assert!(m.wait().success(), "{}", m.stderr());
     let s = m.summary();
     assert_eq!(s["done"], 5, "{s}");
