@@ -295,7 +295,7 @@ async fn workers(lab: &Lab) -> Result<Verdict> {
 async fn worker_crash(lab: &Lab) -> Result<Verdict> {
     let input = sample_input(lab, "pipeline-worker-crash", 256)?;
     // A task timeout far beyond the master's wait: the tasks the victim accepted can come back
-    // only because the master noticed the victim gone (its heartbeats stopped), not by a lease.
+    // only because the master noticed the victim gone (its connections closed), not by a lease.
     let mut batch = Batch::start_with(
         lab,
         "pipeline-worker-crash",
