@@ -39,6 +39,14 @@ worker-crash:
 worker-hang:
     cargo run --release -p lab -- worker-hang
 
+# A broker pair: the primary SIGKILLed for good, the backup takes over (docs/pairs.md)
+broker-failover:
+    cargo run --release -p lab -- broker-failover
+
+# A broker pair: the primary cut off from everyone, then healed (mode: auto, netns or relay)
+broker-failover-partition mode="auto":
+    cargo run --release -p lab -- --partition {{mode}} broker-failover-partition
+
 # --- Divide and conquer scenarios (crates/pipeline) ---
 
 # Seed divide and conquer: one pipeline worker
