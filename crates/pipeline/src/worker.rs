@@ -12,8 +12,8 @@
 //! leaves its connections open and the master would keep dealing tasks into them). The control
 //! SUB reconnects by itself, but with a backoff that grows to 30 s: when the master's heartbeats
 //! stop for the liveness window, every link is closed and built afresh (the task PULL's
-//! connections closed explicitly: a half-open one would hold tasks dealt to it until the master
-//! sees the new connection of the same name).
+//! connections closed explicitly: the master deals to the newest connection of a name, and an
+//! older one left open would take over whenever the newest closes).
 //!
 //! Batches: a task belongs to its master's batch. When the worker hears of a newer batch (a
 //! heartbeat or a task of a restarted master), queued tasks of the old one are dropped, and one

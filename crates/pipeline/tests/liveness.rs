@@ -114,7 +114,7 @@ fn a_task_of_an_old_batch_never_overwrites_the_new_batch() {
 
 /// Issue 6, item 8: after a master restart the worker reconnects once; its timer for the
 /// master's heartbeats starts afresh, so it does not tear its links down again, and it never
-/// holds two task connections (the master would close the older one of its name anyway).
+/// holds two task connections (the master would deal to the newer one of its name anyway).
 #[test]
 fn a_worker_holds_one_task_connection_after_a_master_restart() {
     let dir = Scratch::new("restart-links");

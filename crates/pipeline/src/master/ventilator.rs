@@ -9,9 +9,11 @@
 //! way to it). Whose a connection is:
 //!
 //! - **named**: our workers set the ZMTP `Identity` of their task PULL to their name (the
-//!   `worker` of their reports), so the connection is theirs from its first byte. A newer
-//!   connection with the same name replaces the older one, which is closed (the worker
-//!   reconnected; the old one is half-open or gone).
+//!   `worker` of their reports), so the connection is theirs from its first byte. The newest
+//!   connection of a name is the one dealt to (the worker reconnected; an older one is gone or
+//!   half-open); an older one still open takes over if the newest closes. (Closing the older
+//!   one instead would make two processes started with one `--id` close each other's
+//!   connections for ever.)
 //! - **learned**: a stock PULL sets no identity. Such a connection gets a **probe** (one task)
 //!   only while some worker heard from for [`PROBE_GRACE`] has room and no connection known to
 //!   be its own; the worker that accepts the probe owns the connection from then on, and it is
@@ -157,10 +159,7 @@ impl Ventilator {
                 let worker = identity.and_then(|id| String::from_utf8(id.to_vec()).ok());
                 tracing::debug!(serial, %addr, worker = ?worker, "task connection");
                 if let Some(name) = &worker {
-                    if let Some(old) = self.of_worker.insert(name.clone(), serial) {
-                        // The worker reconnected: its old connection is half-open or gone.
-                        self.push.close(old);
-                    }
+                    self.of_worker.insert(name.clone(), serial);
                 }
                 self.links.insert(
                     serial,
@@ -181,6 +180,16 @@ impl Ventilator {
             if let Some(name) = link.worker {
                 if self.of_worker.get(&name) == Some(&serial) {
                     self.of_worker.remove(&name);
+                    // An older connection of the same worker still open takes over.
+                    let older = self
+                        .links
+                        .iter()
+                        .filter(|(_, l)| l.worker.as_deref() == Some(name.as_str()))
+                        .map(|(s, _)| *s)
+                        .max();
+                    if let Some(older) = older {
+                        self.of_worker.insert(name, older);
+                    }
                 }
             }
         }
