@@ -7,7 +7,9 @@
 //! - [`server`]: a bound socket's connections (the bound on them, reader and writer tasks, the
 //!   byte budgets, the limits), whatever the socket type;
 //! - one file per socket type on top: [`router`] (the broker's frontend and backend), [`xsub`]
-//!   (the proxy's side facing publishers), [`xpub`] (its side facing subscribers);
+//!   (the proxy's side facing publishers), [`xpub`] (its side facing subscribers), and the
+//!   pipeline master's [`push`] (tasks, on the connection the caller chooses), [`pull`] (reports,
+//!   with the connection each came by) and [`publish`] (control);
 //! - [`limits`]: what a peer may send and make a socket hold, and the counters of what each
 //!   socket refused;
 //! - [`reach`]: whether a peer whose writes wait stopped reading or cannot be reached.
