@@ -463,17 +463,22 @@ impl Books {
         };
         let known = self.workers.contains_key(worker);
         let cap = report.slots.min(self.rules.max_slots);
-        let state = self.workers.entry(worker.to_string()).or_insert_with(|| {
+        if !known {
             tracing::info!(%worker, slots = report.slots, cap, "worker joined");
-            WorkerState {
+            let state = WorkerState {
                 free: 0,
                 cap,
                 held: 0,
                 inflight: 0,
                 since: Instant::now(),
                 liveness: Liveness::new(expiry),
-            }
-        });
+            };
+            self.workers.insert(worker.to_string(), state);
+        }
+        // (Looked up, not `entry`: a report of a known worker allocates no key.)
+        let Some(state) = self.workers.get_mut(worker) else {
+            return None;
+        };
         if report.event == Event::Hello {
             // Its contract: what it says at hello holds until it says hello again.
             state.cap = cap;
