@@ -476,9 +476,7 @@ impl Books {
             self.workers.insert(worker.to_string(), state);
         }
         // (Looked up, not `entry`: a report of a known worker allocates no key.)
-        let Some(state) = self.workers.get_mut(worker) else {
-            return None;
-        };
+        let state = self.workers.get_mut(worker)?;
         if report.event == Event::Hello {
             // Its contract: what it says at hello holds until it says hello again.
             state.cap = cap;
