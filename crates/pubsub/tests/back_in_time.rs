@@ -20,7 +20,7 @@
 //!   every time.
 //!
 //! Now a publisher's newer connection supersedes its older one at the XSUB
-//! (`common::wire::xsub`): nothing from the older is forwarded once the newer has joined, and
+//! (`common::wire::xsub`): nothing from the older is forwarded once the newer has sent, and
 //! the tail is a gap the sequence numbers prove. Each test also checks that the publisher's
 //! fresh updates (numbered after the fault, so carried by its new connection) reach the stock
 //! SUB within the calm that follows each fault: they cannot pass by delivering nothing.
@@ -28,11 +28,9 @@
 //! Without pyzmq these tests show as `ignored` (see `build.rs`).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use lab::process::Proc;
 use lab::Signal;
 use pubsub::PublisherSummary;
 use serde::Deserialize;
@@ -97,23 +95,6 @@ impl Order {
             })
             .map(|(when, _)| *when)
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as u64
-}
-
-/// A script of this crate's `tests/py`.
-fn py(logs: &Path, name: &str, script: &str, args: &[&str]) -> Proc {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/py")
-        .join(script);
-    let mut all = vec![path.display().to_string()];
-    all.extend(strings(args));
-    Proc::spawn(name, Path::new("python3"), &all, logs).expect("python3 starts")
 }
 
 /// A relay between publishers and the proxy's XSUB that can freeze the connections it carries
