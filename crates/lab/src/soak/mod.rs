@@ -1,14 +1,14 @@
 //! The soak: the three systems at once for minutes under random faults, then a count of what was
 //! lost or duplicated and a look at every long-lived process's memory and file descriptors.
 //!
-//! - Shared queue: a broker, three workers and two clients in rounds of 400 requests (Lazy
-//!   Pirate: every request must be answered, none twice).
+//! - Shared queue: a broker pair (docs/pairs.md), three workers and two clients of both in
+//!   rounds of 400 requests (Lazy Pirate: every request must be answered, none twice).
 //! - Pipeline: a master over a batch of images, again and again on the same endpoints, and
 //!   three long-lived workers (every image of every batch done, exactly once, on disk).
 //! - Pub/sub: a proxy, two publishers and three subscribers (every update a subscriber misses
 //!   must show as a gap it can prove from the sequence numbers; none received twice).
 //!
-//! Faults come one at a time, at seeded random moments: SIGKILL of the broker, the proxy or a
+//! Faults come one at a time, at seeded random moments: SIGKILL of the active broker, the proxy or a
 //! worker (restarted after a moment), SIGSTOP/SIGCONT hangs, and partitions made by the
 //! blackholing [`Relay`] in front of each system (no root needed). One worker of each kind
 //! (`sq-w1`, `pw1`), the publishers and the subscribers are never killed: their memory is

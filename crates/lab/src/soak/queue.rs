@@ -1,4 +1,10 @@
-//! The soak's shared queue: a broker, its workers and clients in rounds, and their totals.
+//! The soak's shared queue: a broker pair (docs/pairs.md), its workers and clients in rounds,
+//! and their totals.
+//!
+//! The primary is reached through relays (frontend, backend, and its peer link to the backup),
+//! so that a partition cuts it off from everyone; the backup is reached directly. Clients and
+//! workers are given both. A broker fault hits the active one (read off its stats line); a
+//! killed broker comes back on its endpoints and goes passive.
 
 use super::*;
 
@@ -16,47 +22,70 @@ pub(super) struct QueueTotals {
 }
 
 pub(super) struct Queue {
+    /// The primary.
     pub(super) broker: Slot,
     pub(super) frontend: String,
     pub(super) backend: String,
     pub(super) front: Relay,
     pub(super) back: Relay,
+    /// The backup, its endpoints (its peer link's too), and the relay the primary's peer link
+    /// goes through.
+    pub(super) backup: Slot,
+    pub(super) backup_frontend: String,
+    pub(super) backup_backend: String,
+    pub(super) backup_peer: String,
+    pub(super) peer: Relay,
     pub(super) workers: Vec<Slot>,
     pub(super) clients: Vec<Option<Proc>>,
     pub(super) totals: QueueTotals,
 }
 
+/// One broker of the pair: `primary` connects its peer link to `peer`, `backup` binds it there.
 pub(super) async fn start_broker(
     lab: &Lab,
     logs: &Path,
+    role: &str,
     frontend: &str,
     backend: &str,
-) -> Result<Proc> {
+    peer: &str,
+) -> Result<(Proc, BTreeMap<String, String>)> {
+    let peer_flag = if role == "primary" {
+        "--peer-connect"
+    } else {
+        "--peer-bind"
+    };
     let args = strings(&[
+        "--pair",
+        role,
+        peer_flag,
+        peer,
         "--frontend",
         frontend,
         "--backend",
         backend,
         "--stats-secs",
-        "10",
+        "1",
     ]);
-    let mut broker = spawn(lab, logs, "broker", "broker", &args)?;
-    broker.ready(READY_WITHIN).await?;
-    Ok(broker)
+    let name = if role == "primary" {
+        "broker"
+    } else {
+        "backup"
+    };
+    let mut broker = spawn(lab, logs, name, "broker", &args)?;
+    let ready = broker.ready(READY_WITHIN).await?;
+    Ok((broker, ready))
 }
 
 impl Queue {
     pub(super) async fn start(lab: &Lab, logs: &Path) -> Result<Self> {
-        let args = strings(&[
-            "--frontend",
-            "tcp://127.0.0.1:0",
-            "--backend",
-            "tcp://127.0.0.1:0",
-            "--stats-secs",
-            "10",
-        ]);
-        let mut broker = spawn(lab, logs, "broker", "broker", &args)?;
-        let ready = broker.ready(READY_WITHIN).await?;
+        let any = "tcp://127.0.0.1:0";
+        let (backup, ready) = start_broker(lab, logs, "backup", any, any, any).await?;
+        let field = |k: &str| ready.get(k).cloned().with_context(|| format!("no {k}"));
+        let (backup_frontend, backup_backend, backup_peer) =
+            (field("frontend")?, field("backend")?, field("peer")?);
+        let peer = Relay::start(common::endpoint::resolve(&backup_peer)?).await?;
+        let (broker, ready) =
+            start_broker(lab, logs, "primary", any, any, &peer.endpoint()).await?;
         let frontend = ready.get("frontend").cloned().context("no frontend")?;
         let backend = ready.get("backend").cloned().context("no backend")?;
         let front = Relay::start(common::endpoint::resolve(&frontend)?).await?;
@@ -67,6 +96,11 @@ impl Queue {
             backend,
             front,
             back,
+            backup: Slot::new("backup", backup),
+            backup_frontend,
+            backup_backend,
+            backup_peer,
+            peer,
             workers: Vec::new(),
             clients: (0..CLIENTS).map(|_| None).collect(),
             totals: QueueTotals::default(),
@@ -80,23 +114,18 @@ impl Queue {
 
     pub(super) async fn worker(&self, lab: &Lab, logs: &Path, i: usize) -> Result<Proc> {
         let id = format!("sq-w{}", i + 1);
-        let args = strings(&[
-            "--connect",
-            &self.back.endpoint(),
-            "--id",
-            &id,
-            "--work-ms",
-            "2",
-        ]);
+        let connect = format!("{},{}", self.back.endpoint(), self.backup_backend);
+        let args = strings(&["--connect", &connect, "--id", &id, "--work-ms", "2"]);
         let mut w = spawn(lab, logs, &id, "worker", &args)?;
         w.ready(READY_WITHIN).await?;
         Ok(w)
     }
 
     pub(super) fn client(&self, lab: &Lab, logs: &Path, i: usize) -> Result<Proc> {
+        let connect = format!("{},{}", self.front.endpoint(), self.backup_frontend);
         let args = strings(&[
             "--connect",
-            &self.front.endpoint(),
+            &connect,
             "--requests",
             &CLIENT_REQUESTS.to_string(),
             "--concurrency",
@@ -172,5 +201,54 @@ impl Queue {
             }
         }
         Ok(())
+    }
+}
+
+impl Queue {
+    /// Whether the backup is the active broker now (its last stats line); else the primary.
+    pub(super) fn backup_active(&self) -> bool {
+        self.backup.proc.as_ref().is_some_and(|p| {
+            crate::broker_stats::all(p)
+                .last()
+                .is_some_and(|c| c.get("active") == 1)
+        })
+    }
+
+    /// The active broker's slot (see [`Queue::backup_active`]).
+    pub(super) fn active(&mut self) -> &mut Slot {
+        if self.backup_active() {
+            &mut self.backup
+        } else {
+            &mut self.broker
+        }
+    }
+
+    /// Starts the broker of `slot` (named `broker` or `backup`) again on its endpoints.
+    pub(super) async fn restart(&mut self, lab: &Lab, logs: &Path, backup: bool) -> Result<()> {
+        if backup {
+            let (b, _) = start_broker(
+                lab,
+                logs,
+                "backup",
+                &self.backup_frontend,
+                &self.backup_backend,
+                &self.backup_peer,
+            )
+            .await?;
+            self.backup.set(b);
+        } else {
+            let peer = self.peer.endpoint();
+            let (b, _) =
+                start_broker(lab, logs, "primary", &self.frontend, &self.backend, &peer).await?;
+            self.broker.set(b);
+        }
+        Ok(())
+    }
+
+    /// Cuts (or heals) the primary off from everyone: clients, workers and the backup.
+    pub(super) fn set_partitioned(&self, partitioned: bool) {
+        for r in [&self.front, &self.back, &self.peer] {
+            r.set_partitioned(partitioned);
+        }
     }
 }

@@ -18,7 +18,7 @@ pub(super) struct Soak {
 impl Soak {
     /// Every long-lived slot, for sampling (the master too: one per batch).
     pub(super) fn slots(&self) -> Vec<&Slot> {
-        let mut all = vec![&self.queue.broker];
+        let mut all = vec![&self.queue.broker, &self.queue.backup];
         all.extend(&self.queue.workers);
         all.extend(&self.pipe.workers);
         all.push(&self.pubsub.proxy);
@@ -28,7 +28,7 @@ impl Soak {
     }
 
     pub(super) fn slots_mut(&mut self) -> Vec<&mut Slot> {
-        let mut all = vec![&mut self.queue.broker];
+        let mut all = vec![&mut self.queue.broker, &mut self.queue.backup];
         all.extend(&mut self.queue.workers);
         all.extend(&mut self.pipe.workers);
         all.push(&mut self.pubsub.proxy);
@@ -93,13 +93,16 @@ impl Soak {
         let p = &mut self.pipe;
         let ps = &mut self.pubsub;
         let target = match fault {
+            // The active broker of the pair; `undo` brings back whichever is down or stopped.
             Fault::KillBroker => {
-                q.broker.kill().await?;
-                "broker".to_string()
+                let b = q.active();
+                b.kill().await?;
+                b.name.clone()
             }
             Fault::HangBroker => {
-                q.broker.signal(Signal::SIGSTOP)?;
-                "broker".into()
+                let b = q.active();
+                b.signal(Signal::SIGSTOP)?;
+                b.name.clone()
             }
             Fault::KillWorker(i) => {
                 q.workers[i].kill().await?;
@@ -110,9 +113,8 @@ impl Soak {
                 q.workers[i].name.clone()
             }
             Fault::PartitionQueue => {
-                q.front.set_partitioned(true);
-                q.back.set_partitioned(true);
-                "clients+workers|broker".into()
+                q.set_partitioned(true);
+                "clients+workers+backup|broker".into()
             }
             Fault::KillPipelineWorker(i) => {
                 p.workers[i].kill().await?;
@@ -156,19 +158,19 @@ impl Soak {
         match fault {
             Fault::KillBroker => {
                 let q = &mut self.queue;
-                let b = start_broker(lab, logs, &q.frontend, &q.backend).await?;
-                q.broker.set(b);
+                let backup = q.backup.proc.is_none();
+                q.restart(lab, logs, backup).await?;
             }
-            Fault::HangBroker => self.queue.broker.signal(Signal::SIGCONT)?,
+            Fault::HangBroker => {
+                self.queue.broker.signal(Signal::SIGCONT)?;
+                self.queue.backup.signal(Signal::SIGCONT)?;
+            }
             Fault::KillWorker(i) => {
                 let w = self.queue.worker(lab, logs, i).await?;
                 self.queue.workers[i].set(w);
             }
             Fault::HangWorker(i) => self.queue.workers[i].signal(Signal::SIGCONT)?,
-            Fault::PartitionQueue => {
-                self.queue.front.set_partitioned(false);
-                self.queue.back.set_partitioned(false);
-            }
+            Fault::PartitionQueue => self.queue.set_partitioned(false),
             Fault::KillPipelineWorker(i) => {
                 let w = self.pipe.worker(lab, logs, i)?;
                 self.pipe.workers[i].set(w);
@@ -352,7 +354,7 @@ pub async fn run(lab: &Lab, config: &SoakConfig) -> Result<Verdict> {
     }
     // Publishers and subscribers were stopped and judged above.
     let q = &mut soak.queue;
-    let mut rest: Vec<&mut Slot> = vec![&mut q.broker, &mut soak.pubsub.proxy];
+    let mut rest: Vec<&mut Slot> = vec![&mut q.broker, &mut q.backup, &mut soak.pubsub.proxy];
     rest.extend(&mut q.workers);
     rest.extend(&mut soak.pipe.workers);
     for slot in rest {
