@@ -68,7 +68,8 @@ impl Default for ProxyConfig {
 /// A weather publisher.
 #[derive(Debug, Clone)]
 pub struct PublisherConfig {
-    pub connect: String,
+    /// The proxy's XSUB; for a proxy pair, both: every update goes to each.
+    pub connect: Vec<String>,
     /// Name carried in every update (no spaces).
     pub id: String,
     pub zips: Vec<Zip>,
@@ -87,7 +88,9 @@ pub struct PublisherConfig {
 /// A weather subscriber.
 #[derive(Debug, Clone)]
 pub struct SubscriberConfig {
-    pub connect: String,
+    /// The proxy's XPUB; for a proxy pair, both: subscribed through each, every update
+    /// delivered once.
+    pub connect: Vec<String>,
     pub zips: Vec<Zip>,
     /// Stop after this many updates (duplicates not counted).
     pub count: Option<u64>,

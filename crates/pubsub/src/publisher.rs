@@ -12,6 +12,10 @@
 //! hung, a link half-open), the proxy cuts the older one and discards what is left of it, so
 //! nothing older than what it forwarded follows (see `common::wire::xsub`). The listening XPUB
 //! sets none: it sends nothing.
+//!
+//! Given two proxies (a proxy pair), it keeps that pair of connections to each, lost and
+//! made again each on its own, and sends every update, with its one number, into both: a
+//! subscriber of both delivers the first copy and drops the second, so either proxy may die.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -41,6 +45,10 @@ pub struct PublisherSummary {
     /// Of those, updates made while there was no link to the proxy (lost by design).
     pub unsent: u64,
     pub reconnects: u64,
+    /// Proxy pair: per proxy, in `--connect` order, updates it could not be sent (no link, or
+    /// its queue full); empty with one proxy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unsent_by_proxy: Vec<u64>,
     pub elapsed_ms: u64,
     /// Last sequence number per zip: subscribers' `last` should reach it.
     pub by_zip: BTreeMap<String, u64>,
@@ -65,9 +73,10 @@ fn identity(id: &str, instance: u64) -> PeerIdentity {
         .expect("1 to 255 bytes, not starting with 0")
 }
 
-/// Connects both sockets, after `delay`; `None` when stopped first.
+/// Connects both sockets to `endpoint`, after `delay`; `None` when stopped first.
 async fn connect(
     config: PublisherConfig,
+    endpoint: String,
     identity: PeerIdentity,
     delay: Duration,
     stop: CancellationToken,
@@ -81,19 +90,13 @@ async fn connect(
     // The data socket first: the XSUB sends it every subscription it holds as it connects,
     // before the listener exists, so a subscription the listener hears has been sent to the
     // data socket already.
-    let data = link::connect(
-        &config.connect,
-        &policy,
-        &mut backoff,
-        &stop,
-        |mut options| {
-            options.peer_identity(identity.clone());
-            PubSocket::with_options(options)
-        },
-    )
+    let data = link::connect(&endpoint, &policy, &mut backoff, &stop, |mut options| {
+        options.peer_identity(identity.clone());
+        PubSocket::with_options(options)
+    })
     .await?;
     let listen = link::connect(
-        &config.connect,
+        &endpoint,
         &policy,
         &mut backoff,
         &stop,
@@ -106,6 +109,81 @@ async fn connect(
         listen: listen.socket,
         liveness: Liveness::new(config.heartbeat),
     })
+}
+
+/// One proxy: its link, or the task making it.
+struct Slot {
+    endpoint: String,
+    link: Option<Link>,
+    connecting: Option<JoinHandle<Option<Link>>>,
+    unsent: u64,
+}
+
+/// What happened on a slot.
+enum SlotEvent {
+    /// The connecting task ended (`None`: stopped, or failed).
+    Connected(Option<Link>),
+    /// The link closed.
+    Lost(&'static str),
+    /// Something read on the listener (`true`: a message).
+    Heard(bool),
+}
+
+impl Slot {
+    fn start_connecting(
+        &mut self,
+        config: &PublisherConfig,
+        identity: &PeerIdentity,
+        delay: Duration,
+        stop: &CancellationToken,
+    ) {
+        self.link = None;
+        self.connecting = Some(tokio::spawn(connect(
+            config.clone(),
+            self.endpoint.clone(),
+            identity.clone(),
+            delay,
+            stop.clone(),
+        )));
+    }
+
+    /// The next event of this slot (pending for ever when idle).
+    async fn next(&mut self) -> SlotEvent {
+        if let Some(task) = self.connecting.as_mut() {
+            let joined = task.await;
+            self.connecting = None;
+            return SlotEvent::Connected(joined.ok().flatten());
+        }
+        let Some(l) = self.link.as_mut() else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = l.data_monitor.disconnected() => SlotEvent::Lost("connection closed"),
+            msg = l.listen.recv() => SlotEvent::Heard(msg.is_ok()),
+        }
+    }
+}
+
+/// The next event of any slot, and which.
+async fn next_event(slots: &mut [Slot]) -> (usize, SlotEvent) {
+    match slots {
+        [only] => (0, only.next().await),
+        [a, b] => tokio::select! {
+            e = a.next() => (0, e),
+            e = b.next() => (1, e),
+        },
+        _ => {
+            let (i, e) = futures::future::select_all(
+                slots
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, s)| Box::pin(async move { (i, s.next().await) })),
+            )
+            .await
+            .0;
+            (i, e)
+        }
+    }
 }
 
 /// The state of one publisher run.
@@ -122,8 +200,8 @@ impl Publisher {
         self.config.count.is_some_and(|n| self.summary.sent >= n)
     }
 
-    /// Makes the next update and sends it if there is a link.
-    fn publish(&mut self, link: Option<&mut Link>) {
+    /// Makes the next update and sends it into every link there is.
+    fn publish(&mut self, slots: &mut [Slot]) {
         let zip = self.config.zips[(self.summary.sent % self.config.zips.len() as u64) as usize];
         let seq = self.seqs.entry(zip).or_default();
         *seq += 1;
@@ -136,8 +214,24 @@ impl Publisher {
             humidity: self.rng.gen_range(10..60),
         };
         self.summary.sent += 1;
-        let queued = link
-            .is_some_and(|l| matches!(try_send(&mut l.data, update.to_message()), Sent::Queued));
+        let queued = if let [slot] = slots {
+            slot.link
+                .as_mut()
+                .is_some_and(|l| matches!(try_send(&mut l.data, update.to_message()), Sent::Queued))
+        } else {
+            let message = update.to_message();
+            let mut any = false;
+            for slot in slots.iter_mut() {
+                let queued = slot.link.as_mut().is_some_and(|l| {
+                    matches!(try_send(&mut l.data, message.clone()), Sent::Queued)
+                });
+                if !queued {
+                    slot.unsent += 1;
+                }
+                any |= queued;
+            }
+            any
+        };
         if !queued {
             self.summary.unsent += 1;
         }
@@ -179,6 +273,19 @@ async fn await_subscription(link: &mut Link, within: Duration, stop: &Cancellati
     }
 }
 
+/// Before the first update: with `wait_subscriber`, waits until a subscription reaches each
+/// proxy linked, all within that time.
+async fn begin(slots: &mut [Slot], wait_subscriber: Option<Duration>, stop: &CancellationToken) {
+    let Some(within) = wait_subscriber else {
+        return;
+    };
+    let until = Instant::now() + within;
+    for link in slots.iter_mut().filter_map(|s| s.link.as_mut()) {
+        let left = until.saturating_duration_since(Instant::now());
+        await_subscription(link, left, stop).await;
+    }
+}
+
 /// Publishes until `count` updates are made or `shutdown` fires. `on_ready` runs once, the
 /// first time the publisher is connected (and, with `wait_subscriber`, subscribed to).
 pub async fn run(
@@ -199,14 +306,22 @@ pub async fn run(
         config,
     };
     let identity = identity(&p.config.id, instance);
-    let mut connecting: Option<JoinHandle<Option<Link>>> = Some(tokio::spawn(connect(
-        p.config.clone(),
-        identity.clone(),
-        Duration::ZERO,
-        shutdown.clone(),
-    )));
-    let mut link: Option<Link> = None;
+    let mut slots: Vec<Slot> = p
+        .config
+        .connect
+        .iter()
+        .map(|endpoint| Slot {
+            endpoint: endpoint.clone(),
+            link: None,
+            connecting: None,
+            unsent: 0,
+        })
+        .collect();
+    for slot in &mut slots {
+        slot.start_connecting(&p.config, &identity, Duration::ZERO, &shutdown);
+    }
     let mut started: Option<Instant> = None;
+    let mut start_by: Option<Instant> = None;
     let period = if p.config.rate > 0.0 {
         Duration::from_secs_f64(1.0 / p.config.rate).max(Duration::from_millis(1))
     } else {
@@ -220,64 +335,75 @@ pub async fn run(
     while !p.done() {
         let lost = tokio::select! {
             () = shutdown.cancelled() => break,
-            joined = async { connecting.as_mut().expect("guarded").await }, if connecting.is_some() => {
-                connecting = None;
-                let Ok(Some(mut new)) = joined else { break };
-                if started.is_none() {
-                    if let Some(within) = p.config.wait_subscriber {
-                        await_subscription(&mut new, within, &shutdown).await;
+            (i, event) = next_event(&mut slots) => match event {
+                SlotEvent::Connected(None) => {
+                    if shutdown.is_cancelled() {
+                        break;
                     }
-                    started = Some(Instant::now());
-                    on_ready(instance);
+                    // Failed (never with a retrying connect): try again.
+                    Some((i, "connect failed"))
                 }
-                tracing::info!(proxy = %p.config.connect, "publisher connected");
-                link = Some(new);
-                None
-            }
-            _ = tick.tick(), if started.is_some() => {
-                let due = p.due(started.expect("guarded"));
-                while p.summary.sent < due {
-                    p.publish(link.as_mut());
+                SlotEvent::Connected(Some(new)) => {
+                    tracing::info!(proxy = %slots[i].endpoint, "publisher connected");
+                    slots[i].link = Some(new);
+                    if started.is_none() {
+                        // A pair starts once linked to both, or an expiry after the first
+                        // (the other may be down: the first serves alone meanwhile).
+                        if slots.iter().all(|s| s.link.is_some()) {
+                            begin(&mut slots, p.config.wait_subscriber, &shutdown).await;
+                            started = Some(Instant::now());
+                            on_ready(instance);
+                        } else {
+                            start_by.get_or_insert(Instant::now() + p.config.heartbeat.expiry());
+                        }
+                    }
+                    None
                 }
-                None
-            }
-            heard = async {
-                let l = link.as_mut().expect("guarded");
-                tokio::select! {
-                    _ = l.data_monitor.disconnected() => None,
-                    msg = l.listen.recv() => Some(msg.is_ok()),
-                }
-            }, if link.is_some() => match heard {
-                None => Some("connection closed"),
-                Some(ok) => {
-                    if let Some(l) = link.as_mut().filter(|_| ok) {
+                SlotEvent::Lost(why) => Some((i, why)),
+                SlotEvent::Heard(ok) => {
+                    if let Some(l) = slots[i].link.as_mut().filter(|_| ok) {
                         l.liveness.heard();
                     }
                     None
                 }
             },
+            () = tokio::time::sleep_until(start_by.unwrap_or(run_started)), if started.is_none() && start_by.is_some() => {
+                begin(&mut slots, p.config.wait_subscriber, &shutdown).await;
+                started = Some(Instant::now());
+                on_ready(instance);
+                None
+            }
+            _ = tick.tick(), if started.is_some() => {
+                let due = p.due(started.expect("guarded"));
+                while p.summary.sent < due {
+                    p.publish(&mut slots);
+                }
+                None
+            }
             _ = check.tick() => {
-                link.as_ref().filter(|l| l.liveness.is_expired()).map(|_| "proxy silent")
+                slots
+                    .iter()
+                    .position(|s| s.link.as_ref().is_some_and(|l| l.liveness.is_expired()))
+                    .map(|i| (i, "proxy silent"))
             }
         };
-        if let Some(why) = lost {
+        if let Some((i, why)) = lost {
             p.summary.reconnects += 1;
-            tracing::warn!(why, "proxy lost, reconnecting");
-            link = None;
-            connecting = Some(tokio::spawn(connect(
-                p.config.clone(),
-                identity.clone(),
-                p.config.reconnect.min,
-                shutdown.clone(),
-            )));
+            tracing::warn!(why, proxy = %slots[i].endpoint, "proxy lost, reconnecting");
+            slots[i].start_connecting(&p.config, &identity, p.config.reconnect.min, &shutdown);
         }
     }
-    if let Some(task) = connecting {
-        task.abort();
+    for slot in &mut slots {
+        if let Some(task) = slot.connecting.take() {
+            task.abort();
+        }
     }
-    if link.is_some() {
+    if slots.iter().any(|s| s.link.is_some()) {
         // zmq.rs has no linger: let the PUB's queue reach the proxy.
         tokio::time::sleep(link::LINGER).await;
+    }
+    if slots.len() > 1 {
+        p.summary.unsent_by_proxy = slots.iter().map(|s| s.unsent).collect();
     }
     p.summary.elapsed_ms = run_started.elapsed().as_millis() as u64;
     p.summary.by_zip = p.seqs.iter().map(|(z, s)| (z.to_string(), *s)).collect();

@@ -11,6 +11,13 @@
 //! count as duplicates. A new publisher instance (the publisher restarted) starts the stream
 //! afresh. Updates before the first one seen are not gaps: a late joiner missed nothing it
 //! asked for.
+//!
+//! A subscriber of a proxy pair gets every update twice, once through each proxy (its
+//! *links*, numbered from 0). Each stream keeps the last number that came through each link:
+//! a number already seen that is new on its link is the other proxy's copy, *redundant*
+//! (dropped, counted apart, neither a duplicate nor a gap); one its link brought already is a
+//! duplicate, as with one proxy. With one link, the last number of the link is the stream's,
+//! so nothing is ever redundant and the accounting is the same as before.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -23,6 +30,8 @@ use crate::protocol::{Update, Zip};
 pub const MAX_STREAMS: usize = 100_000;
 /// Gaps remembered per stream, so that their numbers arriving late are told from duplicates.
 pub const MAX_MISSED: usize = 64;
+/// Links (proxies) told apart per stream; a link beyond is counted as the last one.
+pub const MAX_LINKS: usize = 2;
 
 /// What one update was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +43,9 @@ pub enum Seen {
     Late,
     /// Seen already (or from an instance that has since restarted): not shown again.
     Duplicate,
+    /// Seen already through another link (the other proxy of a pair was first): not shown
+    /// again, not a duplicate.
+    Redundant,
 }
 
 /// One stream's figures, as the subscriber's JSON summary shows them.
@@ -52,8 +64,15 @@ pub struct StreamSummary {
     #[serde(default)]
     pub late: u64,
     pub duplicates: u64,
+    /// Copies that came through the other proxy of a pair after the first (dropped).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub redundant: u64,
     /// Times the publisher was seen to restart (new instance).
     pub restarts: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone)]
@@ -67,12 +86,17 @@ struct Stream {
     gaps: u64,
     late: u64,
     duplicates: u64,
+    redundant: u64,
+    /// The highest number of the current instance that came through each link (0: none).
+    via: [u64; MAX_LINKS],
     /// The last gaps (first and last number skipped), oldest first.
     missed: VecDeque<(u64, u64)>,
 }
 
 impl Stream {
-    fn new(instance: u64, seq: u64) -> Self {
+    fn new(instance: u64, seq: u64, link: usize) -> Self {
+        let mut via = [0; MAX_LINKS];
+        via[link] = seq;
         Self {
             instance,
             retired: Vec::new(),
@@ -82,6 +106,8 @@ impl Stream {
             gaps: 0,
             late: 0,
             duplicates: 0,
+            redundant: 0,
+            via,
             missed: VecDeque::new(),
         }
     }
@@ -117,13 +143,21 @@ pub struct Tracker {
 }
 
 impl Tracker {
+    /// An update of a single proxy (link 0).
     pub fn on_update(&mut self, u: &Update) -> Seen {
+        self.on_update_via(u, 0)
+    }
+
+    /// An update that came through `link` (0 or 1: the proxies of a pair).
+    pub fn on_update_via(&mut self, u: &Update, link: usize) -> Seen {
+        let link = link.min(MAX_LINKS - 1);
         let key = (u.publisher.clone(), u.zip);
         let Some(s) = self.streams.get_mut(&key) else {
             if self.streams.len() >= MAX_STREAMS {
                 return Seen::New { missed: 0 };
             }
-            self.streams.insert(key, Stream::new(u.instance, u.seq));
+            self.streams
+                .insert(key, Stream::new(u.instance, u.seq, link));
             return Seen::New { missed: 0 };
         };
         if u.instance != s.instance {
@@ -140,14 +174,23 @@ impl Tracker {
             s.last = u.seq;
             s.received += 1;
             s.missed.clear();
+            s.via = [0; MAX_LINKS];
+            s.via[link] = u.seq;
             return Seen::New { missed: 0 };
         }
+        let via = &mut s.via[link];
+        let new_on_link = u.seq > *via;
+        *via = (*via).max(u.seq);
         if u.seq <= s.last {
             if s.fill(u.seq) {
                 s.gaps -= 1;
                 s.late += 1;
                 s.received += 1;
                 return Seen::Late;
+            }
+            if new_on_link {
+                s.redundant += 1;
+                return Seen::Redundant;
             }
             s.duplicates += 1;
             return Seen::Duplicate;
@@ -177,6 +220,10 @@ impl Tracker {
         self.streams.values().map(|s| s.late).sum()
     }
 
+    pub fn redundant(&self) -> u64 {
+        self.streams.values().map(|s| s.redundant).sum()
+    }
+
     pub fn summaries(&self) -> Vec<StreamSummary> {
         self.streams
             .iter()
@@ -190,6 +237,7 @@ impl Tracker {
                 gaps: s.gaps,
                 late: s.late,
                 duplicates: s.duplicates,
+                redundant: s.redundant,
                 restarts: s.retired.len() as u64,
             })
             .collect()
@@ -270,6 +318,38 @@ mod tests {
             t.on_update(&u(&format!("p{i}"), 1, 1));
         }
         assert_eq!(t.summaries().len(), MAX_STREAMS);
+    }
+
+    fn via(t: &mut Tracker, seq: u64, link: usize) -> Seen {
+        t.on_update_via(&u("a", 1, seq), link)
+    }
+
+    /// Through a pair, the second copy of each number is redundant, whichever proxy is ahead;
+    /// a copy a link brought twice is still a duplicate; a number the leading proxy lost and
+    /// the other brought fills its gap.
+    #[test]
+    fn the_other_proxys_copies_are_redundant() {
+        let mut t = Tracker::default();
+        assert_eq!(via(&mut t, 1, 0), Seen::New { missed: 0 });
+        assert_eq!(via(&mut t, 1, 1), Seen::Redundant);
+        assert_eq!(via(&mut t, 2, 1), Seen::New { missed: 0 });
+        assert_eq!(via(&mut t, 3, 1), Seen::New { missed: 0 });
+        assert_eq!(via(&mut t, 2, 0), Seen::Redundant);
+        assert_eq!(via(&mut t, 3, 0), Seen::Redundant);
+        // A re-sent last value on link 0: a duplicate, as with one proxy.
+        assert_eq!(via(&mut t, 3, 0), Seen::Duplicate);
+        // Link 0 skips 4 (lost there), link 1 brings it after.
+        assert_eq!(via(&mut t, 5, 0), Seen::New { missed: 1 });
+        assert_eq!(via(&mut t, 4, 1), Seen::Late);
+        assert_eq!(via(&mut t, 5, 1), Seen::Redundant);
+        // Link 0 gone for good: link 1 alone carries on.
+        assert_eq!(via(&mut t, 6, 1), Seen::New { missed: 0 });
+        assert_eq!(
+            (t.gaps(), t.duplicates(), t.redundant(), t.late()),
+            (0, 1, 5, 1)
+        );
+        let s = &t.summaries()[0];
+        assert_eq!(s.received + s.gaps, s.last - s.first + 1);
     }
 
     #[test]

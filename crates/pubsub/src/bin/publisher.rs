@@ -13,9 +13,10 @@ use pubsub::PublisherConfig;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// The proxy's XSUB endpoint.
-    #[arg(long, env = "PUBLISHER_CONNECT", default_value = DEFAULT_XSUB, value_parser = common::endpoint::parse_tcp)]
-    connect: String,
+    /// The proxy's XSUB endpoint; for a proxy pair, both (`--connect A,B` or twice): every
+    /// update goes to each.
+    #[arg(long, env = "PUBLISHER_CONNECT", default_value = DEFAULT_XSUB, value_delimiter = ',', value_parser = common::endpoint::parse_tcp)]
+    connect: Vec<String>,
     /// Name carried in every update (letters, digits, '-', '_').
     #[arg(long, env = "PUBLISHER_ID", default_value = "publisher", value_parser = parse_id)]
     id: String,

@@ -15,9 +15,10 @@ use pubsub::SubscriberConfig;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// The proxy's XPUB endpoint.
-    #[arg(long, env = "SUBSCRIBER_CONNECT", default_value = DEFAULT_XPUB, value_parser = common::endpoint::parse_tcp)]
-    connect: String,
+    /// The proxy's XPUB endpoint; for a proxy pair, both (`--connect A,B` or twice): subscribed
+    /// through each, every update delivered once.
+    #[arg(long, env = "SUBSCRIBER_CONNECT", default_value = DEFAULT_XPUB, value_delimiter = ',', value_parser = common::endpoint::parse_tcp)]
+    connect: Vec<String>,
     /// A zip code to subscribe to (repeat the flag, or comma-separate; default 10001).
     #[arg(long = "zip", env = "SUBSCRIBER_ZIPS", value_delimiter = ',')]
     zips: Vec<Zip>,
@@ -74,11 +75,12 @@ async fn main() -> ExitCode {
     )
     .await;
     eprintln!(
-        "subscriber: {} received ({} late), {} gaps, {} duplicates, {} reconnects, longest silence {} ms",
+        "subscriber: {} received ({} late), {} gaps, {} duplicates, {} redundant, {} reconnects, longest silence {} ms",
         summary.received,
         summary.late,
         summary.gaps,
         summary.duplicates,
+        summary.redundant,
         summary.reconnects,
         summary.longest_silence_ms
     );
