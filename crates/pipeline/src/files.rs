@@ -42,7 +42,7 @@ pub fn list_files(root: &Path, skip: Option<&Path>) -> std::io::Result<Vec<PathB
 /// on disk); links to directories are walked like directories, under the link's name, unless the
 /// directory is one of the link's own ancestors (a loop, reported in [`Listing::loops`]). The
 /// directory `skip` (compared by device and inode, so also when met through a link) is left
-/// out, as are temp files ([`TEMP_SUFFIX`]). Other special files (pipes, sockets, devices) are
+/// out, as are temp files ([`TEMP_SUFFIX`]) and job records ([`crate::job::JOB_FILE`]). Other special files (pipes, sockets, devices) are
 /// listed only through a link, and then refused by [`read_input`] with a reason.
 pub fn list(root: &Path, skip: Option<&Path>) -> std::io::Result<Listing> {
     let skip = skip
@@ -90,7 +90,7 @@ fn walk(
             let walked = walk(&path, &rel_path, ancestors, skip, listing);
             ancestors.pop();
             walked?;
-        } else if (kind.is_file() || kind.is_symlink()) && !is_temp(&name) {
+        } else if (kind.is_file() || kind.is_symlink()) && !is_ours(&name) {
             listing.files.push(rel_path);
         }
     }
@@ -99,6 +99,13 @@ fn walk(
 
 fn is_temp(name: &OsStr) -> bool {
     name.as_bytes().ends_with(TEMP_SUFFIX.as_bytes())
+}
+
+/// Our own files, never an input or an output: temp files and a job's record
+/// and journal (names starting with [`crate::job::JOB_FILE`]; an output tree may be the next
+/// stage's input).
+fn is_ours(name: &OsStr) -> bool {
+    is_temp(name) || name.as_bytes().starts_with(crate::job::JOB_FILE.as_bytes())
 }
 
 /// Reads one input file whole, refusing before reading anything that is not a regular file (a
@@ -239,7 +246,7 @@ pub fn output_on_disk(path: &Path, since: SystemTime) -> Result<(), String> {
 }
 
 /// Makes a rename (or creation) in `dir` durable: the entry lives in the directory's own data.
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
@@ -276,13 +283,23 @@ pub fn is_temp_of(name: &OsStr, batch: &str) -> bool {
 /// alone, left by its writers that died mid-write; returns how many. Another batch writing into
 /// the same directories at the same time keeps its own.
 pub fn remove_batch_temp_files<'a>(dirs: impl IntoIterator<Item = &'a Path>, batch: &str) -> usize {
+    remove_batches_temp_files(dirs, &[batch])
+}
+
+/// [`remove_batch_temp_files`] for several batches at once (a job's batches: the current one
+/// and those of its masters that were killed), each directory read once.
+pub fn remove_batches_temp_files<'a>(
+    dirs: impl IntoIterator<Item = &'a Path>,
+    batches: &[&str],
+) -> usize {
     let mut removed = 0;
     for dir in dirs {
         let Ok(entries) = std::fs::read_dir(dir) else {
             continue;
         };
         for entry in entries.flatten() {
-            let own = is_temp_of(&entry.file_name(), batch)
+            let name = entry.file_name();
+            let own = batches.iter().any(|b| is_temp_of(&name, b))
                 && entry.file_type().is_ok_and(|t| t.is_file());
             if own && std::fs::remove_file(entry.path()).is_ok() {
                 removed += 1;

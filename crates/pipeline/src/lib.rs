@@ -10,10 +10,12 @@
 //! - [`master`]: the batch's books, credit flow, re-sends, summary.
 //! - [`worker`]: the worker loop and [`worker::execute`], the per-image work.
 //! - [`protocol`]: typed messages <-> frames. [`filter`]: filter chains. [`files`]: listing and
-//!   atomic writes. [`sample`]: the built-in sample images.
+//!   atomic writes. [`job`]: a job's record in its output, to resume it after a lost master.
+//!   [`sample`]: the built-in sample images.
 
 pub mod files;
 pub mod filter;
+pub mod job;
 pub mod master;
 pub mod protocol;
 pub mod sample;

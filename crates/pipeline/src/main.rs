@@ -69,6 +69,11 @@ struct Args {
     /// Tell every worker to exit once the batch is complete.
     #[arg(long, env = "PIPELINE_STOP_WORKERS")]
     stop_workers: bool,
+    /// Filter every image again. Without it, a master started on the output of the same job
+    /// (same input and filter: a master killed or stopped mid-batch) sends only the images not
+    /// done yet.
+    #[arg(long, env = "PIPELINE_REDO")]
+    redo: bool,
     /// Send no task until this many workers have connected (then any number may come and go).
     #[arg(long, env = "PIPELINE_MIN_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     min_workers: u64,
@@ -136,6 +141,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         max_slots: args.max_slots,
         check_outputs: !args.no_output_check,
         stop_workers: args.stop_workers,
+        redo: args.redo,
         min_workers: usize::try_from(args.min_workers)
             .unwrap_or(usize::MAX)
             .max(args.local_workers as usize),

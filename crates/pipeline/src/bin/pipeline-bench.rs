@@ -238,6 +238,7 @@ async fn pipeline_run(
         // `--dry-run` workers write nothing: their `done` cannot be checked on disk.
         check_outputs: !worker_args.contains(&"--dry-run"),
         stop_workers: true,
+        redo: true,
         // The clock starts with the first task: let every worker be there by then.
         min_workers: workers,
         progress: false,

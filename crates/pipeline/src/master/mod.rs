@@ -34,8 +34,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::files;
 use crate::filter::Chain;
+use crate::{files, job};
 use crate::protocol::{Control, Event, Report, WirePath};
 use books::{Answer, Books, Rules, Settled};
 use controller::Controller;
@@ -96,6 +96,9 @@ pub struct MasterConfig {
     pub check_outputs: bool,
     /// Broadcast `stop` once the batch is complete.
     pub stop_workers: bool,
+    /// Do every image again, even those a killed master of the same job left done in the
+    /// output (`crate::job`).
+    pub redo: bool,
     /// Send nothing until this many workers said hello (zguide: start the batch once the
     /// workers are there); afterwards workers may come and go.
     pub min_workers: usize,
@@ -160,6 +163,8 @@ pub struct Endpoints {
     pub control: String,
     pub batch: String,
     pub total: usize,
+    /// Images found done in the output by an earlier batch of the same job, not sent.
+    pub skipped: usize,
 }
 
 impl Endpoints {
@@ -175,6 +180,7 @@ impl Endpoints {
     pub fn announce(&self) {
         let connect = self.connect();
         let total = self.total.to_string();
+        let skipped = self.skipped.to_string();
         common::ready::announce(&[
             ("tasks", &self.tasks),
             ("results", &self.results),
@@ -182,6 +188,7 @@ impl Endpoints {
             ("connect", &connect),
             ("batch", &self.batch),
             ("total", &total),
+            ("skipped", &skipped),
         ]);
     }
 }
@@ -198,8 +205,15 @@ pub struct Failure {
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     pub batch: String,
+    /// Every file listed, those skipped included.
     pub total: usize,
+    /// Done in this batch.
     pub done: usize,
+    /// Found done in the output by an earlier batch of the same job (a master killed or stopped
+    /// before the end), not sent again (`crate::job`).
+    pub skipped_done: usize,
+    /// An earlier batch of the same job was found in the output: its done images count.
+    pub resumed: bool,
     pub failed: usize,
     pub failures: Vec<Failure>,
     pub by_worker: BTreeMap<String, u64>,
@@ -249,6 +263,12 @@ impl Summary {
             self.resent,
             self.workers,
         );
+        if self.skipped_done > 0 {
+            s.push_str(&format!(
+                "  {} already done by an earlier batch of this job (not redone)\n",
+                self.skipped_done
+            ));
+        }
         for (w, n) in &self.by_worker {
             s.push_str(&format!("  worker {w}: {n}\n"));
         }
@@ -361,12 +381,55 @@ async fn run_on(
         source,
     })?;
     let batch = format!("{:016x}", rand::random::<u64>());
+    // The job's record goes to disk before any task can leave: outputs of this job are then
+    // newer than it. A master killed earlier in the same job left done images: not sent again.
+    let filter = config.filter.to_string();
+    let job = job::Job::open(&output, &input, &filter, &batch, config.redo).map_err(|source| {
+        MasterError::Output {
+            path: config.output.clone(),
+            source,
+        }
+    })?;
+    let total = rels.len();
+    let rels: Vec<PathBuf> = if job.resumed {
+        rels.into_iter()
+            .filter(|rel| !job.is_done(rel, &input.join(rel), &output.join(rel)))
+            .collect()
+    } else {
+        rels
+    };
+    let skipped = total - rels.len();
+    // Their temp files were never outputs (their names are not), and nobody renames them now.
+    let mut dirs = files::output_dirs(&output, rels.iter().map(PathBuf::as_path));
+    dirs.push(output.clone());
+    let earlier: Vec<&str> = job.earlier_batches.iter().map(String::as_str).collect();
+    let removed = files::remove_batches_temp_files(dirs.iter().map(PathBuf::as_path), &earlier);
+    if job.resumed || removed > 0 {
+        tracing::info!(
+            skipped,
+            left = rels.len(),
+            removed,
+            earlier_batches = earlier.len(),
+            "resuming the job in this output: images already done are not sent again, temp files of its earlier batches removed"
+        );
+    }
+    // What this batch gets done goes to the job's journal once its output is on disk (not for
+    // `--no-output-check`: `--dry-run` workers write nothing).
+    let journal = if config.check_outputs || config.transfer == Transfer::Inline {
+        Some(job.journal().map_err(|source| MasterError::Output {
+            path: config.output.clone(),
+            source,
+        })?)
+    } else {
+        None
+    };
     let endpoints = Endpoints {
         tasks: ventilator.endpoint().to_string(),
         results: sink.endpoint().to_string(),
         control: controller.endpoint().to_string(),
         batch: batch.clone(),
-        total: rels.len(),
+        total,
+        skipped,
     };
     on_ready(&endpoints);
     tracing::info!(
@@ -390,7 +453,7 @@ async fn run_on(
             input,
             output,
             batch,
-            filter: config.filter.to_string(),
+            filter,
             timeout_ms: u64::try_from(config.task_timeout.as_millis()).unwrap_or(u64::MAX),
         },
         ventilator,
@@ -402,17 +465,27 @@ async fn run_on(
         started: false,
         progress: progress_bar(config.progress),
         timeline: common::timeline::Timeline::start(),
+        skipped,
+        resumed: job.resumed,
+        journal,
     };
     m.progress.set_length(m.books.total() as u64);
     let started = Instant::now();
     let interrupted = !m.serve(&cancel).await;
     m.progress.finish_and_clear();
-    // This batch's temp files only, in its own output directories: another batch writing into
+    if let Some(journal) = m.journal.take() {
+        let _ = tokio::task::spawn_blocking(move || journal.close()).await;
+    }
+    // This job's temp files only (this batch's, and those of its killed earlier batches whose
+    // workers were still running), in its own output directories: another batch writing into
     // the same tree keeps its own.
-    let dirs = files::output_dirs(&m.source.output, m.books.rels());
-    let batch = m.source.batch.clone();
+    let mut dirs = files::output_dirs(&m.source.output, m.books.rels());
+    dirs.push(m.source.output.clone());
+    let mut batches = job.earlier_batches;
+    batches.push(m.source.batch.clone());
     let removed = tokio::task::spawn_blocking(move || {
-        files::remove_batch_temp_files(dirs.iter().map(PathBuf::as_path), &batch)
+        let batches: Vec<&str> = batches.iter().map(String::as_str).collect();
+        files::remove_batches_temp_files(dirs.iter().map(PathBuf::as_path), &batches)
     })
     .await
     .unwrap_or(0);
@@ -469,6 +542,11 @@ struct Master<'a> {
     started: bool,
     progress: ProgressBar,
     timeline: common::timeline::Timeline,
+    /// Images an earlier batch of the job left done: not in the books.
+    skipped: usize,
+    resumed: bool,
+    /// Where images done are recorded for a master started again on this output.
+    journal: Option<job::Journal>,
 }
 
 impl Master<'_> {
@@ -573,6 +651,9 @@ impl Master<'_> {
     fn settle(&mut self, id: usize, worker: &str, outcome: Settled) {
         if self.books.settle(id, worker, outcome) {
             self.timeline.record();
+            if let Some(journal) = &self.journal {
+                journal.record(self.books.rel(id));
+            }
         }
     }
 
@@ -775,8 +856,10 @@ impl Master<'_> {
         let (guard_refused, guard_stalled) = common::wire::limits::totals(sockets);
         Summary {
             batch: self.source.batch.clone(),
-            total: self.books.total(),
+            total: self.books.total() + self.skipped,
             done: t.done,
+            skipped_done: self.skipped,
+            resumed: self.resumed,
             failed: t.failures.len(),
             failures: t.failures,
             workers: t.by_worker.len(),
