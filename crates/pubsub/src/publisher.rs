@@ -60,6 +60,13 @@ struct Link {
     data_monitor: Monitor,
     listen: XPubSocket,
     liveness: Liveness,
+    /// A subscription reached the listener (so the data socket has it too).
+    subscribed: bool,
+}
+
+/// A subscribe message (what the XSUB sends upstream).
+fn is_subscribe(msg: &zeromq::ZmqMessage) -> bool {
+    msg.len() == 1 && msg.get(0).is_some_and(|f| f.first() == Some(&1))
 }
 
 /// Most updates made in one turn of the loop (rate 0 or a late timer).
@@ -108,6 +115,7 @@ async fn connect(
         data_monitor: data.monitor,
         listen: listen.socket,
         liveness: Liveness::new(config.heartbeat),
+        subscribed: false,
     })
 }
 
@@ -159,7 +167,10 @@ impl Slot {
         };
         tokio::select! {
             _ = l.data_monitor.disconnected() => SlotEvent::Lost("connection closed"),
-            msg = l.listen.recv() => SlotEvent::Heard(msg.is_ok()),
+            msg = l.listen.recv() => {
+                l.subscribed |= msg.as_ref().is_ok_and(is_subscribe);
+                SlotEvent::Heard(msg.is_ok())
+            }
         }
     }
 }
@@ -251,6 +262,12 @@ impl Publisher {
 
 /// Waits until a subscription reaches the listener, at most `within`.
 async fn await_subscription(link: &mut Link, within: Duration, stop: &CancellationToken) {
+    if link.subscribed {
+        // Heard while the other proxy of a pair was still connecting; give the data socket's
+        // reader task its moment all the same.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        return;
+    }
     let until = Instant::now() + within;
     loop {
         tokio::select! {
@@ -262,7 +279,8 @@ async fn await_subscription(link: &mut Link, within: Duration, stop: &Cancellati
             msg = link.listen.recv() => {
                 let Ok(msg) = msg else { continue };
                 link.liveness.heard();
-                if msg.len() == 1 && msg.get(0).is_some_and(|f| f.first() == Some(&1)) {
+                if is_subscribe(&msg) {
+                    link.subscribed = true;
                     // The data socket got the same subscription from the same XSUB broadcast;
                     // give its reader task a moment to apply it.
                     tokio::time::sleep(Duration::from_millis(20)).await;

@@ -77,3 +77,10 @@ async fn partition_of_either_side_alone_is_recovered() {
         assert!(v.passed, "{}", v.render());
     }
 }
+
+/// A proxy pair, one proxy SIGKILLed for good: nothing missed, each update delivered once.
+#[tokio::test(flavor = "multi_thread")]
+async fn proxy_failover_costs_nothing() {
+    let v = run("proxy-failover", PartitionMode::Relay).await;
+    assert!(v.passed, "{}", v.render());
+}

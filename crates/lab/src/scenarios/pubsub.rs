@@ -1,4 +1,5 @@
-//! Seed, "Proxy", experiments 1-5, plus a late joiner and a stalled subscriber.
+//! Seed, "Proxy", experiments 1-5, plus a late joiner, a stalled subscriber and a proxy pair
+//! that loses one proxy for good.
 //!
 //! Every scenario runs the real `proxy`, `publisher` and `subscriber` binaries. Publishers
 //! report what they sent per zip; subscribers what they received, the gaps they can prove from
@@ -30,6 +31,7 @@ pub fn scenarios() -> Vec<Scenario> {
         Scenario { name: "pubsub-partition-restart", about: "a partition during which the proxy is killed and restarted, then healed", run: |l| Box::pin(partition_restart(l)) },
         Scenario { name: "pubsub-partition-publishers", about: "partition between the proxy and its publishers only (relay), then healed", run: |l| Box::pin(partition_publishers(l)) },
         Scenario { name: "pubsub-partition-subscribers", about: "partition between the proxy and its subscribers only (relay), then healed", run: |l| Box::pin(partition_subscribers(l)) },
+        Scenario { name: "proxy-failover", about: "a proxy pair: one proxy SIGKILLed and never restarted; subscribers of both miss nothing and deliver each update once", run: |l| Box::pin(proxy_failover(l)) },
         Scenario { name: "late-joiner", about: "a subscriber joining late gets the last value of each zip at once (last value cache)", run: |l| Box::pin(late_joiner(l)) },
         Scenario { name: "stalled-subscriber", about: "a subscriber stopped (SIGSTOP) does not stall the others nor the proxy's intake", run: |l| Box::pin(stalled_subscriber(l)) },
     ]
@@ -459,6 +461,105 @@ async fn proxy_restart(lab: &Lab) -> Result<Verdict> {
     judge_subscriber(&mut v, "s2", &b, &["10002"], &sent, false);
     judge_recovery(&mut v, &[&a, &b], outage, 2000);
     v.expect(sent[0].reconnects >= 1, "the publisher reconnected");
+    Ok(v)
+}
+
+/// A proxy pair (issue 20): two proxies, publishers and subscribers given both. Proxy `a` is
+/// SIGKILLed a quarter of the way through and never restarted: through `b` the subscribers
+/// miss nothing, and deliver each update once (the copies through the other proxy dropped,
+/// counted `redundant`).
+async fn proxy_failover(lab: &Lab) -> Result<Verdict> {
+    lab.bins.check(&["proxy", "publisher", "subscriber"])?;
+    let logs = lab.logs_for("proxy-failover");
+    let (mut proxy_a, xsub_a, xpub_a) =
+        start_proxy(lab, &logs, "proxy-a", LOOPBACK, LOOPBACK, &[]).await?;
+    let (mut proxy_b, xsub_b, xpub_b) =
+        start_proxy(lab, &logs, "proxy-b", LOOPBACK, LOOPBACK, &[]).await?;
+    let xsubs = format!("{xsub_a},{xsub_b}");
+    let xpubs = format!("{xpub_a},{xpub_b}");
+    let subscriber = |name: &str, zips: &str| -> Result<Proc> {
+        let args = strings(&["--connect", &xpubs, "--zip", zips, "--json"]);
+        Proc::spawn(name, &lab.bins.path("subscriber"), &args, &logs)
+    };
+    let mut s1 = subscriber("s1", "10001,10002")?;
+    s1.ready(READY_WITHIN).await?;
+    let mut s2 = subscriber("s2", "10002")?;
+    s2.ready(READY_WITHIN).await?;
+    let args = strings(&[
+        "--connect",
+        &xsubs,
+        "--id",
+        "p1",
+        "--json",
+        "--wait-subscriber-ms",
+        "10000",
+        "--zips",
+        "10001,10002",
+        "--rate",
+        "400",
+        "--count",
+        "3200",
+    ]);
+    let mut p = Proc::spawn("p1", &lab.bins.path("publisher"), &args, &logs)?;
+    p.ready(READY_WITHIN).await?;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    proxy_a.kill().await?;
+    let sent = vec![finish::<PublisherSummary>(&mut p).await?];
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let a: SubscriberSummary = stop(&mut s1).await?;
+    let b: SubscriberSummary = stop(&mut s2).await?;
+    let mut v = Verdict::new("proxy-failover", "processes");
+    v.figure("sent", sum_sent(&sent))
+        .figure("unsent", sent[0].unsent)
+        .figure(
+            "unsent_by_proxy",
+            serde_json::to_value(&sent[0].unsent_by_proxy)?,
+        );
+    v.expect(
+        sent[0].unsent == 0,
+        "the publisher sent every update to a live proxy",
+    );
+    for (name, s, zips) in [
+        ("s1", &a, &["10001", "10002"][..]),
+        ("s2", &b, &["10002"][..]),
+    ] {
+        judge_subscriber(&mut v, name, s, zips, &sent, true);
+        v.figure(&format!("{name}_redundant"), s.redundant);
+        v.expect(
+            s.duplicates == 0 && s.late == 0,
+            format!(
+                "{name} delivered each update once ({} duplicates, {} late)",
+                s.duplicates, s.late
+            ),
+        );
+        v.expect(
+            s.redundant > 0,
+            format!("{name} dropped the other proxy's copies"),
+        );
+        for (proxy, label) in s.by_proxy.iter().zip(["proxy-a", "proxy-b"]) {
+            // The picture: s1's first copies by proxy, beside each subscriber's deliveries.
+            if name == "s1" {
+                v.timeline(&format!("s1 first via {label}"), &proxy.timeline);
+            }
+            v.figure(&format!("{name}_first_via_{label}"), proxy.first);
+        }
+        v.expect(
+            s.by_proxy
+                .get(1)
+                .is_some_and(|x| x.first > 0 && x.reconnects == 0),
+            format!("{name}: proxy-b brought updates first and its link held"),
+        );
+    }
+    // Nothing stops: the recovery is the subscribers' longest silence, the kill included.
+    let silence = a.longest_silence_ms.max(b.longest_silence_ms);
+    v.figure("recovery_ms", silence)
+        .figure("longest_silence_ms", silence);
+    v.expect(
+        silence <= 500,
+        format!("no silence over 500 ms across the kill, the longest {silence} ms"),
+    );
+    let _ = proxy_b.signal(Signal::SIGTERM);
+    let _ = proxy_b.wait(EXIT_WITHIN).await;
     Ok(v)
 }
 
