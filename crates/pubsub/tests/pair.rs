@@ -136,8 +136,15 @@ async fn a_stock_sub_of_both_proxies_gets_each_update_twice() {
     let p: PublisherSummary = summary(&mut p).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let got: serde_json::Value = stop(&mut sub).await;
-    eprintln!("stock SUB of both proxies: {got}");
     let n = |k: &str| got[k].as_u64().expect(k);
+    eprintln!(
+        "stock SUB of both proxies: {} received, {} distinct, {} twice, {} once, {} more",
+        n("received"),
+        n("distinct"),
+        n("twice"),
+        n("once"),
+        n("more")
+    );
     assert_eq!(n("distinct"), p.sent, "{got}");
     assert_eq!(n("received"), n("once") + 2 * n("twice"), "{got}");
     assert_eq!(n("more"), 0, "{got}");
