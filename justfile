@@ -83,6 +83,10 @@ zip-filter:
 proxy-restart:
     cargo run --release -p lab -- proxy-restart
 
+# A proxy pair: one proxy SIGKILLed for good, subscribers of both miss nothing (docs/pairs.md)
+proxy-failover:
+    cargo run --release -p lab -- proxy-failover
+
 # Seed proxy 5: partition between the proxy and both sides (mode: auto, netns or relay)
 pubsub-partition mode="auto":
     cargo run --release -p lab -- --partition {{mode}} pubsub-partition
