@@ -56,3 +56,18 @@ async fn corrupt_files_are_reported_and_the_batch_goes_on() {
         figure(&v, "total")
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn master_killed_mid_batch_is_finished_by_the_next_without_redoing() {
+    let v = run("pipeline-master-restart").await;
+    // Issue 20: every image once on disk, the ones the killed master recorded done skipped and
+    // never written again, the rest done by the new master.
+    assert_eq!(figure(&v, "outputs_on_disk"), figure(&v, "total"));
+    assert!(figure(&v, "skipped_done") >= 1, "{}", v.render());
+    assert_eq!(figure(&v, "skipped_done"), figure(&v, "recorded_at_kill"));
+    assert_eq!(
+        figure(&v, "done_by_new_master") + figure(&v, "skipped_done"),
+        figure(&v, "total")
+    );
+    assert_eq!(figure(&v, "done"), figure(&v, "total"));
+}

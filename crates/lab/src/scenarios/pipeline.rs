@@ -23,6 +23,7 @@ pub fn scenarios() -> Vec<Scenario> {
         Scenario { name: "pipeline-workers", about: "the same batch with one, then two workers: work spread (speed-up: pipeline-bench)", run: |l| Box::pin(workers(l)) },
         Scenario { name: "pipeline-worker-crash", about: "a worker killed (SIGKILL) mid-batch: its images are redone elsewhere, none lost or doubled", run: |l| Box::pin(worker_crash(l)) },
         Scenario { name: "pipeline-corrupt", about: "corrupt and non-image files are reported, the batch goes on, exit status 3", run: |l| Box::pin(corrupt(l)) },
+        Scenario { name: "pipeline-master-restart", about: "the master killed (SIGKILL) mid-batch, a new one started on the same output: images done are not redone, none lost", run: |l| Box::pin(master_restart(l)) },
     ]
 }
 
@@ -33,6 +34,8 @@ const IMAGES: usize = 36;
 struct Batch {
     master: Proc,
     connect: String,
+    /// The master's ready line.
+    ready: std::collections::BTreeMap<String, String>,
     input: PathBuf,
     output: PathBuf,
     logs: PathBuf,
@@ -51,9 +54,25 @@ impl Batch {
         run: &str,
         extra: &[&str],
     ) -> Result<Self> {
-        let logs = lab.logs_for(scenario);
-        let output = logs.join(format!("out-{run}"));
+        let output = lab.logs_for(scenario).join(format!("out-{run}"));
         let _ = std::fs::remove_dir_all(&output);
+        let any = "tcp://127.0.0.1:0";
+        Self::start_on(lab, scenario, input, &output, run, [any; 3], extra).await
+    }
+
+    /// A master over `input` writing to `output` as it is (not emptied), bound on `binds`
+    /// (tasks, results, control).
+    async fn start_on(
+        lab: &Lab,
+        scenario: &str,
+        input: &Path,
+        output: &Path,
+        run: &str,
+        binds: [&str; 3],
+        extra: &[&str],
+    ) -> Result<Self> {
+        let logs = lab.logs_for(scenario);
+        let output = output.to_path_buf();
         let args: Vec<String> = [
             "--input",
             &input.display().to_string(),
@@ -62,11 +81,11 @@ impl Batch {
             "--filter",
             FILTER,
             "--tasks-bind",
-            "tcp://127.0.0.1:0",
+            binds[0],
             "--results-bind",
-            "tcp://127.0.0.1:0",
+            binds[1],
             "--control-bind",
-            "tcp://127.0.0.1:0",
+            binds[2],
             "--stop-workers",
             "--json",
         ]
@@ -88,6 +107,7 @@ impl Batch {
         Ok(Self {
             master,
             connect,
+            ready,
             input: input.to_path_buf(),
             output,
             logs,
@@ -405,4 +425,193 @@ async fn corrupt(lab: &Lab) -> Result<Verdict> {
         format!("master exits 3 when files failed, got {code:?}"),
     );
     Ok(v)
+}
+
+/// Each output's inode and modification time (ns): an image filtered again is a new file (the
+/// rename of a new temp file) with a new time.
+fn stamps(output: &Path) -> std::collections::BTreeMap<String, (u64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    pipeline::files::list_files(output, None)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|rel| {
+            let m = std::fs::metadata(output.join(&rel)).ok()?;
+            let ns = m.mtime() * 1_000_000_000 + m.mtime_nsec();
+            Some((rel.display().to_string(), (m.ino(), ns)))
+        })
+        .collect()
+}
+
+/// The images the job's journal in `output` names as done (`pipeline::job`).
+fn journaled(output: &Path) -> BTreeSet<String> {
+    let mut done = BTreeSet::new();
+    for entry in std::fs::read_dir(output).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(pipeline::job::JOB_FILE) && name.ends_with(".done") {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            done.extend(
+                text.lines()
+                    .filter_map(|l| serde_json::from_str::<String>(l).ok()),
+            );
+        }
+    }
+    done
+}
+
+/// The outputs finished per 100 ms from `start_unix_ms`, read off their modification times:
+/// the flow across both masters (each master's own timeline starts at its ready line).
+fn disk_timeline(output: &Path, start_unix_ms: u64) -> common::timeline::Timeline {
+    let mut t = common::timeline::Timeline::default();
+    t.start_unix_ms = start_unix_ms;
+    t.bucket_ms = 100;
+    for (_, (_, ns)) in stamps(output) {
+        let ms = u64::try_from(ns / 1_000_000).unwrap_or(0);
+        let Some(k) = ms.checked_sub(start_unix_ms).map(|d| (d / 100) as usize) else {
+            continue;
+        };
+        if k < common::timeline::MAX_BUCKETS {
+            if t.counts.len() <= k {
+                t.counts.resize(k + 1, 0);
+            }
+            t.counts[k] += 1;
+        }
+    }
+    t
+}
+
+/// How soon after the new master is started images must be done again: its start-up (listing,
+/// the job's record and journal, binding) and the worker's reconnection included.
+const RESTART_RECOVERY_MS: u64 = 3000;
+
+async fn master_restart(lab: &Lab) -> Result<Verdict> {
+    let name = "pipeline-master-restart";
+    let input = sample_input(lab, name, 256)?;
+    let started = unix_ms();
+    let mut first = Batch::start(lab, name, &input, "1").await?;
+    let binds: Vec<String> = ["tasks", "results", "control"]
+        .iter()
+        .map(|k| first.ready.get(*k).cloned().unwrap_or_default())
+        .collect();
+    // One worker, slow enough for the kill to land mid-batch (about 100 ms an image).
+    let _w = first.worker("w1", &["--delay-ms", "100"])?;
+    let output = first.output.clone();
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    while stamps(&output).len() < IMAGES / 3 {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < until,
+            "no third of the outputs within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The master's host is gone: SIGKILL, no summary, nothing flushed.
+    first.master.kill().await?;
+    let at_kill = stamps(&output);
+    let recorded = journaled(&output);
+    crate::tape::record(
+        crate::tape::Kind::Note,
+        "master-1",
+        format!(
+            "{} outputs on disk at the kill, {} of them recorded done in the job's journal",
+            at_kill.len(),
+            recorded.len()
+        ),
+    );
+    // Down for a while (`--outage-ms`), then started again on the same input, output and
+    // endpoints; the worker finds it by itself.
+    tokio::time::sleep(lab.outage.unwrap_or(Duration::from_secs(1))).await;
+    let respawned = unix_ms();
+    let binds = [binds[0].as_str(), binds[1].as_str(), binds[2].as_str()];
+    let mut second = Batch::start_on(lab, name, &input, &output, "2", binds, &[]).await?;
+    let (code, summary) = second.finish_within(Duration::from_secs(120)).await?;
+    let mut v = Verdict::new(name, "processes");
+    let (done, skipped) = (u(&summary, "done"), u(&summary, "skipped_done"));
+    for f in ["total", "skipped_done", "failed", "resent", "elapsed_ms"] {
+        v.figure(f, u(&summary, f));
+    }
+    // Done by one master or the other (the table's "delivered"), and by the new one alone.
+    v.figure("done", done + skipped)
+        .figure("done_by_new_master", done);
+    v.figure("outputs_at_kill", at_kill.len() as u64)
+        .figure("recorded_at_kill", recorded.len() as u64)
+        .figure("images_per_s", summary["images_per_s"].clone())
+        .figure("by_worker", summary["by_worker"].clone());
+    v.timeline(
+        "outputs on disk (both masters)",
+        &disk_timeline(&output, started),
+    );
+    if let Ok(timeline) = serde_json::from_value(summary["timeline"].clone()) {
+        v.timeline("master-2", &timeline);
+    }
+    v.expect(
+        code == Some(0),
+        format!("the new master exits 0, got {code:?}"),
+    );
+    v.expect(
+        summary["resumed"] == Value::Bool(true),
+        "the new master resumed the job it found in the output",
+    );
+    v.expect(
+        (1..IMAGES).contains(&recorded.len()),
+        format!(
+            "killed mid-batch: {} of {IMAGES} recorded done",
+            recorded.len()
+        ),
+    );
+    v.expect(
+        skipped == recorded.len() as u64,
+        format!(
+            "the {} images recorded done were skipped, got {skipped}",
+            recorded.len()
+        ),
+    );
+    // On disk but not recorded: only what was in flight at the kill (the worker's two slots).
+    let in_flight = at_kill.len().saturating_sub(recorded.len());
+    v.figure("redone_in_flight", in_flight as u64);
+    v.expect(
+        in_flight <= 2,
+        format!("at most the worker's 2 tasks in flight done again, got {in_flight}"),
+    );
+    let after = stamps(&output);
+    let rewritten: Vec<&String> = recorded
+        .iter()
+        .filter(|r| after.get(*r) != at_kill.get(*r))
+        .collect();
+    v.expect(
+        rewritten.is_empty(),
+        format!("no image done before the kill was written again, got {rewritten:?}"),
+    );
+    // Every image exactly once on disk, filtered, no temp file: done by one master or the other.
+    let mut whole = summary.clone();
+    whole["done"] = Value::from(done + skipped);
+    let outputs = relative(pipeline::files::list_files(&output, None));
+    v.figure("outputs_on_disk", outputs.len() as u64);
+    for failure in disk_failures(&whole, &input, &output, &[]) {
+        v.expect(false, failure);
+    }
+    match serde_json::from_value::<common::timeline::Timeline>(summary["timeline"].clone()) {
+        Ok(timeline) => match first_delivery_since(&timeline, respawned) {
+            Some(ms) => {
+                v.figure("recovery_ms", ms);
+                v.expect(
+                    ms <= RESTART_RECOVERY_MS,
+                    format!("images done again within {RESTART_RECOVERY_MS} ms of the new master's start, took {ms} ms"),
+                );
+            }
+            None => {
+                v.expect(false, "no image done after the restart");
+            }
+        },
+        Err(e) => {
+            v.expect(false, format!("the summary has no timeline: {e}"));
+        }
+    }
+    Ok(v)
+}
+
+/// From `at` (ms since the epoch) to the start of the first bucket with a delivery, of a
+/// timeline that may start after `at` (a master started at `at`).
+fn first_delivery_since(timeline: &common::timeline::Timeline, at: u64) -> Option<u64> {
+    let k = timeline.counts.iter().position(|&n| n > 0)?;
+    let first = timeline.start_unix_ms + k as u64 * timeline.bucket_ms.max(1);
+    Some(first.saturating_sub(at))
 }
