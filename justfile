@@ -65,6 +65,10 @@ pipeline-worker-crash:
 pipeline-corrupt:
     cargo run --release -p lab -- pipeline-corrupt
 
+# The pipeline master killed (SIGKILL) mid-batch and started again on the same output
+pipeline-master-restart:
+    cargo run --release -p lab -- pipeline-master-restart
+
 # --- Pub/sub scenarios (crates/pubsub) ---
 
 # Seed proxy 1: three publishers and three subscribers through one proxy
