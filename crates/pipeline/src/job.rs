@@ -195,7 +195,10 @@ impl Job {
                     };
                     buf.clear();
                     // Everything already waiting goes in one write.
-                    for rel in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+                    for rel in first
+                        .into_iter()
+                        .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+                    {
                         line(&mut buf, rel);
                     }
                     if !buf.is_empty() {
@@ -304,7 +307,11 @@ mod tests {
     }
 
     fn done(job: &Job, d: &Path, rel: &str) -> bool {
-        job.is_done(Path::new(rel), &d.join("in").join(rel), &d.join("out").join(rel))
+        job.is_done(
+            Path::new(rel),
+            &d.join("in").join(rel),
+            &d.join("out").join(rel),
+        )
     }
 
     #[test]
@@ -372,7 +379,8 @@ mod tests {
             .create(true)
             .open(&job.journal)
             .expect("journal");
-        f.write_all(b"\"a.png\"\n\"b.png\"\n\0\0\0\n\"c.pn").expect("write");
+        f.write_all(b"\"a.png\"\n\"b.png\"\n\0\0\0\n\"c.pn")
+            .expect("write");
         let again = Job::open(&output, &input, "invert", "b2", false).expect("open");
         assert!(done(&again, &d, "a.png"));
         assert!(!done(&again, &d, "b.png") && !done(&again, &d, "c.png"));

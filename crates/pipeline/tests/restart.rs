@@ -71,7 +71,10 @@ fn master_killed_mid_batch_then_restarted(transfer: &str) {
     );
     // What the master recorded is on disk; on disk and not recorded is at most what was in
     // flight at the kill: the worker's two slots (one running, one prefetched) and its report.
-    assert!(recorded.iter().all(|r| before.contains_key(r)), "{recorded:?}");
+    assert!(
+        recorded.iter().all(|r| before.contains_key(r)),
+        "{recorded:?}"
+    );
     assert!(
         before.len() - recorded.len() <= 2,
         "{} outputs, {} recorded",
@@ -191,7 +194,10 @@ fn another_filter_is_another_job_and_a_twice_killed_job_finishes() {
         let img = image::open(output.join(rel)).unwrap().to_rgb8();
         let px = img.get_pixel(img.width() / 2, img.height() / 2);
         let spread = px.0.iter().max().unwrap() - px.0.iter().min().unwrap();
-        assert!(spread <= 3, "{rel} is not gray (an inverted output kept): {px:?}");
+        assert!(
+            spread <= 3,
+            "{rel} is not gray (an inverted output kept): {px:?}"
+        );
     }
     assert!(w.wait().success(), "{}", w.stderr());
 }

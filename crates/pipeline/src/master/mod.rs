@@ -35,8 +35,8 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::filter::Chain;
-use crate::{files, job};
 use crate::protocol::{Control, Event, Report, WirePath};
+use crate::{files, job};
 use books::{Answer, Books, Rules, Settled};
 use controller::Controller;
 use io::{Io, Outcome};
