@@ -288,7 +288,7 @@ async fn run_single(
             &endpoint,
             &policy,
             &mut backoff,
-            &stop,
+            stop,
             XSubSocket::with_options,
         )
         .await
