@@ -47,8 +47,10 @@ fn stamps(output: &Path) -> BTreeMap<String, (u64, i64)> {
         .collect()
 }
 
-fn master_killed_mid_batch_then_restarted(transfer: &str) {
-    let dir = Scratch::new(&format!("master-restart-{transfer}"));
+/// With `elsewhere`, the worker goes down with the master's host and the new master binds other
+/// ports, with a new worker: nothing of the old batch but its output directory is left.
+fn master_killed_mid_batch_then_restarted(transfer: &str, elsewhere: bool) {
+    let dir = Scratch::new(&format!("master-restart-{transfer}-{elsewhere}"));
     let (input, output) = (dir.path("in"), dir.path("out"));
     let expected = samples(&input, IMAGES, 48);
     let eps = free_endpoints(3);
@@ -62,6 +64,14 @@ fn master_killed_mid_batch_then_restarted(transfer: &str) {
         pipeline::files::list_files(&output, None).unwrap().len() >= IMAGES / 3
     });
     first.kill(); // SIGKILL: the host is gone, nothing flushed, no summary.
+    let eps = if elsewhere {
+        w.kill();
+        let new = free_endpoints(3);
+        w = worker(&new.join(","), "w2", &["--delay-ms", "150"]);
+        new
+    } else {
+        eps
+    };
     let before = stamps(&output);
     let recorded = journaled(&output);
     assert!(
@@ -151,12 +161,17 @@ fn master_killed_mid_batch_then_restarted(transfer: &str) {
 
 #[test]
 fn a_master_killed_mid_batch_is_finished_by_the_next_path_mode() {
-    master_killed_mid_batch_then_restarted("path");
+    master_killed_mid_batch_then_restarted("path", false);
+}
+
+#[test]
+fn a_master_and_its_worker_lost_mid_batch_are_replaced_elsewhere() {
+    master_killed_mid_batch_then_restarted("path", true);
 }
 
 #[test]
 fn a_master_killed_mid_batch_is_finished_by_the_next_inline() {
-    master_killed_mid_batch_then_restarted("inline");
+    master_killed_mid_batch_then_restarted("inline", false);
 }
 
 /// Another filter on the same output is another job: every image is done again (the outputs of
