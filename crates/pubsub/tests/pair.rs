@@ -152,3 +152,77 @@ async fn a_stock_sub_of_both_proxies_gets_each_update_twice() {
     assert!(n("twice") >= 1000, "{got}");
     assert!(n("once") >= 1000, "{got}");
 }
+
+/// Proxy A cut off from everyone (behind relays, both ways blackholed) for 5 s, then healed:
+/// through B the subscriber misses nothing; after the healing A's links come back, and what
+/// A brings is the other proxy's copies (redundant), or its last values re-sent on the new
+/// connection (duplicates of what A itself brought before the cut, never shown).
+#[tokio::test(flavor = "multi_thread")]
+async fn one_proxy_cut_off_and_healed_costs_our_subscribers_nothing() {
+    let _g = heavy().await;
+    let logs = logs("pair-partition");
+    let a = proxy(&logs, "proxy-a", LOOPBACK, LOOPBACK, &[]).await;
+    let b = proxy(&logs, "proxy-b", LOOPBACK, LOOPBACK, &[]).await;
+    let resolve = |e: &str| common::endpoint::resolve(e).expect("endpoint");
+    let to_xsub = lab::relay::Relay::start(resolve(&a.xsub))
+        .await
+        .expect("relay");
+    let to_xpub = lab::relay::Relay::start(resolve(&a.xpub))
+        .await
+        .expect("relay");
+    let xpubs = format!("{},{}", to_xpub.endpoint(), b.xpub);
+    let xsubs = format!("{},{}", to_xsub.endpoint(), b.xsub);
+    let mut s1 = subscriber(&logs, "s1", &xpubs, "10001,10002", &[]).await;
+    let mut p = feed(
+        &logs,
+        "p1",
+        &xsubs,
+        "10001,10002",
+        500,
+        &["--count", "6000"],
+    );
+    p.ready(READY_WITHIN).await.expect("publisher ready");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    to_xsub.set_partitioned(true);
+    to_xpub.set_partitioned(true);
+    tokio::time::sleep(Duration::from_millis(5000)).await;
+    to_xsub.set_partitioned(false);
+    to_xpub.set_partitioned(false);
+    let p: PublisherSummary = summary(&mut p).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let s: SubscriberSummary = stop(&mut s1).await;
+    eprintln!(
+        "publisher unsent {} by proxy {:?}, reconnects {}; s1: received {} redundant {} gaps {} duplicates {} late {} longest silence {} ms, by proxy {:?}",
+        p.unsent,
+        p.unsent_by_proxy,
+        p.reconnects,
+        s.received,
+        s.redundant,
+        s.gaps,
+        s.duplicates,
+        s.late,
+        s.longest_silence_ms,
+        s.by_proxy
+            .iter()
+            .map(|x| (x.first, x.redundant, x.reconnects))
+            .collect::<Vec<_>>()
+    );
+    let sent: u64 = p.by_zip.values().sum();
+    assert_eq!(s.received, sent, "{s:#?}");
+    assert_eq!((s.gaps, s.late), (0, 0), "{s:#?}");
+    // At most one re-sent last value per zip per reconnection to A.
+    assert!(
+        s.duplicates <= 2 * s.by_proxy[0].reconnects.max(1),
+        "{s:#?}"
+    );
+    assert!(s.longest_silence_ms < 500, "{s:#?}");
+    assert!(
+        s.by_proxy[0].reconnects >= 1,
+        "the link to A was lost: {s:#?}"
+    );
+    assert_eq!(s.by_proxy[1].reconnects, 0, "{s:#?}");
+    assert!(
+        p.reconnects >= 1,
+        "the publisher's link to A was lost: {p:?}"
+    );
+}
