@@ -293,11 +293,6 @@ impl Books {
         &self.entries[id].rel
     }
 
-    /// Every task's relative path.
-    pub(super) fn rels(&self) -> impl Iterator<Item = &Path> {
-        self.entries.iter().map(|e| e.rel.as_path())
-    }
-
     /// How many more tasks may be sent now: the workers' room, less the copies on their way.
     pub(super) fn sendable(&self) -> u32 {
         let room = self

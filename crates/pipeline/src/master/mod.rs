@@ -381,8 +381,8 @@ async fn run_on(
         source,
     })?;
     let batch = format!("{:016x}", rand::random::<u64>());
-    // The job's record goes to disk before any task can leave: outputs of this job are then
-    // newer than it. A master killed earlier in the same job left done images: not sent again.
+    // The job's record goes to disk before any task can leave. A master of the same job lost
+    // earlier left done images (its journal names them): not sent again.
     let filter = config.filter.to_string();
     let job = job::Job::open(&output, &input, &filter, &batch, config.redo).map_err(|source| {
         MasterError::Output {
@@ -391,6 +391,9 @@ async fn run_on(
         }
     })?;
     let total = rels.len();
+    // Every output directory of the job, also those whose images are all done already.
+    let mut dirs = files::output_dirs(&output, rels.iter().map(PathBuf::as_path));
+    dirs.push(output.clone());
     let rels: Vec<PathBuf> = if job.resumed {
         rels.into_iter()
             .filter(|rel| !job.is_done(rel, &input.join(rel), &output.join(rel)))
@@ -400,8 +403,6 @@ async fn run_on(
     };
     let skipped = total - rels.len();
     // Their temp files were never outputs (their names are not), and nobody renames them now.
-    let mut dirs = files::output_dirs(&output, rels.iter().map(PathBuf::as_path));
-    dirs.push(output.clone());
     let earlier: Vec<&str> = job.earlier_batches.iter().map(String::as_str).collect();
     let removed = files::remove_batches_temp_files(dirs.iter().map(PathBuf::as_path), &earlier);
     if job.resumed || removed > 0 {
@@ -479,8 +480,6 @@ async fn run_on(
     // This job's temp files only (this batch's, and those of its killed earlier batches whose
     // workers were still running), in its own output directories: another batch writing into
     // the same tree keeps its own.
-    let mut dirs = files::output_dirs(&m.source.output, m.books.rels());
-    dirs.push(m.source.output.clone());
     let mut batches = job.earlier_batches;
     batches.push(m.source.batch.clone());
     let removed = tokio::task::spawn_blocking(move || {
