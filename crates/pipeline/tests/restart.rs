@@ -216,3 +216,63 @@ fn another_filter_is_another_job_and_a_twice_killed_job_finishes() {
     }
     assert!(w.wait().success(), "{}", w.stderr());
 }
+
+/// SIGKILL at any moment: masters of one job killed one after another at random moments (before
+/// any output, mid-write, between an output and its journal line), then one left to finish.
+/// An image the journal named at any kill is never written again, the last master skips exactly
+/// what the journal names, and every image ends with exactly one output.
+#[test]
+fn masters_killed_at_random_moments_lose_and_redo_nothing_recorded() {
+    use std::hash::{BuildHasher, RandomState};
+    let dir = Scratch::new("master-restart-random");
+    let (input, output) = (dir.path("in"), dir.path("out"));
+    let expected = samples(&input, 60, 32);
+    let eps = free_endpoints(3);
+    let mut w = worker(
+        &eps.join(","),
+        "w1",
+        &["--delay-ms", "60", "--prefetch", "2"],
+    );
+    let mut kept: BTreeMap<String, (u64, i64)> = BTreeMap::new();
+    for round in 0..8u64 {
+        let (mut m, _) = master_on(&eps, &input, &output, &["--filter", "grayscale"]);
+        let ms = RandomState::new().hash_one(round) % 600;
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        m.kill();
+        let now = stamps(&output);
+        for (rel, stamp) in &kept {
+            assert_eq!(
+                now.get(rel),
+                Some(stamp),
+                "{rel}, recorded done, was written again"
+            );
+        }
+        for rel in journaled(&output) {
+            kept.entry(rel.clone()).or_insert(now[&rel]);
+        }
+        eprintln!(
+            "round {round}: killed {ms} ms after ready, {} recorded done",
+            kept.len()
+        );
+    }
+    let (mut last, _) = master_on(
+        &eps,
+        &input,
+        &output,
+        &["--filter", "grayscale", "--stop-workers"],
+    );
+    assert!(last.wait().success(), "{}", last.stderr());
+    let s = last.summary();
+    assert_eq!(count(&s, "skipped_done"), kept.len() as u64, "{s}");
+    assert_eq!(count(&s, "done") + count(&s, "skipped_done"), 60, "{s}");
+    let now = stamps(&output);
+    for (rel, stamp) in &kept {
+        assert_eq!(
+            now.get(rel),
+            Some(stamp),
+            "{rel}, recorded done, was written again"
+        );
+    }
+    assert_outputs(&output, &expected);
+    assert!(w.wait().success(), "{}", w.stderr());
+}
