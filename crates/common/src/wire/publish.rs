@@ -59,14 +59,8 @@ impl Pub {
         max_connections: usize,
         stall: Duration,
     ) -> std::io::Result<Self> {
-        let options = Options {
-            socket_type: "PUB",
-            peers: SUBSCRIBERS,
-            limits,
-            max_connections,
-            stall: Some(stall),
-            inbound_batches: server::INBOUND_BATCHES,
-        };
+        let options =
+            Options::new("PUB", SUBSCRIBERS, limits, max_connections).with_stall(Some(stall));
         let server = Server::serve(listener, options)?;
         let endpoint = server.endpoint.clone();
         let stats = server.stats().clone();

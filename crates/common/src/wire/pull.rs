@@ -51,14 +51,7 @@ impl Pull {
         limits: Limits,
         max_connections: usize,
     ) -> std::io::Result<Self> {
-        let options = Options {
-            socket_type: "PULL",
-            peers: PUSHES,
-            limits,
-            max_connections,
-            stall: None,
-            inbound_batches: server::INBOUND_BATCHES,
-        };
+        let options = Options::new("PULL", PUSHES, limits, max_connections);
         let server = Server::serve(listener, options)?;
         Ok(Self {
             endpoint: server.endpoint.clone(),

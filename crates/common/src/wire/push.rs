@@ -83,14 +83,7 @@ impl Push {
         max_connections: usize,
         stall: Option<Duration>,
     ) -> std::io::Result<Self> {
-        let options = Options {
-            socket_type: "PUSH",
-            peers: PULLS,
-            limits,
-            max_connections,
-            stall,
-            inbound_batches: server::INBOUND_BATCHES,
-        };
+        let options = Options::new("PUSH", PULLS, limits, max_connections).with_stall(stall);
         let server = Server::serve(listener, options)?;
         Ok(Self {
             endpoint: server.endpoint.clone(),

@@ -97,14 +97,7 @@ impl Router {
         limits: Limits,
         max_connections: usize,
     ) -> std::io::Result<Self> {
-        let options = Options {
-            socket_type: "ROUTER",
-            peers: PEERS,
-            limits,
-            max_connections,
-            stall: None,
-            inbound_batches: server::INBOUND_BATCHES,
-        };
+        let options = Options::new("ROUTER", PEERS, limits, max_connections);
         let server = Server::serve(listener, options)?;
         Ok(Self {
             endpoint: server.endpoint.clone(),

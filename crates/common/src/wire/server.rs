@@ -95,6 +95,39 @@ pub struct Options {
     pub inbound_batches: usize,
 }
 
+impl Options {
+    /// A socket of `socket_type` talking to `peers`: no stall rule (the byte bound alone
+    /// decides), [`INBOUND_BATCHES`] batches waiting at most.
+    pub fn new(
+        socket_type: &'static str,
+        peers: &'static [&'static [u8]],
+        limits: Limits,
+        max_connections: usize,
+    ) -> Self {
+        Self {
+            socket_type,
+            peers,
+            limits,
+            max_connections,
+            stall: None,
+            inbound_batches: INBOUND_BATCHES,
+        }
+    }
+
+    /// With [`Options::stall`].
+    pub fn with_stall(self, stall: Option<Duration>) -> Self {
+        Self { stall, ..self }
+    }
+
+    /// With [`Options::inbound_batches`].
+    pub fn with_inbound_batches(self, inbound_batches: usize) -> Self {
+        Self {
+            inbound_batches,
+            ..self
+        }
+    }
+}
+
 /// What the connections tell their socket, in order per connection (numbered by `serial`).
 #[derive(Debug)]
 pub enum Event {

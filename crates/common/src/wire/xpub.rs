@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::wire::limits::{GuardStats, Limits};
-use crate::wire::server::{self, Event, Options, Outbox, Server};
+use crate::wire::server::{Event, Options, Outbox, Server};
 
 /// The socket types that may connect: subscribers.
 const SUBSCRIBERS: &[&[u8]] = &[b"SUB", b"XSUB"];
@@ -43,14 +43,8 @@ impl XPub {
         max_connections: usize,
         stall: Duration,
     ) -> std::io::Result<Self> {
-        let options = Options {
-            socket_type: "XPUB",
-            peers: SUBSCRIBERS,
-            limits,
-            max_connections,
-            stall: Some(stall),
-            inbound_batches: server::INBOUND_BATCHES,
-        };
+        let options =
+            Options::new("XPUB", SUBSCRIBERS, limits, max_connections).with_stall(Some(stall));
         let server = Server::serve(listener, options)?;
         Ok(Self {
             endpoint: server.endpoint.clone(),

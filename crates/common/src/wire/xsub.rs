@@ -95,14 +95,8 @@ impl XSub {
         limits: Limits,
         max_connections: usize,
     ) -> std::io::Result<Self> {
-        let options = Options {
-            socket_type: "XSUB",
-            peers: PUBLISHERS,
-            limits,
-            max_connections,
-            stall: None,
-            inbound_batches: PUBLISHER_BATCHES,
-        };
+        let options = Options::new("XSUB", PUBLISHERS, limits, max_connections)
+            .with_inbound_batches(PUBLISHER_BATCHES);
         let server = Server::serve(listener, options)?;
         Ok(Self {
             endpoint: server.endpoint.clone(),
